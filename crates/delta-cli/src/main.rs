@@ -1,0 +1,72 @@
+//! `bitdelta`: store, ship and apply fine-tuned LLMs as 1-bit deltas on a shared base model.
+//!
+//! Exit status 0 on success; otherwise 1 with a one-line cause on stderr (2 for usage errors,
+//! from clap). `--json` prints exactly one JSON object on stdout.
+
+mod apply;
+mod compress;
+mod inspect;
+mod ui;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "bitdelta",
+    version,
+    about = "Store, ship and apply fine-tuned LLMs as 1-bit deltas on a shared base model.",
+    long_about = "Store, ship and apply fine-tuned LLMs as 1-bit deltas on a shared base model.\n\n\
+        A delta keeps, for every linear weight inside the transformer blocks, the sign of \
+        (fine-tune − base) as one bit per weight plus a few f32 scales; changed norms and other \
+        small tensors are kept whole, unchanged tensors are not stored. The artifact is one \
+        safetensors file tied to its base by a fingerprint (see FORMAT.md).\n\n\
+        Typical use:\n  \
+        bitdelta compress --base BASE_DIR --finetuned FT_DIR -o ft.bitdelta.safetensors\n  \
+        bitdelta inspect ft.bitdelta.safetensors\n  \
+        bitdelta apply --base BASE_DIR --delta ft.bitdelta.safetensors -o FT_RESTORED_DIR"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    Compress(compress::Args),
+    Apply(apply::Args),
+    Inspect(inspect::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
+    let result = match cli.command {
+        Command::Compress(a) => compress::run(a),
+        Command::Apply(a) => apply::run(a),
+        Command::Inspect(a) => inspect::run(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let msg = format!("{e:#}").replace('\n', " ");
+            eprintln!("error: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Help and version go out as clap renders them; usage errors become one line, exit status 2.
+fn usage_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand) {
+        e.exit();
+    }
+    let text = e.render().to_string();
+    let line: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    eprintln!("{}", line.join(" "));
+    ExitCode::from(2)
+}

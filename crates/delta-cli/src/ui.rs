@@ -1,0 +1,41 @@
+//! Terminal output shared by the subcommands: progress bars and human-readable sizes.
+
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+/// A progress bar on stderr; hidden with `--json` or when stderr is not a terminal.
+pub fn progress(len: u64, what: &str, bytes: bool, quiet: bool) -> ProgressBar {
+    let bar = ProgressBar::with_draw_target(Some(len), if quiet { ProgressDrawTarget::hidden() } else { ProgressDrawTarget::stderr() });
+    let template = if bytes {
+        "{prefix:>9} [{bar:32}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta} {msg}"
+    } else {
+        "{prefix:>9} [{bar:32}] {pos}/{len} eta {eta} {msg}"
+    };
+    bar.set_style(ProgressStyle::with_template(template).expect("valid template").progress_chars("=> "));
+    bar.set_prefix(what.to_string());
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
+/// `13.4 MB` (decimal units, like file managers and `transformers`).
+pub fn size(bytes: u64) -> String {
+    let b = bytes as f64;
+    if b >= 1e9 {
+        format!("{:.2} GB", b / 1e9)
+    } else if b >= 1e6 {
+        format!("{:.1} MB", b / 1e6)
+    } else if b >= 1e3 {
+        format!("{:.1} kB", b / 1e3)
+    } else {
+        format!("{bytes} B")
+    }
+}
+
+/// Fails early, before any work, when the output exists and `--force` was not given.
+pub fn check_output(path: &std::path::Path, force: bool) -> anyhow::Result<()> {
+    if !force && std::fs::symlink_metadata(path).is_ok() {
+        anyhow::bail!("{} already exists (use --force to replace it)", path.display());
+    }
+    Ok(())
+}

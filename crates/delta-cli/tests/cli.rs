@@ -1,0 +1,288 @@
+//! End-to-end tests of the `bitdelta` binary: on the real SmolLM2 pair where the issue asks for
+//! it, on small synthetic folders (written by the reference safetensors crate) for the refusals.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use delta_tests::{read_tensors, smollm2, synthetic_pair, write_folder, RawTensor};
+use safetensors::Dtype;
+
+fn bitdelta(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_bitdelta")).args(args).output().expect("run bitdelta")
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn ok(out: &Output) -> String {
+    assert!(out.status.success(), "bitdelta failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+fn listing(dir: &Path) -> BTreeSet<String> {
+    std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).collect()
+}
+
+/// Asserts a refusal: exit status 1, one line on stderr that contains `needle`, nothing on
+/// stdout, and nothing new in `dir` (no output, no temporary).
+fn refused(out: &Output, needle: &str, dir: &Path, before: &BTreeSet<String>) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "expected exit 1, got {:?}; stderr: {err}", out.status.code());
+    assert_eq!(err.trim_end().lines().count(), 1, "stderr is not one line: {err}");
+    assert!(err.contains(needle), "stderr lacks `{needle}`: {err}");
+    assert!(out.stdout.is_empty(), "stdout not empty");
+    assert_eq!(&listing(dir), before, "something was left behind in {}", dir.display());
+}
+
+fn bf16_to_f32(b: &[u8]) -> f32 {
+    half::bf16::from_le_bytes([b[0], b[1]]).to_f32()
+}
+
+fn is_linear(name: &str) -> bool {
+    name.starts_with("model.layers.") && name.ends_with("_proj.weight")
+}
+
+#[test]
+fn scalar_compress_then_apply_is_bit_exact_on_the_real_pair() {
+    let (base_dir, ft_dir) = smollm2();
+    let tmp = tempfile::tempdir().unwrap();
+    let delta = tmp.path().join("ft.bitdelta.safetensors");
+    let out_dir = tmp.path().join("restored");
+    ok(&bitdelta(&["compress", "--base", s(&base_dir), "--finetuned", s(&ft_dir), "-o", s(&delta), "--scale", "scalar"]));
+    let summary: serde_json::Value =
+        serde_json::from_str(&ok(&bitdelta(&["apply", "--base", s(&base_dir), "--delta", s(&delta), "-o", s(&out_dir), "--json"]))).unwrap();
+    assert_eq!(summary["merged"], 210);
+
+    let base = read_tensors(&base_dir.join("model.safetensors"));
+    let ft = read_tensors(&ft_dir.join("model.safetensors"));
+    let out = read_tensors(&out_dir.join("model.safetensors"));
+    assert_eq!(out.len(), base.len());
+    let (mut linear, mut norms, mut same) = (0, 0, 0);
+    for (name, (dtype, shape, b)) in &base {
+        let (odtype, oshape, o) = &out[name];
+        assert_eq!((odtype, oshape), (dtype, shape), "{name}");
+        let f = &ft[name].2;
+        if is_linear(name) {
+            // Recomputed here from the two checkpoints: α = mean |Δ|, W = bf16(base + α·sign(Δ)).
+            let deltas: Vec<f32> = b.chunks_exact(2).zip(f.chunks_exact(2)).map(|(b, f)| bf16_to_f32(f) - bf16_to_f32(b)).collect();
+            let alpha = (deltas.iter().map(|d| d.abs() as f64).sum::<f64>() / deltas.len() as f64) as f32;
+            let expected: Vec<u8> = b
+                .chunks_exact(2)
+                .zip(&deltas)
+                .flat_map(|(b, &d)| half::bf16::from_f32(bf16_to_f32(b) + if d > 0.0 { alpha } else { -alpha }).to_le_bytes())
+                .collect();
+            assert!(expected == *o, "{name}: merged weight differs from base + mean|Δ|·sign(Δ)");
+            linear += 1;
+        } else if b != f {
+            assert!(o == f, "{name}: changed tensor differs from the fine-tune's");
+            norms += 1;
+        } else {
+            assert!(o == b, "{name}: unchanged tensor differs from the base's");
+            same += 1;
+        }
+    }
+    assert_eq!((linear, norms, same), (210, 60, 2));
+    for side in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        assert_eq!(std::fs::read(out_dir.join(side)).unwrap(), std::fs::read(ft_dir.join(side)).unwrap(), "{side}");
+    }
+
+    let inspect: serde_json::Value = serde_json::from_str(&ok(&bitdelta(&["inspect", s(&delta), "--json"]))).unwrap();
+    assert_eq!(inspect["compressed"], 210);
+    assert_eq!(inspect["whole"], 60);
+    assert_eq!(inspect["unchanged"], 2);
+    let file_bytes = inspect["file_bytes"].as_u64().unwrap();
+    assert_eq!(file_bytes, std::fs::metadata(&delta).unwrap().len());
+    assert!(file_bytes <= 15_000_000, "artifact is {file_bytes} bytes");
+    assert!(inspect["ratio"].as_f64().unwrap() >= 18.0);
+}
+
+#[test]
+fn wrong_base_and_truncated_artifact_are_refused_on_the_real_pair() {
+    let (base_dir, ft_dir) = smollm2();
+    let tmp = tempfile::tempdir().unwrap();
+    let delta = tmp.path().join("ft.bitdelta.safetensors");
+    ok(&bitdelta(&["compress", "--base", s(&base_dir), "--finetuned", s(&ft_dir), "-o", s(&delta)]));
+    let before = listing(tmp.path());
+    let out = tmp.path().join("out");
+
+    // The fine-tune has the same names, dtypes and shapes as the base: only content differs.
+    let r = bitdelta(&["apply", "--base", s(&ft_dir), "--delta", s(&delta), "-o", s(&out)]);
+    refused(&r, "wrong base: tensor `model.layers.0.", tmp.path(), &before);
+
+    let bytes = std::fs::read(&delta).unwrap();
+    for (k, cut) in [bytes.len() - 1, bytes.len() / 2, 100, 5].into_iter().enumerate() {
+        let short = tmp.path().join(format!("short{k}.bitdelta.safetensors"));
+        std::fs::write(&short, &bytes[..cut]).unwrap();
+        let before = listing(tmp.path());
+        let r = bitdelta(&["apply", "--base", s(&base_dir), "--delta", s(&short), "-o", s(&out)]);
+        let needle = if cut >= 8 { "truncated" } else { "too short" };
+        refused(&r, needle, tmp.path(), &before);
+        let r = bitdelta(&["inspect", s(&short)]);
+        refused(&r, s(&short), tmp.path(), &before);
+    }
+}
+
+fn pair_folders(tmp: &Path, edit: impl FnOnce(&mut Vec<RawTensor>, &mut Vec<RawTensor>)) -> (PathBuf, PathBuf) {
+    let (mut base, mut ft) = synthetic_pair(Dtype::BF16, 2, 7);
+    edit(&mut base, &mut ft);
+    let (b, f) = (tmp.join("base"), tmp.join("ft"));
+    write_folder(&b, &base);
+    write_folder(&f, &ft);
+    (b, f)
+}
+
+#[test]
+fn bad_checkpoint_pairs_are_refused_without_output() {
+    type Edit = Box<dyn FnOnce(&mut Vec<RawTensor>, &mut Vec<RawTensor>)>;
+    let find = |v: &mut Vec<RawTensor>, n: &str| v.iter().position(|t| t.name == n).unwrap();
+    let q = "model.layers.1.self_attn.q_proj.weight";
+    let cases: Vec<(&str, Edit, &str)> = vec![
+        ("nan in fine-tune", Box::new(move |_, f| { let i = find(f, q); f[i].data[6..8].copy_from_slice(&half::bf16::NAN.to_le_bytes()); }), "fine-tune: tensor `model.layers.1.self_attn.q_proj.weight` holds NaN at index 3"),
+        ("inf in base", Box::new(move |b, _| { let i = find(b, "model.norm.weight"); b[i].data[0..2].copy_from_slice(&half::bf16::NEG_INFINITY.to_le_bytes()); }), "base: tensor `model.norm.weight` holds -inf at index 0"),
+        ("shape mismatch", Box::new(move |_, f| { let i = find(f, q); f[i].shape = vec![20, 80]; }), "shape [40, 40] in the base but [20, 80] in the fine-tune"),
+        ("dtype mismatch", Box::new(move |_, f| { let i = find(f, q); let v = RawTensor::values(Dtype::BF16, &f[i].data); f[i] = RawTensor::from_f32(q, Dtype::F16, &[40, 40], &v); }), "dtype BF16 in the base but F16 in the fine-tune"),
+        ("extra tensor", Box::new(|_, f| f.push(RawTensor::from_f32("lm_head.weight", Dtype::BF16, &[2, 2], &[1.0; 4]))), "the fine-tune has a tensor `lm_head.weight` that the base lacks"),
+        ("missing tensor", Box::new(move |_, f| { let i = find(f, q); f.remove(i); }), "the base has a tensor `model.layers.1.self_attn.q_proj.weight` that the fine-tune lacks"),
+    ];
+    for (what, edit, needle) in cases {
+        let tmp = tempfile::tempdir().unwrap();
+        let (b, f) = pair_folders(tmp.path(), edit);
+        let before = listing(tmp.path());
+        let r = bitdelta(&["compress", "--base", s(&b), "--finetuned", s(&f), "-o", s(&tmp.path().join("d.bitdelta.safetensors"))]);
+        eprintln!("case: {what}");
+        refused(&r, needle, tmp.path(), &before);
+    }
+}
+
+#[test]
+fn existing_output_needs_force_and_nonsense_is_a_usage_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (b, f) = pair_folders(tmp.path(), |_, _| {});
+    let delta = tmp.path().join("d.bitdelta.safetensors");
+    std::fs::write(&delta, "precious").unwrap();
+    let before = listing(tmp.path());
+    let r = bitdelta(&["compress", "--base", s(&b), "--finetuned", s(&f), "-o", s(&delta)]);
+    refused(&r, "already exists (use --force", tmp.path(), &before);
+    assert_eq!(std::fs::read_to_string(&delta).unwrap(), "precious");
+    ok(&bitdelta(&["compress", "--base", s(&b), "--finetuned", s(&f), "-o", s(&delta), "--force"]));
+    assert_eq!(listing(tmp.path()), before, "--force replaced the file in place");
+    assert!(std::fs::read(&delta).unwrap().len() > 1000);
+
+    let out = tmp.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::write(out.join("keep.txt"), "x").unwrap();
+    let before = listing(tmp.path());
+    refused(&bitdelta(&["apply", "--base", s(&b), "--delta", s(&delta), "-o", s(&out)]), "already exists", tmp.path(), &before);
+    assert!(out.join("keep.txt").exists());
+    ok(&bitdelta(&["apply", "--base", s(&b), "--delta", s(&delta), "-o", s(&out), "--force"]));
+    assert!(!out.join("keep.txt").exists() && out.join("model.safetensors").exists());
+
+    refused(&bitdelta(&["inspect", s(&tmp.path().join("nope"))]), "No such file", tmp.path(), &listing(tmp.path()));
+    refused(&bitdelta(&["apply", "--base", s(&tmp.path().join("nope")), "--delta", s(&delta), "-o", s(&tmp.path().join("o2"))]), "no such model folder", tmp.path(), &listing(tmp.path()));
+    for args in [
+        vec!["compress", "--base", s(&b), "--finetuned", s(&f), "-o", "x", "--scale", "sideways"],
+        vec!["compress", "--base", s(&b), "--finetuned", s(&f), "-o", "x", "--calibrate", "psychic"],
+        vec!["apply", "--base", s(&b), "--delta", s(&delta), "-o", "x", "--max-shard-size", "lots"],
+        vec!["frobnicate"],
+    ] {
+        let r = bitdelta(&args);
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert_eq!(r.status.code(), Some(2), "{args:?}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: stderr is not one line: {err}");
+    }
+}
+
+/// Expected merged values for a one-weight formula, computed here from the definition.
+fn expected_merge(mode: &str, base: &[f32], ft: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let d: Vec<f32> = ft.iter().zip(base).map(|(f, b)| f - b).collect();
+    let row_sum: Vec<f64> = (0..rows).map(|i| (0..cols).map(|j| d[i * cols + j].abs() as f64).sum()).collect();
+    let col_sum: Vec<f64> = (0..cols).map(|j| (0..rows).map(|i| d[i * cols + j].abs() as f64).sum()).collect();
+    let mean = row_sum.iter().sum::<f64>() / (rows * cols) as f64;
+    let scale = |i: usize, j: usize| -> f32 {
+        match mode {
+            "scalar" => mean as f32,
+            "per-output" => (row_sum[i] / cols as f64) as f32,
+            "per-input" => (col_sum[j] / rows as f64) as f32,
+            "two-sided" => (row_sum[i] / cols as f64) as f32 * (col_sum[j] / rows as f64 / mean) as f32,
+            m => panic!("{m}"),
+        }
+    };
+    (0..rows * cols).map(|k| base[k] + if d[k] > 0.0 { scale(k / cols, k % cols) } else { -scale(k / cols, k % cols) }).collect()
+}
+
+#[test]
+fn every_mode_and_dtype_round_trips_through_sharded_folders() {
+    for dtype in [Dtype::BF16, Dtype::F16, Dtype::F32] {
+        let tmp = tempfile::tempdir().unwrap();
+        let (base, ft) = synthetic_pair(dtype, 3, 11);
+        let (b, f) = (tmp.path().join("base"), tmp.path().join("ft"));
+        write_folder(&b, &base);
+        write_folder(&f, &ft);
+        // A sharded copy of the base: apply the empty delta (base against itself) with a tiny
+        // shard size. Every compress/apply below reads the base from the shards.
+        let ident = tmp.path().join("ident.bitdelta.safetensors");
+        ok(&bitdelta(&["compress", "--base", s(&b), "--finetuned", s(&b), "-o", s(&ident)]));
+        let sharded = tmp.path().join("base-sharded");
+        ok(&bitdelta(&["apply", "--base", s(&b), "--delta", s(&ident), "-o", s(&sharded), "--max-shard-size", "20kB"]));
+        let shards: Vec<String> = listing(&sharded).into_iter().filter(|n| n.ends_with(".safetensors")).collect();
+        assert!(shards.len() > 3 && shards[0].starts_with("model-00001-of-"), "{shards:?}");
+        let index: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(sharded.join("model.safetensors.index.json")).unwrap()).unwrap();
+        assert_eq!(index["weight_map"].as_object().unwrap().len(), base.len());
+
+        let by_name: HashMap<&str, &RawTensor> = base.iter().map(|t| (t.name.as_str(), t)).collect();
+        let ft_by_name: HashMap<&str, &RawTensor> = ft.iter().map(|t| (t.name.as_str(), t)).collect();
+        for mode in ["scalar", "per-output", "per-input", "two-sided"] {
+            let delta = tmp.path().join(format!("{mode}.bitdelta.safetensors"));
+            let out = tmp.path().join(format!("out-{mode}"));
+            ok(&bitdelta(&["compress", "--base", s(&sharded), "--finetuned", s(&f), "-o", s(&delta), "--scale", mode]));
+            ok(&bitdelta(&["apply", "--base", s(&sharded), "--delta", s(&delta), "-o", s(&out)]));
+            let merged = read_tensors(&out.join("model.safetensors"));
+            for (name, (odtype, shape, data)) in &merged {
+                assert_eq!(*odtype, dtype);
+                let (bt, ftt) = (by_name[name.as_str()], ft_by_name[name.as_str()]);
+                let expected: Vec<u8> = if name.ends_with("_proj.weight") {
+                    let vals = expected_merge(mode, &RawTensor::values(dtype, &bt.data), &RawTensor::values(dtype, &ftt.data), shape[0], shape[1]);
+                    RawTensor::from_f32(name, dtype, shape, &vals).data
+                } else {
+                    ftt.data.clone()
+                };
+                assert!(expected == *data, "{dtype:?} {mode} {name}");
+            }
+        }
+    }
+}
+
+/// Spawns `args`, waits until a temporary appears next to `dest`, and SIGKILLs the process.
+fn kill_mid_write(args: &[&str], dest: &Path) {
+    let parent = dest.parent().unwrap();
+    let name = dest.file_name().unwrap().to_string_lossy().to_string();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bitdelta")).args(args).spawn().unwrap();
+    let temp_prefix = format!(".{name}.tmp-{}-", child.id());
+    let started = std::time::Instant::now();
+    loop {
+        if listing(parent).iter().any(|n| n.starts_with(&temp_prefix)) {
+            break;
+        }
+        assert!(child.try_wait().unwrap().is_none(), "{args:?} finished before it could be killed mid-write");
+        assert!(started.elapsed().as_secs() < 120, "no temporary appeared");
+        std::thread::sleep(std::time::Duration::from_micros(200));
+    }
+    child.kill().unwrap();
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "process was not killed");
+    assert!(!dest.exists(), "{} exists after a kill mid-write", dest.display());
+    assert!(listing(parent).iter().any(|n| n.starts_with(&temp_prefix)), "the kill did not land while writing");
+}
+
+#[test]
+fn a_process_killed_while_writing_leaves_nothing_under_the_final_name() {
+    let (base_dir, ft_dir) = smollm2();
+    let tmp = tempfile::tempdir().unwrap();
+    let delta = tmp.path().join("ft.bitdelta.safetensors");
+    kill_mid_write(&["compress", "--base", s(&base_dir), "--finetuned", s(&ft_dir), "-o", s(&delta), "--scale", "scalar"], &delta);
+    ok(&bitdelta(&["compress", "--base", s(&base_dir), "--finetuned", s(&ft_dir), "-o", s(&delta), "--scale", "scalar"]));
+    let out = tmp.path().join("restored");
+    kill_mid_write(&["apply", "--base", s(&base_dir), "--delta", s(&delta), "-o", s(&out)], &out);
+}

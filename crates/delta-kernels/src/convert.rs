@@ -1,0 +1,124 @@
+//! Element conversions between checkpoint dtypes and `f32`.
+//!
+//! `f32 -> bf16` rounds to nearest, ties to even, exactly as PyTorch does; `f32 -> f16` uses the
+//! `half` crate (also round-to-nearest-even). Decoding is exact for all three types.
+
+use half::f16;
+
+/// A weight element type the merge can read and write.
+pub trait WeightElem: Copy + Send + Sync + 'static {
+    fn to_f32(self) -> f32;
+    fn from_f32(x: f32) -> Self;
+}
+
+/// A bf16 value as its bit pattern.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(transparent)]
+pub struct Bf16Bits(pub u16);
+
+/// An f16 value as its bit pattern.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(transparent)]
+pub struct F16Bits(pub u16);
+
+#[inline(always)]
+pub fn bf16_to_f32(bits: u16) -> f32 {
+    f32::from_bits((bits as u32) << 16)
+}
+
+/// Round to nearest even; NaN stays a (quiet) NaN.
+#[inline(always)]
+pub fn f32_to_bf16(x: f32) -> u16 {
+    let u = x.to_bits();
+    if x.is_nan() {
+        return ((u >> 16) as u16) | 0x0040;
+    }
+    let rounding = 0x7FFF + ((u >> 16) & 1);
+    (u.wrapping_add(rounding) >> 16) as u16
+}
+
+impl WeightElem for Bf16Bits {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        bf16_to_f32(self.0)
+    }
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        Bf16Bits(f32_to_bf16(x))
+    }
+}
+
+impl WeightElem for F16Bits {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f16::from_bits(self.0).to_f32()
+    }
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        F16Bits(f16::from_f32(x).to_bits())
+    }
+}
+
+impl WeightElem for f32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+}
+
+/// Views a slice of plain numbers as its bytes (little-endian host).
+pub fn as_bytes<T: WeightElem>(v: &[T]) -> &[u8] {
+    // SAFETY: every WeightElem is a plain 2- or 4-byte number with no padding.
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
+}
+
+/// Reinterprets 16-bit patterns as bf16 or f16 elements.
+pub fn bf16_slice(bits: &[u16]) -> &[Bf16Bits] {
+    // SAFETY: Bf16Bits is repr(transparent) over u16.
+    unsafe { std::slice::from_raw_parts(bits.as_ptr().cast(), bits.len()) }
+}
+
+pub fn f16_slice(bits: &[u16]) -> &[F16Bits] {
+    // SAFETY: F16Bits is repr(transparent) over u16.
+    unsafe { std::slice::from_raw_parts(bits.as_ptr().cast(), bits.len()) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn bf16_rounding_ties_to_even() {
+        // 1 + 2^-8 is exactly halfway between bf16 1.0 and 1.0078125: rounds to even (1.0).
+        assert_eq!(f32_to_bf16(1.0 + 2f32.powi(-8)), 0x3F80);
+        // 1.0078125 + 2^-8 is halfway between 0x3F81 and 0x3F82: rounds to even (0x3F82).
+        assert_eq!(f32_to_bf16(1.0078125 + 2f32.powi(-8)), 0x3F82);
+        assert_eq!(f32_to_bf16(f32::INFINITY), 0x7F80);
+        assert_eq!(f32_to_bf16(f32::MAX), 0x7F80, "rounds up to infinity like torch");
+        assert!(bf16_to_f32(f32_to_bf16(f32::NAN)).is_nan());
+    }
+
+    proptest! {
+        #[test]
+        fn bf16_matches_half_crate(bits in any::<u32>()) {
+            let x = f32::from_bits(bits);
+            prop_assume!(!x.is_nan());
+            prop_assert_eq!(f32_to_bf16(x), half::bf16::from_f32(x).to_bits());
+        }
+
+        #[test]
+        fn decode_encode_is_identity(bits in any::<u16>()) {
+            let b = Bf16Bits(bits);
+            prop_assume!(!b.to_f32().is_nan());
+            prop_assert_eq!(Bf16Bits::from_f32(b.to_f32()), b);
+            let h = F16Bits(bits);
+            prop_assume!(!h.to_f32().is_nan());
+            prop_assert_eq!(F16Bits::from_f32(h.to_f32()), h);
+        }
+    }
+}

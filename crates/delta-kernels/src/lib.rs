@@ -1,0 +1,18 @@
+//! `delta-kernels`: the math on packed 1-bit deltas.
+//!
+//! - [`delta`]: Δ = W_ft − W_base in f32 → sign mask + |Δ| sums, weight-space scale init and its
+//!   reconstruction error, multi-threaded.
+//! - [`merge`]: W_base + Δ̂ rounded to the base dtype (fast path + plain reference oracle).
+//! - [`convert`]: bf16 / f16 / f32 conversions (round to nearest even).
+//!
+//! Delta GEMV/GEMM (with and without many deltas per batch) and the CubeCL kernels for CUDA and
+//! wgpu come with the kernels issue (#7); this crate stays free of Burn until then.
+
+pub mod convert;
+pub mod delta;
+pub mod error;
+pub mod merge;
+
+pub use delta::WeightDelta;
+pub use error::KernelError;
+pub use merge::{merge, merge_into, merge_reference, ScaleFactors};

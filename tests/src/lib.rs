@@ -1,0 +1,140 @@
+//! Test support shared by every crate's tests: where the real fixtures are, and small synthetic
+//! model folders written with the reference `safetensors` crate (so our reader is checked
+//! against an independent writer, and our writer against an independent reader).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// The fixture folder: `$DELTA_FIXTURES`, else `~/.cache/delta-fixtures`. Panics with the
+/// command that builds it when it is missing, so a test never passes for lack of data.
+pub fn fixtures() -> PathBuf {
+    let dir = std::env::var_os("DELTA_FIXTURES")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/delta-fixtures")))
+        .expect("neither DELTA_FIXTURES nor HOME is set");
+    if !dir.join(".complete").exists() {
+        panic!(
+            "real fixtures not found in {} — build them with `cargo xtask fixtures` \
+             (or set DELTA_FIXTURES to a folder that holds them)",
+            dir.display()
+        );
+    }
+    dir
+}
+
+/// The SmolLM2 base / fine-tune pair: (base, finetuned) folders.
+pub fn smollm2() -> (PathBuf, PathBuf) {
+    let d = fixtures().join("smollm2");
+    (d.join("base"), d.join("finetuned"))
+}
+
+/// A tensor for [`write_folder`]: name, safetensors dtype, shape, raw little-endian bytes.
+pub struct RawTensor {
+    pub name: String,
+    pub dtype: safetensors::Dtype,
+    pub shape: Vec<usize>,
+    pub data: Vec<u8>,
+}
+
+impl RawTensor {
+    /// Encodes `values` as `dtype` (BF16 / F16 rounded to nearest even by the `half` crate).
+    pub fn from_f32(name: &str, dtype: safetensors::Dtype, shape: &[usize], values: &[f32]) -> Self {
+        use safetensors::Dtype;
+        let data = match dtype {
+            Dtype::BF16 => values.iter().flat_map(|&x| half::bf16::from_f32(x).to_le_bytes()).collect(),
+            Dtype::F16 => values.iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes()).collect(),
+            Dtype::F32 => values.iter().flat_map(|&x| x.to_le_bytes()).collect(),
+            d => panic!("from_f32: unsupported dtype {d:?}"),
+        };
+        RawTensor { name: name.into(), dtype, shape: shape.to_vec(), data }
+    }
+
+    /// Decodes a float tensor's values to f32.
+    pub fn values(dtype: safetensors::Dtype, data: &[u8]) -> Vec<f32> {
+        use safetensors::Dtype;
+        match dtype {
+            Dtype::BF16 => data.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            Dtype::F16 => data.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            Dtype::F32 => data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            d => panic!("values: unsupported dtype {d:?}"),
+        }
+    }
+}
+
+/// Writes a model folder: `model.safetensors` through the reference crate, plus a `config.json`.
+pub fn write_folder(dir: &Path, tensors: &[RawTensor]) {
+    std::fs::create_dir_all(dir).unwrap();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|t| (t.name.clone(), safetensors::tensor::TensorView::new(t.dtype, t.shape.clone(), &t.data).unwrap()))
+        .collect();
+    let md = HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::serialize_to_file(views, Some(md), &dir.join("model.safetensors")).unwrap();
+    std::fs::write(dir.join("config.json"), r#"{"architectures":["LlamaForCausalLM"],"model_type":"llama"}"#).unwrap();
+}
+
+/// Reads every tensor of a safetensors file with the reference crate: name -> (dtype, shape, bytes).
+pub fn read_tensors(path: &Path) -> HashMap<String, (safetensors::Dtype, Vec<usize>, Vec<u8>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors().into_iter().map(|(n, v)| (n, (v.dtype(), v.shape().to_vec(), v.data().to_vec()))).collect()
+}
+
+/// A deterministic pseudo-random stream (xorshift), so tests need no RNG crate.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// Uniform in [-1, 1).
+    pub fn uniform(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+}
+
+/// A small Llama-like pair: `layers` blocks of q/k/v/o/gate/up/down with odd widths, norms and
+/// an embedding, in `dtype`. The fine-tune perturbs every linear weight and the norms; the
+/// embedding is unchanged. Returns (base, finetuned) tensors.
+pub fn synthetic_pair(dtype: safetensors::Dtype, layers: usize, seed: u64) -> (Vec<RawTensor>, Vec<RawTensor>) {
+    let mut rng = Rng::new(seed);
+    let (hidden, ffn, kv) = (40, 72, 24);
+    let mut shapes: Vec<(String, Vec<usize>)> = vec![("model.embed_tokens.weight".into(), vec![50, hidden]), ("model.norm.weight".into(), vec![hidden])];
+    for l in 0..layers {
+        let p = format!("model.layers.{l}");
+        for (n, s) in [
+            ("self_attn.q_proj", vec![hidden, hidden]),
+            ("self_attn.k_proj", vec![kv, hidden]),
+            ("self_attn.v_proj", vec![kv, hidden]),
+            ("self_attn.o_proj", vec![hidden, hidden]),
+            ("mlp.gate_proj", vec![ffn, hidden]),
+            ("mlp.up_proj", vec![ffn, hidden]),
+            ("mlp.down_proj", vec![hidden, ffn]),
+            ("input_layernorm", vec![hidden]),
+            ("post_attention_layernorm", vec![hidden]),
+        ] {
+            shapes.push((format!("{p}.{n}.weight"), s));
+        }
+    }
+    let (mut base, mut ft) = (Vec::new(), Vec::new());
+    for (name, shape) in shapes {
+        let n: usize = shape.iter().product();
+        let b: Vec<f32> = (0..n).map(|_| rng.uniform() * 0.1).collect();
+        let f: Vec<f32> = if name.contains("embed") { b.clone() } else { b.iter().map(|x| x + rng.uniform() * 0.01).collect() };
+        base.push(RawTensor::from_f32(&name, dtype, &shape, &b));
+        ft.push(RawTensor::from_f32(&name, dtype, &shape, &f));
+    }
+    (base, ft)
+}
