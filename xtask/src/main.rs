@@ -1,1 +1,251 @@
-fn main() {}
+//! `cargo xtask …`: project automation in plain Rust.
+//!
+//! - `fixtures [DIR]` builds the real test fixtures (SmolLM2 pair, text, tasks) into DIR
+//!   (default `$DELTA_FIXTURES`, else `~/.cache/delta-fixtures`).
+//! - `demo` runs the main job on them: compress the pair, inspect, apply, check, report.
+//! - `ci` is the test command: fixtures, then `cargo test --workspace --release`.
+//! - `bench` times compress and apply on the pair against copying the checkpoint and writes
+//!   `target/bench/pipeline.json`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("fixtures") => fixtures(args.get(1).map(PathBuf::from)).map(|_| ()),
+        Some("demo") => demo(),
+        Some("ci") => ci(),
+        Some("bench") => bench(),
+        _ => {
+            eprintln!(
+                "usage: cargo xtask <command>\n\n  fixtures [DIR]  build the real fixtures (default $DELTA_FIXTURES, else ~/.cache/delta-fixtures)\n  \
+                 demo            compress the SmolLM2 pair, inspect, apply, verify, print a report\n  \
+                 ci              fixtures, then cargo test --workspace --release\n  \
+                 bench           time compress / apply on the pair; writes target/bench/pipeline.json"
+            );
+            std::process::exit(2);
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask sits in the workspace").to_path_buf()
+}
+
+fn fixtures_dir(arg: Option<PathBuf>) -> PathBuf {
+    arg.or_else(|| std::env::var_os("DELTA_FIXTURES").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| ".".into())).join(".cache/delta-fixtures"))
+}
+
+/// Builds the fixtures. Until the Rust builder lands (issue #4) this runs the reference
+/// builder `fetch.sh` that sits beside the checkout in `../shared/fixtures/`.
+fn fixtures(dir: Option<PathBuf>) -> Result<PathBuf> {
+    let dir = fixtures_dir(dir);
+    if dir.join(".complete").exists() {
+        eprintln!("fixtures ready in {}", dir.display());
+        return Ok(dir);
+    }
+    let script = root().join("../shared/fixtures/fetch.sh");
+    if !script.exists() {
+        bail!(
+            "fixtures are missing from {} and the builder {} is not there (the in-repo builder is issue #4)",
+            dir.display(),
+            script.display()
+        );
+    }
+    sh(Command::new("bash").arg(&script).arg(&dir))?;
+    Ok(dir)
+}
+
+fn sh(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn ci() -> Result<()> {
+    let dir = fixtures(None)?;
+    sh(cargo().current_dir(root()).args(["test", "--workspace", "--release"]).env("DELTA_FIXTURES", &dir))
+}
+
+fn bitdelta() -> Result<PathBuf> {
+    sh(cargo().current_dir(root()).args(["build", "--release", "--quiet", "-p", "delta-cli"]))?;
+    Ok(root().join("target/release/bitdelta"))
+}
+
+/// Runs bitdelta with `--json` and returns the parsed object and the wall time.
+fn bitdelta_json(bin: &Path, args: &[&str]) -> Result<(serde_json::Value, f64)> {
+    let t = Instant::now();
+    let out = Command::new(bin).args(args).arg("--json").output()?;
+    let secs = t.elapsed().as_secs_f64();
+    if !out.status.success() {
+        bail!("bitdelta {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok((serde_json::from_slice(&out.stdout)?, secs))
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+fn demo() -> Result<()> {
+    let fx = fixtures(None)?;
+    let bin = bitdelta()?;
+    let (base, ft) = (fx.join("smollm2/base"), fx.join("smollm2/finetuned"));
+    let work = root().join("target/demo");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work)?;
+
+    println!("bitdelta demo — SmolLM2-135M-Instruct base, TinyStories full fine-tune ({})", fx.display());
+    println!();
+    println!("{:<11} {:>10} {:>7} {:>9} {:>11}  modes kept", "scale", "artifact", "ratio", "compress", "rel. error");
+    let mut auto_path = PathBuf::new();
+    for mode in ["scalar", "per-output", "per-input", "two-sided", "auto"] {
+        let path = work.join(format!("{mode}.bitdelta.safetensors"));
+        let (c, secs) = bitdelta_json(&bin, &["compress", "--base", s(&base), "--finetuned", s(&ft), "-o", s(&path), "--scale", mode])?;
+        println!(
+            "{:<11} {:>7.1} MB {:>6.1}x {:>7.2} s {:>11.3}  {}",
+            mode,
+            c["bytes"].as_f64().unwrap_or(0.0) / 1e6,
+            c["ratio"].as_f64().unwrap_or(0.0),
+            secs,
+            c["mean_rel_error"].as_f64().unwrap_or(0.0),
+            c["modes"]
+        );
+        if mode == "auto" {
+            auto_path = path;
+        }
+    }
+    println!("(rel. error: mean over the 210 block linears of ‖Δ − Δ̂‖/‖Δ‖ at weight-space init)");
+
+    let (i, _) = bitdelta_json(&bin, &["inspect", s(&auto_path)])?;
+    println!();
+    println!(
+        "inspect auto: {} compressed weights, {} whole tensors, {} unchanged; {} of the base fingerprinted",
+        i["compressed"], i["whole"], i["unchanged"], i["base_tensors"]
+    );
+
+    let restored = work.join("restored");
+    let (a, secs) = bitdelta_json(&bin, &["apply", "--base", s(&base), "--delta", s(&auto_path), "-o", s(&restored)])?;
+    println!(
+        "apply auto: {} MB model folder in {secs:.2} s ({} merged, {} whole, {} copied)",
+        a["bytes"].as_u64().unwrap_or(0) / 1_000_000,
+        a["merged"],
+        a["whole"],
+        a["copied"]
+    );
+    let wrong = Command::new(&bin).args(["apply", "--base", s(&ft), "--delta", s(&auto_path), "-o", s(&work.join("never"))]).output()?;
+    println!(
+        "apply to the wrong base (the fine-tune itself): exit {}, `{}`",
+        wrong.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&wrong.stderr).trim()
+    );
+    println!();
+    println!("Perplexity and task accuracy of the restored model come with the models and evaluation issues (#5, #8).");
+    Ok(())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).expect("finite"));
+    v[v.len() / 2]
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| m.lines().next().and_then(|l| l.split_whitespace().nth(1)).and_then(|k| k.parse::<u64>().ok()))
+        .map(|kb| format!("{:.0} GiB", kb as f64 / 1048576.0))
+        .unwrap_or_default();
+    format!("{cpu}, {cores} cores, {mem}")
+}
+
+fn bench() -> Result<()> {
+    let fx = fixtures(None)?;
+    let bin = bitdelta()?;
+    let (base, ft) = (fx.join("smollm2/base"), fx.join("smollm2/finetuned"));
+    let work = root().join("target/bench");
+    std::fs::create_dir_all(&work)?;
+    const RUNS: usize = 5;
+    let mut results = serde_json::Map::new();
+
+    let delta = work.join("auto.bitdelta.safetensors");
+    for mode in ["scalar", "auto"] {
+        let path = work.join(format!("{mode}.bitdelta.safetensors"));
+        let mut times = Vec::new();
+        let mut bytes = 0;
+        for _ in 0..RUNS {
+            let (c, secs) = bitdelta_json(&bin, &["compress", "--base", s(&base), "--finetuned", s(&ft), "-o", s(&path), "--scale", mode, "--force"])?;
+            bytes = c["bytes"].as_u64().unwrap_or(0);
+            times.push(secs);
+        }
+        results.insert(format!("compress_{mode}_s"), median(times).into());
+        results.insert(format!("artifact_{mode}_bytes"), bytes.into());
+    }
+    let ckpt = ft.join("model.safetensors");
+    results.insert("finetuned_bytes".into(), std::fs::metadata(&ckpt)?.len().into());
+    let copy_to = work.join("copy.safetensors");
+    let (mut apply_t, mut copy_t, mut copy_sync_t) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..RUNS {
+        // Outputs are removed before, not inside, each timed step.
+        let out = work.join("restored");
+        let _ = std::fs::remove_dir_all(&out);
+        let (_, secs) = bitdelta_json(&bin, &["apply", "--base", s(&base), "--delta", s(&delta), "-o", s(&out)])?;
+        apply_t.push(secs);
+        let _ = std::fs::remove_file(&copy_to);
+        let t = Instant::now();
+        std::fs::copy(&ckpt, &copy_to)?;
+        copy_t.push(t.elapsed().as_secs_f64());
+        let _ = std::fs::remove_file(&copy_to);
+        let t = Instant::now();
+        std::fs::copy(&ckpt, &copy_to)?;
+        std::fs::File::open(&copy_to)?.sync_all()?;
+        copy_sync_t.push(t.elapsed().as_secs_f64());
+    }
+    let _ = std::fs::remove_file(&copy_to);
+    let (apply, copy, copy_sync) = (median(apply_t), median(copy_t), median(copy_sync_t));
+    results.insert("apply_auto_s".into(), apply.into());
+    results.insert("copy_s".into(), copy.into());
+    results.insert("copy_fsync_s".into(), copy_sync.into());
+    results.insert("apply_over_copy_fsync".into(), (apply / copy_sync).into());
+    results.insert("apply_over_copy".into(), (apply / copy).into());
+    results.insert("runs".into(), RUNS.into());
+    results.insert("machine".into(), machine().into());
+    let json = serde_json::Value::Object(results);
+    std::fs::write(work.join("pipeline.json"), serde_json::to_string_pretty(&json)?)?;
+
+    let mb = |k: &str| json[k].as_f64().unwrap_or(0.0) / 1e6;
+    println!("machine: {}", machine());
+    println!("| what | median of {RUNS} |");
+    println!("|---|---|");
+    println!("| compress --scale scalar (wall, whole process) | {:.2} s |", json["compress_scalar_s"].as_f64().unwrap_or(0.0));
+    println!("| compress --scale auto | {:.2} s |", json["compress_auto_s"].as_f64().unwrap_or(0.0));
+    println!("| artifact scalar / auto | {:.2} MB / {:.2} MB |", mb("artifact_scalar_bytes"), mb("artifact_auto_bytes"));
+    println!("| fine-tune checkpoint | {:.2} MB ({:.1}x / {:.1}x the artifacts) |", mb("finetuned_bytes"), mb("finetuned_bytes") / mb("artifact_scalar_bytes"), mb("finetuned_bytes") / mb("artifact_auto_bytes"));
+    println!("| apply (auto; includes fsync) | {apply:.3} s |");
+    println!("| copy checkpoint + fsync | {copy_sync:.3} s (apply/copy = {:.2}) |", apply / copy_sync);
+    println!("| copy checkpoint, no fsync (page cache only) | {copy:.3} s (apply/copy = {:.2}) |", apply / copy);
+    println!("wrote {}", work.join("pipeline.json").display());
+    Ok(())
+}

@@ -377,6 +377,7 @@ impl SafetensorsWriter {
         }
         let tmp = self.file.temp_path().to_path_buf();
         self.file.file().write_all(data).map_err(|e| FormatError::io(tmp, e))?;
+        self.file.start_writeback(data.len() as u64);
         self.next += 1;
         Ok(())
     }

@@ -30,11 +30,10 @@ pub fn bf16_to_f32(bits: u16) -> f32 {
 #[inline(always)]
 pub fn f32_to_bf16(x: f32) -> u16 {
     let u = x.to_bits();
-    if x.is_nan() {
-        return ((u >> 16) as u16) | 0x0040;
-    }
-    let rounding = 0x7FFF + ((u >> 16) & 1);
-    (u.wrapping_add(rounding) >> 16) as u16
+    let rounded = (u.wrapping_add(0x7FFF + ((u >> 16) & 1)) >> 16) as u16;
+    let quiet_nan = ((u >> 16) as u16) | 0x0040;
+    // A select, not a branch, so loops over it vectorise.
+    if x.is_nan() { quiet_nan } else { rounded }
 }
 
 impl WeightElem for Bf16Bits {
