@@ -32,10 +32,15 @@ pub fn size(bytes: u64) -> String {
     }
 }
 
-/// Fails early, before any work, when the output exists and `--force` was not given.
+/// Fails early, before any work, when the output exists and `--force` was not given, or when
+/// the folder it would go in does not exist.
 pub fn check_output(path: &std::path::Path, force: bool) -> anyhow::Result<()> {
     if !force && std::fs::symlink_metadata(path).is_ok() {
         anyhow::bail!("{} already exists (use --force to replace it)", path.display());
+    }
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    if !parent.is_dir() {
+        anyhow::bail!("{}: output folder {} does not exist", path.display(), parent.display());
     }
     Ok(())
 }

@@ -180,6 +180,8 @@ fn existing_output_needs_force_and_nonsense_is_a_usage_error() {
     assert!(!out.join("keep.txt").exists() && out.join("model.safetensors").exists());
 
     refused(&bitdelta(&["inspect", s(&tmp.path().join("nope"))]), "No such file", tmp.path(), &listing(tmp.path()));
+    let lost = tmp.path().join("no/such/dir/d.bitdelta.safetensors");
+    refused(&bitdelta(&["compress", "--base", s(&b), "--finetuned", s(&f), "-o", s(&lost)]), "output folder", tmp.path(), &listing(tmp.path()));
     refused(&bitdelta(&["apply", "--base", s(&tmp.path().join("nope")), "--delta", s(&delta), "-o", s(&tmp.path().join("o2"))]), "no such model folder", tmp.path(), &listing(tmp.path()));
     for args in [
         vec!["compress", "--base", s(&b), "--finetuned", s(&f), "-o", "x", "--scale", "sideways"],
