@@ -173,8 +173,27 @@ fn demo() -> Result<()> {
         wrong.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&wrong.stderr).trim()
     );
+
     println!();
-    println!("Perplexity and task accuracy of the restored model come with the models and evaluation issues (#5, #8).");
+    println!("held-out TinyStories perplexity (bitdelta eval ppl; protocol of results.json):");
+    let text = fx.join("text/tiny_heldout.utf8");
+    let eval = |model: &Path, delta: Option<&Path>| -> Result<f64> {
+        let mut args = vec!["eval", "ppl", "--model", s(model), "--text", s(&text)];
+        if let Some(d) = delta {
+            args.extend(["--delta", s(d)]);
+        }
+        Ok(bitdelta_json(&bin, &args)?.0["ppl"].as_f64().unwrap_or(f64::NAN))
+    };
+    let (p_base, p_ft) = (eval(&base, None)?, eval(&ft, None)?);
+    let gain = p_base.ln() - p_ft.ln();
+    println!("  {:<34} {p_base:>7.3}", "base");
+    println!("  {:<34} {p_ft:>7.3}", "fine-tune");
+    for mode in ["scalar", "auto"] {
+        let p = eval(&base, Some(&work.join(format!("{mode}.bitdelta.safetensors"))))?;
+        let share = 100.0 * (p_base.ln() - p.ln()) / gain;
+        println!("  {:<34} {p:>7.3}   keeps {share:.1}% of the fine-tune's log-perplexity gain", format!("base + {mode} delta (no calibration)"));
+    }
+    println!("Calibration (layer-wise, end to end) and task accuracy come with issues #6 and #8.");
     Ok(())
 }
 

@@ -5,6 +5,7 @@
 
 mod apply;
 mod compress;
+mod eval;
 mod inspect;
 mod ui;
 
@@ -37,6 +38,9 @@ enum Command {
     Compress(compress::Args),
     Apply(apply::Args),
     Inspect(inspect::Args),
+    /// Evaluate a model, or a base with a delta applied.
+    #[command(subcommand)]
+    Eval(eval::Command),
 }
 
 fn main() -> ExitCode {
@@ -48,6 +52,7 @@ fn main() -> ExitCode {
         Command::Compress(a) => compress::run(a),
         Command::Apply(a) => apply::run(a),
         Command::Inspect(a) => inspect::run(a),
+        Command::Eval(c) => eval::run(c),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

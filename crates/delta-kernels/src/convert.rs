@@ -86,6 +86,16 @@ pub fn f16_slice(bits: &[u16]) -> &[F16Bits] {
     unsafe { std::slice::from_raw_parts(bits.as_ptr().cast(), bits.len()) }
 }
 
+/// Decodes a BF16, F16 or F32 tensor to f32 values; `None` for other dtypes.
+pub fn to_f32_vec(v: &delta_format::TensorView<'_>) -> Option<Vec<f32>> {
+    match v.dtype {
+        delta_format::DType::BF16 => Some(v.as_u16_bits()?.iter().map(|&b| bf16_to_f32(b)).collect()),
+        delta_format::DType::F16 => Some(v.as_u16_bits()?.iter().map(|&b| f16::from_bits(b).to_f32()).collect()),
+        delta_format::DType::F32 => Some(v.as_f32()?.into_owned()),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

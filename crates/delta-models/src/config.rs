@@ -1,0 +1,99 @@
+//! The Hugging Face `config.json` of a Llama-family model, read directly.
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::error::ModelError;
+
+/// Llama-3 style RoPE frequency scaling (`rope_scaling` with `rope_type: "llama3"`).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+pub struct RopeScaling {
+    #[serde(alias = "type")]
+    pub rope_type: String,
+    #[serde(default)]
+    pub factor: f64,
+    #[serde(default)]
+    pub low_freq_factor: f64,
+    #[serde(default)]
+    pub high_freq_factor: f64,
+    #[serde(default)]
+    pub original_max_position_embeddings: usize,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct ModelConfig {
+    #[serde(default)]
+    pub architectures: Vec<String>,
+    #[serde(default)]
+    pub model_type: String,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: Option<usize>,
+    pub head_dim: Option<usize>,
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default = "default_theta")]
+    pub rope_theta: f64,
+    pub rope_scaling: Option<RopeScaling>,
+    pub vocab_size: usize,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// q/k/v (and o, for Llama) biases; Qwen2 always has q/k/v biases.
+    #[serde(default)]
+    pub attention_bias: bool,
+    #[serde(default)]
+    pub mlp_bias: bool,
+    #[serde(default)]
+    pub hidden_act: Option<String>,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_id: Option<serde_json::Value>,
+}
+
+fn default_eps() -> f64 {
+    1e-6
+}
+
+fn default_theta() -> f64 {
+    10_000.0
+}
+
+impl ModelConfig {
+    pub fn load(dir: &Path) -> Result<Self, ModelError> {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path).map_err(|source| ModelError::Io { path: path.clone(), source })?;
+        let cfg: ModelConfig = serde_json::from_str(&text).map_err(|e| ModelError::Config { path: path.clone(), reason: e.to_string() })?;
+        cfg.validate().map_err(|reason| ModelError::Config { path, reason })?;
+        Ok(cfg)
+    }
+
+    pub fn kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
+    }
+
+    /// Qwen2 puts biases on q/k/v without saying so in `attention_bias`.
+    pub fn qkv_bias(&self) -> bool {
+        self.attention_bias || self.model_type == "qwen2"
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if let Some(act) = &self.hidden_act {
+            if act != "silu" {
+                return Err(format!("hidden_act `{act}` is not supported (silu is)"));
+            }
+        }
+        if self.num_attention_heads == 0 || self.num_attention_heads % self.kv_heads() != 0 {
+            return Err(format!("{} attention heads are not a multiple of {} key/value heads", self.num_attention_heads, self.kv_heads()));
+        }
+        if self.head_dim() % 2 != 0 {
+            return Err(format!("head_dim {} is odd; RoPE needs it even", self.head_dim()));
+        }
+        Ok(())
+    }
+}

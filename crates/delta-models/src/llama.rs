@@ -1,0 +1,288 @@
+//! The Llama family (Llama 2/3, Mistral, Qwen2, Qwen3) in Burn, laid out as the Hugging Face
+//! checkpoint is: `model.embed_tokens`, `model.layers.N.{input_layernorm, self_attn.{q,k,v,o}_proj,
+//! post_attention_layernorm, mlp.{gate,up,down}_proj}`, `model.norm`, `lm_head` (or tied).
+//!
+//! RoPE is Hugging Face's *rotate-half* form (not Burn's interleaved `RotaryEncoding`). The forward
+//! is staged — [`Llama::embed`], [`Llama::block`], [`Llama::head`] — because calibration needs the
+//! activations between blocks and Burn has no forward hooks.
+
+use burn::tensor::activation::silu;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData};
+
+use crate::config::ModelConfig;
+use crate::error::ModelError;
+use crate::weights::Weights;
+
+/// `y = x·Wᵀ (+ b)`, holding Wᵀ (`[in, out]`, contiguous) so the product needs no transpose.
+pub struct Linear<B: Backend> {
+    pub weight_t: Tensor<B, 2>,
+    pub bias: Option<Tensor<B, 1>>,
+}
+
+impl<B: Backend> Linear<B> {
+    pub fn load(w: &Weights<'_, B>, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Self, ModelError> {
+        let weight_t = w.matrix_t(&format!("{prefix}.weight"), out, inp)?;
+        let bias = if bias { Some(w.vector(&format!("{prefix}.bias"), out)?) } else { None };
+        Ok(Linear { weight_t, bias })
+    }
+
+    /// `x`: `[rows, in]` -> `[rows, out]`.
+    pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        let y = x.matmul(self.weight_t.clone());
+        match &self.bias {
+            Some(b) => y + b.clone().unsqueeze::<2>(),
+            None => y,
+        }
+    }
+}
+
+pub struct RmsNorm<B: Backend> {
+    pub weight: Tensor<B, 1>,
+    pub eps: f64,
+}
+
+impl<B: Backend> RmsNorm<B> {
+    pub fn load(w: &Weights<'_, B>, name: &str, dim: usize, eps: f64) -> Result<Self, ModelError> {
+        Ok(RmsNorm { weight: w.vector(name, dim)?, eps })
+    }
+
+    /// Normalises over the last dimension: `w ⊙ x / sqrt(mean(x²) + eps)`.
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let var = (x.clone() * x.clone()).mean_dim(D - 1);
+        // Divide, never `recip()`: Burn 0.21's NdArray backend computes `recip` on larger tensors
+        // with the approximate SIMD reciprocal (2.7e-4 relative error, measured), which made
+        // logits depend on the sequence length. Division is correctly rounded.
+        x / var.add_scalar(self.eps).sqrt() * self.weight.clone().unsqueeze::<D>()
+    }
+}
+
+/// Rotary position embedding, rotate-half form, with optional Llama-3 / linear frequency scaling.
+pub struct Rope {
+    inv_freq: Vec<f64>,
+}
+
+impl Rope {
+    pub fn new(cfg: &ModelConfig) -> Result<Self, ModelError> {
+        let d = cfg.head_dim();
+        let mut inv_freq: Vec<f64> = (0..d / 2).map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f64 / d as f64)).collect();
+        if let Some(s) = &cfg.rope_scaling {
+            match s.rope_type.as_str() {
+                "default" => {}
+                "linear" => inv_freq.iter_mut().for_each(|f| *f /= s.factor),
+                "llama3" => {
+                    let old = s.original_max_position_embeddings as f64;
+                    let (low_wavelen, high_wavelen) = (old / s.low_freq_factor, old / s.high_freq_factor);
+                    for f in inv_freq.iter_mut() {
+                        let wavelen = 2.0 * std::f64::consts::PI / *f;
+                        if wavelen > low_wavelen {
+                            *f /= s.factor;
+                        } else if wavelen >= high_wavelen {
+                            let smooth = (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+                            *f = (1.0 - smooth) * *f / s.factor + smooth * *f;
+                        }
+                    }
+                }
+                other => return Err(ModelError::Input(format!("rope_scaling type `{other}` is not supported (default, linear, llama3 are)"))),
+            }
+        }
+        Ok(Rope { inv_freq })
+    }
+
+    /// cos and sin tables `[t, head_dim]` for positions `start..start + t`.
+    pub fn tables<B: Backend>(&self, start: usize, t: usize, device: &B::Device) -> (Tensor<B, 2>, Tensor<B, 2>) {
+        let d = self.inv_freq.len() * 2;
+        let (mut cos, mut sin) = (Vec::with_capacity(t * d), Vec::with_capacity(t * d));
+        for p in start..start + t {
+            // cat(freqs, freqs): the same angles for both halves of the head.
+            for _ in 0..2 {
+                for f in &self.inv_freq {
+                    let a = p as f64 * f;
+                    cos.push(a.cos() as f32);
+                    sin.push(a.sin() as f32);
+                }
+            }
+        }
+        let make = |v: Vec<f32>| Tensor::<B, 2>::from_data(TensorData::new(v, [t, d]), device);
+        (make(cos), make(sin))
+    }
+
+    /// `x`: `[b, heads, t, d]`: x·cos + rotate_half(x)·sin.
+    pub fn apply<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>) -> Tensor<B, 4> {
+        let d = x.dims()[3];
+        let x1 = x.clone().narrow(3, 0, d / 2);
+        let x2 = x.clone().narrow(3, d / 2, d / 2);
+        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+        x * cos.clone().unsqueeze::<4>() + rotated * sin.clone().unsqueeze::<4>()
+    }
+}
+
+pub struct Attention<B: Backend> {
+    pub q_proj: Linear<B>,
+    pub k_proj: Linear<B>,
+    pub v_proj: Linear<B>,
+    pub o_proj: Linear<B>,
+    /// Qwen3's per-head RMSNorm on q and k.
+    pub q_norm: Option<RmsNorm<B>>,
+    pub k_norm: Option<RmsNorm<B>>,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+pub struct Mlp<B: Backend> {
+    pub gate_proj: Linear<B>,
+    pub up_proj: Linear<B>,
+    pub down_proj: Linear<B>,
+}
+
+pub struct Block<B: Backend> {
+    pub input_layernorm: RmsNorm<B>,
+    pub self_attn: Attention<B>,
+    pub post_attention_layernorm: RmsNorm<B>,
+    pub mlp: Mlp<B>,
+}
+
+pub struct Llama<B: Backend> {
+    pub cfg: ModelConfig,
+    pub embed_tokens: Tensor<B, 2>,
+    pub layers: Vec<Block<B>>,
+    pub norm: RmsNorm<B>,
+    /// The LM head as `[hidden, vocab]` (the embedding transposed when tied).
+    pub lm_head_t: Tensor<B, 2>,
+    pub rope: Rope,
+    pub device: B::Device,
+}
+
+impl<B: Backend> Attention<B> {
+    fn load(w: &Weights<'_, B>, p: &str, cfg: &ModelConfig) -> Result<Self, ModelError> {
+        let (h, kv, d, hidden) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim(), cfg.hidden_size);
+        let qkv_bias = cfg.qkv_bias();
+        let qk_norm = w.has(&format!("{p}.q_norm.weight"));
+        Ok(Attention {
+            q_proj: Linear::load(w, &format!("{p}.q_proj"), h * d, hidden, qkv_bias)?,
+            k_proj: Linear::load(w, &format!("{p}.k_proj"), kv * d, hidden, qkv_bias)?,
+            v_proj: Linear::load(w, &format!("{p}.v_proj"), kv * d, hidden, qkv_bias)?,
+            o_proj: Linear::load(w, &format!("{p}.o_proj"), hidden, h * d, cfg.attention_bias && cfg.model_type != "qwen2")?,
+            q_norm: if qk_norm { Some(RmsNorm::load(w, &format!("{p}.q_norm.weight"), d, cfg.rms_norm_eps)?) } else { None },
+            k_norm: if qk_norm { Some(RmsNorm::load(w, &format!("{p}.k_norm.weight"), d, cfg.rms_norm_eps)?) } else { None },
+            heads: h,
+            kv_heads: kv,
+            head_dim: d,
+        })
+    }
+
+    /// Causal self-attention over `x` (`[b, t, hidden]`, already normalised).
+    pub fn forward(&self, x: Tensor<B, 3>, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>) -> Tensor<B, 3> {
+        let [b, t, hidden] = x.dims();
+        let (h, kv, d) = (self.heads, self.kv_heads, self.head_dim);
+        let x2 = x.reshape([b * t, hidden]);
+        let split = |y: Tensor<B, 2>, n: usize| y.reshape([b, t, n, d]);
+        let mut q = split(self.q_proj.forward(x2.clone()), h);
+        let mut k = split(self.k_proj.forward(x2.clone()), kv);
+        let v = split(self.v_proj.forward(x2), kv).swap_dims(1, 2);
+        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
+            q = qn.forward(q);
+            k = kn.forward(k);
+        }
+        let q = Rope::apply(q.swap_dims(1, 2), cos, sin);
+        let k = Rope::apply(k.swap_dims(1, 2), cos, sin);
+        let (k, v) = (repeat_kv(k, h / kv), repeat_kv(v, h / kv));
+        let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(1.0 / (d as f64).sqrt());
+        let mask: Vec<f32> = (0..t * t).map(|k| if k % t > k / t { f32::NEG_INFINITY } else { 0.0 }).collect();
+        let mask = Tensor::<B, 2>::from_data(TensorData::new(mask, [t, t]), &scores.device());
+        let probs = burn::tensor::activation::softmax(scores + mask.unsqueeze::<4>(), 3);
+        let out = probs.matmul(v).swap_dims(1, 2).reshape([b * t, h * d]);
+        self.o_proj.forward(out).reshape([b, t, hidden])
+    }
+}
+
+/// `[b, kv, t, d]` -> `[b, kv·n, t, d]`, each key/value head repeated for its `n` query heads.
+fn repeat_kv<B: Backend>(x: Tensor<B, 4>, n: usize) -> Tensor<B, 4> {
+    if n == 1 {
+        return x;
+    }
+    let [b, kv, t, d] = x.dims();
+    x.reshape([b, kv, 1, t, d]).repeat_dim(2, n).reshape([b, kv * n, t, d])
+}
+
+impl<B: Backend> Mlp<B> {
+    pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        self.down_proj.forward(silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x))
+    }
+}
+
+impl<B: Backend> Llama<B> {
+    /// Builds the model from a checkpoint's weights (see [`Weights`]).
+    pub fn load(cfg: ModelConfig, w: &Weights<'_, B>) -> Result<Self, ModelError> {
+        let (hidden, ffn, vocab) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            layers.push(Block {
+                input_layernorm: RmsNorm::load(w, &format!("{p}.input_layernorm.weight"), hidden, cfg.rms_norm_eps)?,
+                self_attn: Attention::load(w, &format!("{p}.self_attn"), &cfg)?,
+                post_attention_layernorm: RmsNorm::load(w, &format!("{p}.post_attention_layernorm.weight"), hidden, cfg.rms_norm_eps)?,
+                mlp: Mlp {
+                    gate_proj: Linear::load(w, &format!("{p}.mlp.gate_proj"), ffn, hidden, cfg.mlp_bias)?,
+                    up_proj: Linear::load(w, &format!("{p}.mlp.up_proj"), ffn, hidden, cfg.mlp_bias)?,
+                    down_proj: Linear::load(w, &format!("{p}.mlp.down_proj"), hidden, ffn, cfg.mlp_bias)?,
+                },
+            });
+        }
+        let embed_tokens = w.matrix("model.embed_tokens.weight", vocab, hidden)?;
+        let lm_head_t = if cfg.tie_word_embeddings && !w.has("lm_head.weight") {
+            w.matrix_t("model.embed_tokens.weight", vocab, hidden)?
+        } else {
+            w.matrix_t("lm_head.weight", vocab, hidden)?
+        };
+        let norm = RmsNorm::load(w, "model.norm.weight", hidden, cfg.rms_norm_eps)?;
+        let rope = Rope::new(&cfg)?;
+        Ok(Llama { cfg, embed_tokens, layers, norm, lm_head_t, rope, device: w.device.clone() })
+    }
+
+    /// Token ids `[b, t]` (all rows the same length) -> hidden states `[b, t, hidden]`.
+    pub fn embed(&self, ids: &[Vec<u32>]) -> Result<Tensor<B, 3>, ModelError> {
+        let b = ids.len();
+        let t = ids.first().map(Vec::len).unwrap_or(0);
+        if b == 0 || t == 0 || ids.iter().any(|r| r.len() != t) {
+            return Err(ModelError::Input("token batches must be non-empty rows of equal length".into()));
+        }
+        if let Some(&bad) = ids.iter().flatten().find(|&&i| i as usize >= self.cfg.vocab_size) {
+            return Err(ModelError::Input(format!("token id {bad} is outside the vocabulary of {}", self.cfg.vocab_size)));
+        }
+        let flat: Vec<i64> = ids.iter().flatten().map(|&i| i as i64).collect();
+        let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(flat, [b * t]), &self.device);
+        Ok(self.embed_tokens.clone().select(0, idx).reshape([b, t, self.cfg.hidden_size]))
+    }
+
+    /// cos / sin tables for a forward over `t` positions starting at 0.
+    pub fn rope_tables(&self, t: usize) -> (Tensor<B, 2>, Tensor<B, 2>) {
+        self.rope.tables(0, t, &self.device)
+    }
+
+    /// Block `i`: `x + attn(norm(x))`, then `+ mlp(norm(·))`.
+    pub fn block(&self, i: usize, x: Tensor<B, 3>, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>) -> Tensor<B, 3> {
+        let layer = &self.layers[i];
+        let [b, t, hidden] = x.dims();
+        let h = x.clone() + layer.self_attn.forward(layer.input_layernorm.forward(x), cos, sin);
+        let m = layer.mlp.forward(layer.post_attention_layernorm.forward(h.clone()).reshape([b * t, hidden]));
+        h + m.reshape([b, t, hidden])
+    }
+
+    /// Final norm and LM head: `[b, t, hidden]` -> logits `[b, t, vocab]`.
+    pub fn head(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let [b, t, hidden] = x.dims();
+        self.norm.forward(x).reshape([b * t, hidden]).matmul(self.lm_head_t.clone()).reshape([b, t, self.cfg.vocab_size])
+    }
+
+    /// The whole forward: logits `[b, t, vocab]`.
+    pub fn forward(&self, ids: &[Vec<u32>]) -> Result<Tensor<B, 3>, ModelError> {
+        let mut x = self.embed(ids)?;
+        let (cos, sin) = self.rope_tables(ids[0].len());
+        for i in 0..self.layers.len() {
+            x = self.block(i, x, &cos, &sin);
+        }
+        Ok(self.head(x))
+    }
+}

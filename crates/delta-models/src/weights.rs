@@ -1,0 +1,84 @@
+//! Where a model's weights come from: a checkpoint, or a base checkpoint plus a bitdelta artifact
+//! merged on the fly (W_base + Δ̂, rounded to the base dtype exactly as `bitdelta apply` writes it).
+
+use std::borrow::Cow;
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+use delta_format::{Checkpoint, DeltaArtifact, TensorView};
+use delta_kernels::convert::to_f32_vec;
+
+use crate::error::ModelError;
+
+pub struct Weights<'a, B: Backend> {
+    pub base: &'a Checkpoint,
+    pub delta: Option<&'a DeltaArtifact>,
+    pub device: B::Device,
+}
+
+impl<'a, B: Backend> Weights<'a, B> {
+    /// Weights of `base`, or of `base` with `delta` applied (the delta's fingerprint is checked
+    /// against the base first: a delta for another base is an error, never applied).
+    pub fn new(base: &'a Checkpoint, delta: Option<&'a DeltaArtifact>, device: B::Device) -> Result<Self, ModelError> {
+        if let Some(d) = delta {
+            d.metadata().base.verify(base)?;
+        }
+        Ok(Weights { base, delta, device })
+    }
+
+    pub fn has(&self, name: &str) -> bool {
+        self.base.contains(name)
+    }
+
+    /// The f32 values of `name` (merged with the delta where it has this tensor) and its shape.
+    fn values(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>), ModelError> {
+        let view = self.base.tensor(name).ok_or_else(|| ModelError::MissingTensor(name.into()))?;
+        let shape = view.shape.to_vec();
+        let bytes: Option<Cow<'_, [u8]>> = match self.delta {
+            Some(d) => match d.weight(name) {
+                Some(w) => Some(Cow::Owned(delta_kernels::merge(&view, &w).map_err(|e| ModelError::Input(e.to_string()))?)),
+                None => d.whole_tensor(name).map(|v| Cow::Borrowed(v.data)),
+            },
+            None => None,
+        };
+        let view = match &bytes {
+            Some(b) => TensorView { dtype: view.dtype, shape: view.shape, data: b },
+            None => view,
+        };
+        let values = to_f32_vec(&view).ok_or_else(|| ModelError::DType { name: name.into(), dtype: view.dtype })?;
+        Ok((values, shape))
+    }
+
+    fn check(name: &str, found: &[usize], expected: &[usize]) -> Result<(), ModelError> {
+        if found != expected {
+            return Err(ModelError::Shape { name: name.into(), expected: expected.to_vec(), found: found.to_vec() });
+        }
+        Ok(())
+    }
+
+    pub fn vector(&self, name: &str, len: usize) -> Result<Tensor<B, 1>, ModelError> {
+        let (v, shape) = self.values(name)?;
+        Self::check(name, &shape, &[len])?;
+        Ok(Tensor::from_data(TensorData::new(v, [len]), &self.device))
+    }
+
+    /// `[rows, cols]` as stored.
+    pub fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Tensor<B, 2>, ModelError> {
+        let (v, shape) = self.values(name)?;
+        Self::check(name, &shape, &[rows, cols])?;
+        Ok(Tensor::from_data(TensorData::new(v, [rows, cols]), &self.device))
+    }
+
+    /// A `[rows, cols]` weight transposed to a contiguous `[cols, rows]`.
+    pub fn matrix_t(&self, name: &str, rows: usize, cols: usize) -> Result<Tensor<B, 2>, ModelError> {
+        let (v, shape) = self.values(name)?;
+        Self::check(name, &shape, &[rows, cols])?;
+        let mut t = vec![0f32; v.len()];
+        for (i, row) in v.chunks_exact(cols).enumerate() {
+            for (j, &x) in row.iter().enumerate() {
+                t[j * rows + i] = x;
+            }
+        }
+        Ok(Tensor::from_data(TensorData::new(t, [cols, rows]), &self.device))
+    }
+}
