@@ -186,12 +186,12 @@ fn demo() -> Result<()> {
     };
     let (p_base, p_ft) = (eval(&base, None)?, eval(&ft, None)?);
     let gain = p_base.ln() - p_ft.ln();
-    println!("  {:<34} {p_base:>7.3}", "base");
-    println!("  {:<34} {p_ft:>7.3}", "fine-tune");
+    println!("  {:<40} {p_base:>7.3}", "base");
+    println!("  {:<40} {p_ft:>7.3}", "fine-tune");
     for mode in ["scalar", "auto"] {
         let p = eval(&base, Some(&work.join(format!("{mode}.bitdelta.safetensors"))))?;
         let share = 100.0 * (p_base.ln() - p.ln()) / gain;
-        println!("  {:<34} {p:>7.3}   keeps {share:.1}% of the fine-tune's log-perplexity gain", format!("base + {mode} delta (no calibration)"));
+        println!("  {:<40} {p:>7.3}   keeps {share:.1}% of the fine-tune's log-perplexity gain", format!("base + {mode} delta (no calibration)"));
     }
     println!("Calibration (layer-wise, end to end) and task accuracy come with issues #6 and #8.");
     Ok(())
