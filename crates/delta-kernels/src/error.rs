@@ -12,6 +12,8 @@ pub enum KernelError {
     ShapeMismatch { name: String, base: String, other: String },
     #[error("tensor `{name}`: {found} scales for mode {mode}, expected {expected}")]
     ScaleLen { name: String, mode: delta_format::ScaleMode, expected: usize, found: usize },
+    #[error("batched delta product: {0}")]
+    Batch(String),
     #[error(transparent)]
     Format(#[from] FormatError),
 }

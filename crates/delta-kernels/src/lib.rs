@@ -3,14 +3,17 @@
 //! - [`delta`]: Δ = W_ft − W_base in f32 → sign mask + |Δ| sums, weight-space scale init and its
 //!   reconstruction error, multi-threaded.
 //! - [`merge`]: W_base + Δ̂ rounded to the base dtype (fast path + plain reference oracle).
+//! - [`gemm`]: the delta term `Y += X·Δ̂ᵀ` with signs kept packed, for one delta or a batch whose
+//!   rows each pick a resident delta (fast path + f64 reference oracle).
 //! - [`convert`]: bf16 / f16 / f32 conversions (round to nearest even).
 //!
-//! Delta GEMV/GEMM (with and without many deltas per batch) and the CubeCL kernels for CUDA and
-//! wgpu come with the kernels issue (#7); this crate stays free of Burn until then.
+//! The CubeCL kernels for CUDA and wgpu come with the kernels issue (#7); this crate stays free
+//! of Burn until then.
 
 pub mod convert;
 pub mod delta;
 pub mod error;
+pub mod gemm;
 pub mod merge;
 
 pub use delta::WeightDelta;

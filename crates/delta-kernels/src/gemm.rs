@@ -1,0 +1,216 @@
+//! The delta term without a dense Δ: `Y[r, :] += Δ̂ · X[r, :]`, for one delta or for a batch whose
+//! rows each pick one of several resident deltas (the multi-tenant decode case).
+//!
+//! With Δ̂[i, j] = r[i]·c[j]·S[i, j] (see [`ScaleFactors`]), `(Δ̂ x)[i] = r[i] · Σ_j S[i, j]·z[j]`
+//! where `z = c ⊙ x`. The inner sum applies each sign by flipping the IEEE sign bit of z[j]
+//! (exact), so it is a branch-free dot product that vectorises; signs stay packed, 1 bit each.
+//! [`delta_matmul_add_reference`] builds Δ̂ element by element and sums in f64: the oracle.
+
+use delta_format::CompressedWeight;
+use rayon::prelude::*;
+
+use crate::error::KernelError;
+use crate::merge::ScaleFactors;
+
+/// Output rows handed to one task.
+const OUT_ROWS_PER_TASK: usize = 32;
+
+fn check(w: &CompressedWeight<'_>, x: &[f32], y: &[f32]) -> Result<usize, KernelError> {
+    let (out, inp) = (w.rows(), w.cols());
+    let rows = if inp == 0 { 0 } else { x.len() / inp };
+    if x.len() != rows * inp || y.len() != rows * out {
+        return Err(KernelError::ShapeMismatch {
+            name: w.name.to_string(),
+            base: format!("x [{rows}, {inp}] / y [{rows}, {out}]"),
+            other: format!("x has {} values, y has {}", x.len(), y.len()),
+        });
+    }
+    Ok(rows)
+}
+
+/// `Y += X · Δ̂ᵀ`: X is `[rows, in]`, Y is `[rows, out]`, both row-major f32.
+pub fn delta_matmul_add(w: &CompressedWeight<'_>, x: &[f32], y: &mut [f32]) -> Result<(), KernelError> {
+    let rows = check(w, x, y)?;
+    let (out, inp) = (w.rows(), w.cols());
+    if rows == 0 || out == 0 || inp == 0 {
+        return Ok(());
+    }
+    let f = ScaleFactors::new(&w.name, w.mode, &w.scales, out, inp)?;
+    // z = c ⊙ x, once per input row.
+    let z: Vec<f32> = x.chunks_exact(inp).flat_map(|xr| xr.iter().zip(f.cols.iter()).map(|(a, c)| a * c)).collect();
+    // Results land transposed ([out, rows]) so that tasks own disjoint output rows.
+    let mut yt = vec![0f32; out * rows];
+    yt.par_chunks_mut(OUT_ROWS_PER_TASK * rows).enumerate().for_each(|(t, block)| {
+        for (k, acc) in block.chunks_mut(rows).enumerate() {
+            let i = t * OUT_ROWS_PER_TASK + k;
+            let words = w.signs.row(i);
+            for (r, a) in acc.iter_mut().enumerate() {
+                *a = f.rows[i] * signed_dot(words, &z[r * inp..(r + 1) * inp]);
+            }
+        }
+    });
+    for (i, col) in yt.chunks_exact(rows).enumerate() {
+        for (r, v) in col.iter().enumerate() {
+            y[r * out + i] += v;
+        }
+    }
+    Ok(())
+}
+
+/// Σ_j S[j]·z[j] for one packed sign row.
+#[inline]
+fn signed_dot(words: &[u32], z: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2 (checked just above).
+        return unsafe { signed_dot_avx2(words, z) };
+    }
+    signed_dot_portable(words, z)
+}
+
+#[inline(always)]
+fn signed_dot_portable(words: &[u32], z: &[f32]) -> f32 {
+    // Eight partial sums so the compiler can keep them in one vector register.
+    let mut acc = [0f32; 8];
+    for (&word, z32) in words.iter().zip(z.chunks(32)) {
+        let neg = !word;
+        for (b, &v) in z32.iter().enumerate() {
+            acc[b % 8] += f32::from_bits(v.to_bits() ^ (((neg >> b) & 1) << 31));
+        }
+    }
+    acc.iter().sum()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn signed_dot_avx2(words: &[u32], z: &[f32]) -> f32 {
+    signed_dot_portable(words, z)
+}
+
+/// Multi-delta batch: `Y[r, :] += Δ̂_{idx[r]} · X[r, :]`. Rows that share a delta are gathered and
+/// processed together, so each delta's signs are read once per batch.
+pub fn batched_delta_matmul_add(deltas: &[CompressedWeight<'_>], idx: &[usize], x: &[f32], y: &mut [f32]) -> Result<(), KernelError> {
+    let Some(first) = deltas.first() else {
+        return if idx.is_empty() { Ok(()) } else { Err(KernelError::Batch(format!("{} rows but no deltas", idx.len()))) };
+    };
+    let (out, inp) = (first.rows(), first.cols());
+    if let Some(d) = deltas.iter().find(|d| (d.rows(), d.cols()) != (out, inp)) {
+        return Err(KernelError::Batch(format!("delta `{}` is [{}, {}], the first is [{out}, {inp}]", d.name, d.rows(), d.cols())));
+    }
+    if x.len() != idx.len() * inp || y.len() != idx.len() * out {
+        return Err(KernelError::Batch(format!("{} rows need x of {} and y of {} values", idx.len(), idx.len() * inp, idx.len() * out)));
+    }
+    if let Some(&bad) = idx.iter().find(|&&d| d >= deltas.len()) {
+        return Err(KernelError::Batch(format!("row delta index {bad} but only {} deltas", deltas.len())));
+    }
+    for (d, w) in deltas.iter().enumerate() {
+        let rows: Vec<usize> = (0..idx.len()).filter(|&r| idx[r] == d).collect();
+        if rows.is_empty() {
+            continue;
+        }
+        let xs: Vec<f32> = rows.iter().flat_map(|&r| x[r * inp..(r + 1) * inp].iter().copied()).collect();
+        let mut ys = vec![0f32; rows.len() * out];
+        delta_matmul_add(w, &xs, &mut ys)?;
+        for (k, &r) in rows.iter().enumerate() {
+            y[r * out..(r + 1) * out].iter_mut().zip(&ys[k * out..(k + 1) * out]).for_each(|(a, b)| *a += b);
+        }
+    }
+    Ok(())
+}
+
+/// The oracle: Δ̂ from its definition, products summed in f64.
+pub fn delta_matmul_add_reference(w: &CompressedWeight<'_>, x: &[f32], y: &mut [f32]) -> Result<(), KernelError> {
+    let rows = check(w, x, y)?;
+    let (out, inp) = (w.rows(), w.cols());
+    let f = ScaleFactors::new(&w.name, w.mode, &w.scales, out, inp)?;
+    for r in 0..rows {
+        for i in 0..out {
+            let s: f64 = (0..inp).map(|j| f.delta_hat(&w.signs, i, j) as f64 * x[r * inp + j] as f64).sum();
+            y[r * out + i] += s as f32;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use delta_format::{ScaleMode, SignMask};
+    use proptest::prelude::*;
+
+    fn random(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    fn weight(out: usize, inp: usize, mode: ScaleMode, seed: u64) -> CompressedWeight<'static> {
+        let signs = SignMask::from_deltas(out, inp, &random(out * inp, seed));
+        let n = mode.scale_len(out, inp).unwrap();
+        let scales: Vec<f32> = random(n, seed ^ 7).iter().map(|v| v.abs() + 0.01).collect();
+        CompressedWeight { name: "w".into(), mode, signs, scales: scales.into() }
+    }
+
+    fn close(a: &[f32], b: &[f32]) -> Result<(), String> {
+        for (k, (x, y)) in a.iter().zip(b).enumerate() {
+            let scale = x.abs().max(y.abs()).max(1.0);
+            if (x - y).abs() > 1e-4 * scale {
+                return Err(format!("index {k}: {x} vs {y}"));
+            }
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(150))]
+        #[test]
+        fn fused_product_equals_oracle(
+            rows in 1usize..6, out in 1usize..70, inp in 1usize..150, seed in any::<u64>(),
+            mode in prop::sample::select(ScaleMode::ALL.to_vec()),
+        ) {
+            let w = weight(out, inp, mode, seed);
+            let x = random(rows * inp, seed ^ 99);
+            let y0 = random(rows * out, seed ^ 5);
+            let (mut fast, mut slow) = (y0.clone(), y0.clone());
+            delta_matmul_add(&w, &x, &mut fast).unwrap();
+            delta_matmul_add_reference(&w, &x, &mut slow).unwrap();
+            prop_assert!(close(&fast, &slow).is_ok(), "{:?}", close(&fast, &slow));
+            // The portable inner loop agrees with the dispatched one.
+            let z: Vec<f32> = x[..inp].to_vec();
+            prop_assert!((signed_dot(w.signs.row(0), &z) - signed_dot_portable(w.signs.row(0), &z)).abs() <= 1e-5 * inp as f32);
+        }
+
+        #[test]
+        fn batched_rows_each_get_their_own_delta(
+            rows in 1usize..12, out in 1usize..40, inp in 1usize..90, n in 1usize..5, seed in any::<u64>(),
+            mode in prop::sample::select(ScaleMode::ALL.to_vec()),
+        ) {
+            let deltas: Vec<_> = (0..n).map(|d| weight(out, inp, mode, seed.wrapping_add(d as u64 * 1000))).collect();
+            let idx: Vec<usize> = random(rows, seed ^ 3).iter().map(|v| ((v.abs() * 1000.0) as usize) % n).collect();
+            let x = random(rows * inp, seed ^ 11);
+            let mut y = vec![0f32; rows * out];
+            batched_delta_matmul_add(&deltas, &idx, &x, &mut y).unwrap();
+            for r in 0..rows {
+                let mut want = vec![0f32; out];
+                delta_matmul_add_reference(&deltas[idx[r]], &x[r * inp..(r + 1) * inp], &mut want).unwrap();
+                prop_assert!(close(&y[r * out..(r + 1) * out], &want).is_ok(), "row {r}");
+            }
+        }
+    }
+
+    #[test]
+    fn bad_shapes_and_indices_are_errors() {
+        let w = weight(3, 33, ScaleMode::Scalar, 1);
+        assert!(delta_matmul_add(&w, &[0.0; 32], &mut [0.0; 3]).is_err());
+        assert!(delta_matmul_add(&w, &[0.0; 33], &mut [0.0; 4]).is_err());
+        let other = weight(4, 33, ScaleMode::Scalar, 2);
+        assert!(batched_delta_matmul_add(&[w.clone(), other], &[0], &[0.0; 33], &mut [0.0; 3]).is_err());
+        assert!(batched_delta_matmul_add(&[w], &[1], &[0.0; 33], &mut [0.0; 3]).is_err());
+    }
+}
