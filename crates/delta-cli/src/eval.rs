@@ -10,6 +10,12 @@ use delta_models::{CpuBackend, Llama, ModelConfig, Tokenizer, Weights};
 
 use crate::ui;
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum DeltaUseArg {
+    Merge,
+    Fused,
+}
+
 #[derive(clap::Subcommand)]
 pub enum Command {
     Ppl(PplArgs),
@@ -30,6 +36,11 @@ pub struct PplArgs {
     /// A .bitdelta.safetensors artifact to apply to the model first (checked against its base).
     #[arg(long)]
     delta: Option<PathBuf>,
+    /// How the delta enters the model: `merge` rounds W_base + Δ̂ to the base dtype exactly as
+    /// `bitdelta apply` writes it; `fused` keeps the signs packed (DeltaLinear) and adds the delta
+    /// term in f32, unrounded. They differ measurably when scales are near the dtype's precision.
+    #[arg(long, value_enum, default_value_t = DeltaUseArg::Merge)]
+    delta_use: DeltaUseArg,
     /// The text to evaluate (UTF-8).
     #[arg(long)]
     text: PathBuf,
@@ -57,8 +68,11 @@ fn ppl(a: PplArgs) -> Result<()> {
     let delta = a.delta.as_deref().map(|p| DeltaArtifact::open(p).context("reading the delta")).transpose()?;
     let cfg = ModelConfig::load(&a.model)?;
     let tok = Tokenizer::load(&a.model)?;
-    let weights = Weights::<CpuBackend>::new(&ckpt, delta.as_ref(), Default::default())
+    let mut weights = Weights::<CpuBackend>::new(&ckpt, delta.as_ref(), Default::default())
         .with_context(|| format!("applying {}", a.delta.as_deref().unwrap_or(std::path::Path::new("")).display()))?;
+    if let DeltaUseArg::Fused = a.delta_use {
+        weights = weights.fused();
+    }
     let model = Llama::load(cfg, &weights)?;
     let ids = token_stream(&tok, &text)?;
     let windows = ids.len().saturating_sub(1) / a.window as usize;
@@ -70,6 +84,7 @@ fn ppl(a: PplArgs) -> Result<()> {
     if a.json {
         let out = serde_json::json!({
             "model": a.model, "delta": a.delta, "text": a.text,
+            "delta_use": match a.delta_use { DeltaUseArg::Merge => "merge", DeltaUseArg::Fused => "fused" },
             "ppl": r.ppl, "mean_nll": r.mean_nll, "windows": r.windows, "predicted_tokens": r.predicted_tokens,
             "window": a.window, "seconds": seconds, "tokens_per_second": tokens_per_s,
         });

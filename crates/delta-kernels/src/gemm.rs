@@ -14,6 +14,8 @@ use crate::merge::ScaleFactors;
 
 /// Output rows handed to one task.
 const OUT_ROWS_PER_TASK: usize = 32;
+/// Bytes of scaled input rows processed together (kept in the L2 cache).
+const TOKEN_BLOCK_BYTES: usize = 128 << 10;
 
 fn check(w: &CompressedWeight<'_>, x: &[f32], y: &[f32]) -> Result<usize, KernelError> {
     let (out, inp) = (w.rows(), w.cols());
@@ -38,20 +40,25 @@ pub fn delta_matmul_add(w: &CompressedWeight<'_>, x: &[f32], y: &mut [f32]) -> R
     let f = ScaleFactors::new(&w.name, w.mode, &w.scales, out, inp)?;
     // z = c ⊙ x, once per input row.
     let z: Vec<f32> = x.chunks_exact(inp).flat_map(|xr| xr.iter().zip(f.cols.iter()).map(|(a, c)| a * c)).collect();
-    // Results land transposed ([out, rows]) so that tasks own disjoint output rows.
-    let mut yt = vec![0f32; out * rows];
-    yt.par_chunks_mut(OUT_ROWS_PER_TASK * rows).enumerate().for_each(|(t, block)| {
-        for (k, acc) in block.chunks_mut(rows).enumerate() {
-            let i = t * OUT_ROWS_PER_TASK + k;
-            let words = w.signs.row(i);
-            for (r, a) in acc.iter_mut().enumerate() {
-                *a = f.rows[i] * signed_dot(words, &z[r * inp..(r + 1) * inp]);
+    // Input rows go in blocks small enough to stay in cache while every output row reads them;
+    // results land transposed ([out, block]) so that tasks own disjoint output rows.
+    let block_rows = (TOKEN_BLOCK_BYTES / (inp * 4)).clamp(1, rows);
+    let mut yt = vec![0f32; out * block_rows];
+    for (b, zb) in z.chunks(block_rows * inp).enumerate() {
+        let n = zb.len() / inp;
+        yt[..out * n].par_chunks_mut(OUT_ROWS_PER_TASK * n).enumerate().for_each(|(t, block)| {
+            for (k, acc) in block.chunks_mut(n).enumerate() {
+                let i = t * OUT_ROWS_PER_TASK + k;
+                let words = w.signs.row(i);
+                for (r, a) in acc.iter_mut().enumerate() {
+                    *a = f.rows[i] * signed_dot(words, &zb[r * inp..(r + 1) * inp]);
+                }
             }
-        }
-    });
-    for (i, col) in yt.chunks_exact(rows).enumerate() {
-        for (r, v) in col.iter().enumerate() {
-            y[r * out + i] += v;
+        });
+        for (i, col) in yt[..out * n].chunks_exact(n).enumerate() {
+            for (r, v) in col.iter().enumerate() {
+                y[(b * block_rows + r) * out + i] += v;
+            }
         }
     }
     Ok(())

@@ -3,14 +3,16 @@
 //! with a bitdelta artifact applied, plus the tokenizer and the perplexity protocol.
 //!
 //! - [`config`]: `ModelConfig`, deserialised from `config.json`.
-//! - [`weights`]: `Weights` — a checkpoint, or base + artifact merged on load.
+//! - [`weights`]: `Weights` — a checkpoint, or base + artifact, merged on load or kept packed.
+//! - [`delta_linear`]: `DeltaLinear` — base weight + packed delta, forward without a dense Δ.
 //! - [`llama`]: the model, with a staged forward (embed, block i, head) for calibration.
 //! - [`tokenizer`], [`perplexity`].
 //!
-//! Not yet here (issue #5): `DeltaLinear` (the delta term without a dense Δ), KV cache and
-//! generation, and reference logits for the other architectures.
+//! Not yet here (issue #5): KV cache and generation, and reference logits for the other
+//! architectures.
 
 pub mod config;
+pub mod delta_linear;
 pub mod error;
 pub mod llama;
 pub mod perplexity;
@@ -18,10 +20,11 @@ pub mod tokenizer;
 pub mod weights;
 
 pub use config::ModelConfig;
+pub use delta_linear::{DeltaLinear, Projection};
 pub use error::ModelError;
 pub use llama::Llama;
 pub use tokenizer::Tokenizer;
-pub use weights::Weights;
+pub use weights::{DeltaUse, Weights};
 
 /// The CPU backend every build has.
 pub type CpuBackend = burn::backend::NdArray<f32>;

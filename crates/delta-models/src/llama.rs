@@ -12,6 +12,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 
 use crate::config::ModelConfig;
 use crate::error::ModelError;
+use crate::delta_linear::{DeltaLinear, Projection};
 use crate::weights::Weights;
 
 /// `y = x·Wᵀ (+ b)`, holding Wᵀ (`[in, out]`, contiguous) so the product needs no transpose.
@@ -34,6 +35,17 @@ impl<B: Backend> Linear<B> {
             Some(b) => y + b.clone().unsqueeze::<2>(),
             None => y,
         }
+    }
+}
+
+impl<B: Backend> Projection<B> {
+    /// A dense layer, or a [`DeltaLinear`] where the weights source keeps this weight's delta packed.
+    pub fn load(w: &Weights<'_, B>, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Self, ModelError> {
+        let base = Linear::load(w, prefix, out, inp, bias)?;
+        Ok(match w.packed_delta(&format!("{prefix}.weight")) {
+            Some(delta) => Projection::Delta(DeltaLinear::new(base, delta)?),
+            None => Projection::Dense(base),
+        })
     }
 }
 
@@ -118,10 +130,10 @@ impl Rope {
 }
 
 pub struct Attention<B: Backend> {
-    pub q_proj: Linear<B>,
-    pub k_proj: Linear<B>,
-    pub v_proj: Linear<B>,
-    pub o_proj: Linear<B>,
+    pub q_proj: Projection<B>,
+    pub k_proj: Projection<B>,
+    pub v_proj: Projection<B>,
+    pub o_proj: Projection<B>,
     /// Qwen3's per-head RMSNorm on q and k.
     pub q_norm: Option<RmsNorm<B>>,
     pub k_norm: Option<RmsNorm<B>>,
@@ -131,9 +143,9 @@ pub struct Attention<B: Backend> {
 }
 
 pub struct Mlp<B: Backend> {
-    pub gate_proj: Linear<B>,
-    pub up_proj: Linear<B>,
-    pub down_proj: Linear<B>,
+    pub gate_proj: Projection<B>,
+    pub up_proj: Projection<B>,
+    pub down_proj: Projection<B>,
 }
 
 pub struct Block<B: Backend> {
@@ -160,10 +172,10 @@ impl<B: Backend> Attention<B> {
         let qkv_bias = cfg.qkv_bias();
         let qk_norm = w.has(&format!("{p}.q_norm.weight"));
         Ok(Attention {
-            q_proj: Linear::load(w, &format!("{p}.q_proj"), h * d, hidden, qkv_bias)?,
-            k_proj: Linear::load(w, &format!("{p}.k_proj"), kv * d, hidden, qkv_bias)?,
-            v_proj: Linear::load(w, &format!("{p}.v_proj"), kv * d, hidden, qkv_bias)?,
-            o_proj: Linear::load(w, &format!("{p}.o_proj"), hidden, h * d, cfg.attention_bias && cfg.model_type != "qwen2")?,
+            q_proj: Projection::load(w, &format!("{p}.q_proj"), h * d, hidden, qkv_bias)?,
+            k_proj: Projection::load(w, &format!("{p}.k_proj"), kv * d, hidden, qkv_bias)?,
+            v_proj: Projection::load(w, &format!("{p}.v_proj"), kv * d, hidden, qkv_bias)?,
+            o_proj: Projection::load(w, &format!("{p}.o_proj"), hidden, h * d, cfg.attention_bias && cfg.model_type != "qwen2")?,
             q_norm: if qk_norm { Some(RmsNorm::load(w, &format!("{p}.q_norm.weight"), d, cfg.rms_norm_eps)?) } else { None },
             k_norm: if qk_norm { Some(RmsNorm::load(w, &format!("{p}.k_norm.weight"), d, cfg.rms_norm_eps)?) } else { None },
             heads: h,
@@ -224,9 +236,9 @@ impl<B: Backend> Llama<B> {
                 self_attn: Attention::load(w, &format!("{p}.self_attn"), &cfg)?,
                 post_attention_layernorm: RmsNorm::load(w, &format!("{p}.post_attention_layernorm.weight"), hidden, cfg.rms_norm_eps)?,
                 mlp: Mlp {
-                    gate_proj: Linear::load(w, &format!("{p}.mlp.gate_proj"), ffn, hidden, cfg.mlp_bias)?,
-                    up_proj: Linear::load(w, &format!("{p}.mlp.up_proj"), ffn, hidden, cfg.mlp_bias)?,
-                    down_proj: Linear::load(w, &format!("{p}.mlp.down_proj"), hidden, ffn, cfg.mlp_bias)?,
+                    gate_proj: Projection::load(w, &format!("{p}.mlp.gate_proj"), ffn, hidden, cfg.mlp_bias)?,
+                    up_proj: Projection::load(w, &format!("{p}.mlp.up_proj"), ffn, hidden, cfg.mlp_bias)?,
+                    down_proj: Projection::load(w, &format!("{p}.mlp.down_proj"), hidden, ffn, cfg.mlp_bias)?,
                 },
             });
         }

@@ -10,9 +10,19 @@ use delta_kernels::convert::to_f32_vec;
 
 use crate::error::ModelError;
 
+/// How a delta's compressed weights enter the model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeltaUse {
+    /// Merged into dense weights on load, rounded to the base dtype exactly as `apply` writes them.
+    Merge,
+    /// Kept packed: every compressed weight becomes a `DeltaLinear` (base weight + signs + scales).
+    Fused,
+}
+
 pub struct Weights<'a, B: Backend> {
     pub base: &'a Checkpoint,
     pub delta: Option<&'a DeltaArtifact>,
+    pub delta_use: DeltaUse,
     pub device: B::Device,
 }
 
@@ -23,7 +33,26 @@ impl<'a, B: Backend> Weights<'a, B> {
         if let Some(d) = delta {
             d.metadata().base.verify(base)?;
         }
-        Ok(Weights { base, delta, device })
+        Ok(Weights { base, delta, delta_use: DeltaUse::Merge, device })
+    }
+
+    /// Keeps compressed weights packed (`DeltaLinear`) instead of merging them.
+    pub fn fused(mut self) -> Self {
+        self.delta_use = DeltaUse::Fused;
+        self
+    }
+
+    /// The packed delta of weight `name`, when the delta is used fused and has one.
+    pub fn packed_delta(&self, name: &str) -> Option<delta_format::CompressedWeight<'static>> {
+        match (self.delta, self.delta_use) {
+            (Some(d), DeltaUse::Fused) => d.weight(name).map(|w| delta_format::CompressedWeight {
+                name: Cow::Owned(w.name.to_string()),
+                mode: w.mode,
+                signs: w.signs.into_owned(),
+                scales: Cow::Owned(w.scales.into_owned()),
+            }),
+            _ => None,
+        }
     }
 
     pub fn has(&self, name: &str) -> bool {
@@ -36,6 +65,8 @@ impl<'a, B: Backend> Weights<'a, B> {
         let shape = view.shape.to_vec();
         let bytes: Option<Cow<'_, [u8]>> = match self.delta {
             Some(d) => match d.weight(name) {
+                // Fused: the base weight stays as it is; the delta goes to a DeltaLinear.
+                Some(_) if self.delta_use == DeltaUse::Fused => None,
                 Some(w) => Some(Cow::Owned(delta_kernels::merge(&view, &w).map_err(|e| ModelError::Input(e.to_string()))?)),
                 None => d.whole_tensor(name).map(|v| Cow::Borrowed(v.data)),
             },

@@ -1,0 +1,67 @@
+//! `DeltaLinear`: a linear layer that keeps the base weight dense and the fine-tune's delta packed
+//! (1-bit signs + scales), and computes `y = x·W_baseᵀ + x·Δ̂ᵀ` without ever forming a dense Δ.
+//! The delta term goes through `delta_kernels::gemm` on the CPU; on other backends the
+//! activations make a round trip to host memory until the CubeCL kernels land (issue #7).
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+use delta_format::CompressedWeight;
+use delta_kernels::gemm::delta_matmul_add;
+use delta_kernels::merge::ScaleFactors;
+
+use crate::error::ModelError;
+use crate::llama::Linear;
+
+pub struct DeltaLinear<B: Backend> {
+    pub base: Linear<B>,
+    pub delta: CompressedWeight<'static>,
+}
+
+impl<B: Backend> DeltaLinear<B> {
+    pub fn new(base: Linear<B>, delta: CompressedWeight<'static>) -> Result<Self, ModelError> {
+        let [inp, out] = base.weight_t.dims();
+        if (delta.rows(), delta.cols()) != (out, inp) {
+            return Err(ModelError::Shape { name: delta.name.to_string(), expected: vec![out, inp], found: vec![delta.rows(), delta.cols()] });
+        }
+        Ok(DeltaLinear { base, delta })
+    }
+
+    /// `x`: `[rows, in]` -> `[rows, out]`.
+    pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        let device = x.device();
+        let [rows, _] = x.dims();
+        let xs = x.to_data().convert::<f32>().into_vec::<f32>().expect("f32 activations");
+        let mut y = vec![0f32; rows * self.delta.rows()];
+        delta_matmul_add(&self.delta, &xs, &mut y).expect("shapes checked in new");
+        let term = Tensor::<B, 2>::from_data(TensorData::new(y, [rows, self.delta.rows()]), &device);
+        self.base.forward(x) + term
+    }
+
+    /// The merged weight as a dense `Wᵀ` (`[in, out]`), in f32 and unrounded: `W_base + Δ̂`.
+    pub fn merged_weight_t(&self) -> Tensor<B, 2> {
+        let [inp, out] = self.base.weight_t.dims();
+        let f = ScaleFactors::new(&self.delta.name, self.delta.mode, &self.delta.scales, out, inp).expect("validated artifact");
+        let mut dt = vec![0f32; inp * out];
+        for i in 0..out {
+            for j in 0..inp {
+                dt[j * out + i] = f.delta_hat(&self.delta.signs, i, j);
+            }
+        }
+        self.base.weight_t.clone() + Tensor::from_data(TensorData::new(dt, [inp, out]), &self.base.weight_t.device())
+    }
+}
+
+/// A projection inside the model: dense, or base + packed delta.
+pub enum Projection<B: Backend> {
+    Dense(Linear<B>),
+    Delta(DeltaLinear<B>),
+}
+
+impl<B: Backend> Projection<B> {
+    pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        match self {
+            Projection::Dense(l) => l.forward(x),
+            Projection::Delta(d) => d.forward(x),
+        }
+    }
+}
