@@ -10,7 +10,7 @@ use delta_format::CompressedWeight;
 use rayon::prelude::*;
 
 use crate::error::KernelError;
-use crate::merge::ScaleFactors;
+use crate::merge::{with_sign, ScaleFactors};
 
 /// Output rows handed to one task.
 const OUT_ROWS_PER_TASK: usize = 32;
@@ -80,9 +80,8 @@ fn signed_dot_portable(words: &[u32], z: &[f32]) -> f32 {
     // Eight partial sums so the compiler can keep them in one vector register.
     let mut acc = [0f32; 8];
     for (&word, z32) in words.iter().zip(z.chunks(32)) {
-        let neg = !word;
         for (b, &v) in z32.iter().enumerate() {
-            acc[b % 8] += f32::from_bits(v.to_bits() ^ (((neg >> b) & 1) << 31));
+            acc[b % 8] += with_sign(v, word, b);
         }
     }
     acc.iter().sum()

@@ -101,16 +101,22 @@ fn merge_rows<T: WeightElem>(base: &[T], signs: &SignMask<'_>, f: &ScaleFactors<
     });
 }
 
+/// `v` with the sign of bit `b` of a packed sign word applied: `+v` if the bit is 1 (Δ > 0),
+/// `−v` if it is 0, by flipping the IEEE sign bit (exact, branch-free). The one place the sign
+/// convention of FORMAT.md meets arithmetic.
+#[inline(always)]
+pub(crate) fn with_sign(v: f32, word: u32, b: usize) -> f32 {
+    f32::from_bits(v.to_bits() ^ ((!word >> b) & 1) << 31)
+}
+
 /// One row: out[j] = round(base[j] + S[j]·(r·c[j])), the sign applied by flipping the IEEE sign
 /// bit of the product (exact), with no branch in the loop so that it vectorises.
 #[inline(always)]
 fn merge_row<T: WeightElem>(base: &[T], words: &[u32], r: f32, cols: &[f32], out: &mut [T]) {
     let chunks = out.chunks_mut(32).zip(base.chunks(32)).zip(cols.chunks(32));
     for (&word, ((out32, base32), cols32)) in words.iter().zip(chunks) {
-        let neg = !word;
         for (b, ((o, &x), &c)) in out32.iter_mut().zip(base32).zip(cols32).enumerate() {
-            let flip = ((neg >> b) & 1) << 31;
-            *o = T::from_f32(x.to_f32() + f32::from_bits((r * c).to_bits() ^ flip));
+            *o = T::from_f32(x.to_f32() + with_sign(r * c, word, b));
         }
     }
 }

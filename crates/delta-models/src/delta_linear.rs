@@ -11,6 +11,7 @@ use delta_kernels::merge::ScaleFactors;
 
 use crate::error::ModelError;
 use crate::llama::Linear;
+use crate::weights::Weights;
 
 pub struct DeltaLinear<B: Backend> {
     pub base: Linear<B>,
@@ -58,6 +59,15 @@ pub enum Projection<B: Backend> {
 }
 
 impl<B: Backend> Projection<B> {
+    /// A dense layer, or a [`DeltaLinear`] where the weights source keeps this weight's delta packed.
+    pub fn load(w: &Weights<'_, B>, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Self, ModelError> {
+        let base = Linear::load(w, prefix, out, inp, bias)?;
+        Ok(match w.packed_delta(&format!("{prefix}.weight")) {
+            Some(delta) => Projection::Delta(DeltaLinear::new(base, delta)?),
+            None => Projection::Dense(base),
+        })
+    }
+
     pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
         match self {
             Projection::Dense(l) => l.forward(x),

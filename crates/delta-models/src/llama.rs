@@ -12,7 +12,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 
 use crate::config::ModelConfig;
 use crate::error::ModelError;
-use crate::delta_linear::{DeltaLinear, Projection};
+use crate::delta_linear::Projection;
 use crate::weights::Weights;
 
 /// `y = x·Wᵀ (+ b)`, holding Wᵀ (`[in, out]`, contiguous) so the product needs no transpose.
@@ -35,17 +35,6 @@ impl<B: Backend> Linear<B> {
             Some(b) => y + b.clone().unsqueeze::<2>(),
             None => y,
         }
-    }
-}
-
-impl<B: Backend> Projection<B> {
-    /// A dense layer, or a [`DeltaLinear`] where the weights source keeps this weight's delta packed.
-    pub fn load(w: &Weights<'_, B>, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Self, ModelError> {
-        let base = Linear::load(w, prefix, out, inp, bias)?;
-        Ok(match w.packed_delta(&format!("{prefix}.weight")) {
-            Some(delta) => Projection::Delta(DeltaLinear::new(base, delta)?),
-            None => Projection::Dense(base),
-        })
     }
 }
 

@@ -45,7 +45,7 @@ pub fn perplexity<B: Backend>(
     if window == 0 || batch == 0 {
         return Err(ModelError::Input("window and batch must be at least 1".into()));
     }
-    let windows: Vec<Vec<u32>> = ids.windows(window + 1).step_by(window).map(<[u32]>::to_vec).collect();
+    let windows: Vec<&[u32]> = ids.windows(window + 1).step_by(window).collect();
     if windows.is_empty() {
         return Err(ModelError::Input(format!("the text has {} tokens, fewer than one window of {}", ids.len(), window + 1)));
     }
