@@ -140,3 +140,4 @@ pub fn synthetic_pair(dtype: safetensors::Dtype, layers: usize, seed: u64) -> (V
 }
 
 pub mod fixtures;
+pub mod tiny;

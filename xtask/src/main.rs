@@ -6,6 +6,8 @@
 //! - `ci` is the test command: fixtures, then `cargo test --workspace --release`.
 //! - `bench` times compress and apply on the pair against copying the checkpoint and writes
 //!   `target/bench/pipeline.json`.
+//! - `tiny-models DIR` (maintainers) writes the tiny checkpoint of every architecture variant,
+//!   for `fixtures/tiny/reference.py` to compute reference logits with `transformers`.
 //! - `vendor-finetune BASE FINETUNED` (maintainers) re-encodes the fine-tune as
 //!   `fixtures/smollm2/finetuned.ulpdelta`, the form the fixture builder reads.
 
@@ -29,6 +31,7 @@ fn run() -> Result<()> {
         Some("demo") => demo(),
         Some("ci") => ci(),
         Some("bench") => bench(),
+        Some("tiny-models") if args.len() == 2 => tiny_models(Path::new(&args[1])),
         Some("vendor-finetune") if args.len() == 3 => vendor_finetune(Path::new(&args[1]), Path::new(&args[2])),
         _ => {
             eprintln!(
@@ -36,6 +39,7 @@ fn run() -> Result<()> {
                  demo            compress the SmolLM2 pair, inspect, apply, verify, print a report\n  \
                  ci              fixtures, then cargo test --workspace --release\n  \
                  bench           time compress / apply on the pair; writes target/bench/pipeline.json\n  \
+                 tiny-models DIR write the tiny architecture checkpoints (for fixtures/tiny/reference.py)\n  \
                  vendor-finetune BASE FINETUNED\n                  re-encode the fine-tune into fixtures/smollm2/finetuned.ulpdelta (maintainers)"
             );
             std::process::exit(2);
@@ -45,6 +49,11 @@ fn run() -> Result<()> {
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask sits in the workspace").to_path_buf()
+}
+
+/// Cargo's target folder: `$CARGO_TARGET_DIR` (relative to the workspace) or `target/`.
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), |d| root().join(d))
 }
 
 fn fixtures_dir(arg: Option<PathBuf>) -> PathBuf {
@@ -66,6 +75,14 @@ fn fixtures(dir: Option<PathBuf>) -> Result<PathBuf> {
     delta_tests::fixtures::build(&dir, &sources, &mut |step| eprintln!("  {step}"))?;
     eprintln!("fixtures ready in {} ({:.0} s)", dir.display(), started.elapsed().as_secs_f64());
     Ok(dir)
+}
+
+fn tiny_models(dir: &Path) -> Result<()> {
+    for v in delta_tests::tiny::variants() {
+        delta_tests::tiny::write(&v, &dir.join(v.name));
+        eprintln!("{}: {}", v.name, v.exercises);
+    }
+    Ok(())
 }
 
 /// Re-encodes a fine-tune folder (which must have the reference content digest) as ULP steps
@@ -104,7 +121,7 @@ fn ci() -> Result<()> {
 
 fn bitdelta() -> Result<PathBuf> {
     sh(cargo().current_dir(root()).args(["build", "--release", "--quiet", "-p", "delta-cli"]))?;
-    Ok(root().join("target/release/bitdelta"))
+    Ok(target_dir().join("release/bitdelta"))
 }
 
 /// Runs bitdelta with `--json` and returns the parsed object and the wall time.
@@ -126,7 +143,7 @@ fn demo() -> Result<()> {
     let fx = fixtures(None)?;
     let bin = bitdelta()?;
     let (base, ft) = (fx.join("smollm2/base"), fx.join("smollm2/finetuned"));
-    let work = root().join("target/demo");
+    let work = target_dir().join("demo");
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
 
@@ -221,7 +238,7 @@ fn bench() -> Result<()> {
     let fx = fixtures(None)?;
     let bin = bitdelta()?;
     let (base, ft) = (fx.join("smollm2/base"), fx.join("smollm2/finetuned"));
-    let work = root().join("target/bench");
+    let work = target_dir().join("bench");
     std::fs::create_dir_all(&work)?;
     const RUNS: usize = 5;
     let mut results = serde_json::Map::new();
@@ -266,6 +283,34 @@ fn bench() -> Result<()> {
     results.insert("copy_fsync_s".into(), copy_sync.into());
     results.insert("apply_over_copy_fsync".into(), (apply / copy_sync).into());
     results.insert("apply_over_copy".into(), (apply / copy).into());
+
+    // Generation speed: prefill of a ~130-token prompt, then 64 greedy tokens, batch 1.
+    let text = std::fs::read_to_string(fx.join("text/tiny_heldout.utf8"))?;
+    let prompt: String = text.chars().take(600).collect();
+    let delta_s = s(&delta).to_string();
+    let variants: [(&str, &str, Vec<&str>); 3] = [
+        ("base", "base model", vec![]),
+        ("merged", "base + delta merged (dense, as `apply` writes it)", vec!["--delta", &delta_s, "--delta-use", "merge"]),
+        ("fused", "base + delta as DeltaLinear (signs packed)", vec!["--delta", &delta_s, "--delta-use", "fused"]),
+    ];
+    let mut generation = serde_json::Map::new();
+    for (key, _, extra) in &variants {
+        let (mut prefill, mut decode) = (Vec::new(), Vec::new());
+        for _ in 0..RUNS {
+            let mut args = vec!["generate", "--model", s(&base), "--prompt", &prompt, "--max-new-tokens", "64", "--json"];
+            args.extend(extra.iter().copied());
+            let (g, _) = bitdelta_json(&bin, &args)?;
+            prefill.push(g["prefill_tokens_per_second"].as_f64().unwrap_or(0.0));
+            decode.push(g["decode_tokens_per_second"].as_f64().unwrap_or(0.0));
+            generation.insert(format!("{key}_prompt_tokens"), g["prompt_tokens"].clone());
+        }
+        generation.insert(format!("{key}_prefill_tok_s"), median(prefill).into());
+        generation.insert(format!("{key}_decode_tok_s"), median(decode).into());
+    }
+    let g = |k: &str| generation[k].as_f64().unwrap_or(f64::NAN);
+    let fused_over_merged = g("merged_decode_tok_s") / g("fused_decode_tok_s");
+    generation.insert("fused_over_merged_decode_time".into(), fused_over_merged.into());
+    results.insert("generation".into(), serde_json::Value::Object(generation.clone()));
     results.insert("runs".into(), RUNS.into());
     results.insert("machine".into(), machine().into());
     let json = serde_json::Value::Object(results);
@@ -282,6 +327,13 @@ fn bench() -> Result<()> {
     println!("| apply (auto; includes fsync) | {apply:.3} s |");
     println!("| copy checkpoint + fsync | {copy_sync:.3} s (apply/copy = {:.2}) |", apply / copy_sync);
     println!("| copy checkpoint, no fsync (page cache only) | {copy:.3} s (apply/copy = {:.2}) |", apply / copy);
+    println!();
+    println!("| generation (batch 1, {} prompt tokens, 64 new; median of {RUNS}) | prefill tokens/s | decode tokens/s |", generation["base_prompt_tokens"]);
+    println!("|---|---|---|");
+    for (key, what, _) in &variants {
+        println!("| {what} | {:.1} | {:.1} |", g(&format!("{key}_prefill_tok_s")), g(&format!("{key}_decode_tok_s")));
+    }
+    println!("DeltaLinear decode time per token / merged: {fused_over_merged:.2} (goal ≤ 1.25)");
     println!("wrote {}", work.join("pipeline.json").display());
     Ok(())
 }

@@ -6,7 +6,9 @@
 mod apply;
 mod compress;
 mod eval;
+mod generate;
 mod inspect;
+mod load;
 mod ui;
 
 use std::process::ExitCode;
@@ -26,7 +28,8 @@ use clap::{Parser, Subcommand};
         Typical use:\n  \
         bitdelta compress --base BASE_DIR --finetuned FT_DIR -o ft.bitdelta.safetensors\n  \
         bitdelta inspect ft.bitdelta.safetensors\n  \
-        bitdelta apply --base BASE_DIR --delta ft.bitdelta.safetensors -o FT_RESTORED_DIR"
+        bitdelta apply --base BASE_DIR --delta ft.bitdelta.safetensors -o FT_RESTORED_DIR\n  \
+        bitdelta generate --model BASE_DIR --delta ft.bitdelta.safetensors --chat --prompt \"Tell me a story\""
 )]
 struct Cli {
     #[command(subcommand)]
@@ -38,6 +41,7 @@ enum Command {
     Compress(compress::Args),
     Apply(apply::Args),
     Inspect(inspect::Args),
+    Generate(generate::Args),
     /// Evaluate a model, or a base with a delta applied.
     #[command(subcommand)]
     Eval(eval::Command),
@@ -52,6 +56,7 @@ fn main() -> ExitCode {
         Command::Compress(a) => compress::run(a),
         Command::Apply(a) => apply::run(a),
         Command::Inspect(a) => inspect::run(a),
+        Command::Generate(a) => generate::run(a),
         Command::Eval(c) => eval::run(c),
     };
     match result {

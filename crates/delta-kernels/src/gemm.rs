@@ -87,10 +87,113 @@ fn signed_dot_portable(words: &[u32], z: &[f32]) -> f32 {
     acc.iter().sum()
 }
 
+/// For each byte of a sign word, the XOR masks that apply its 8 signs to 8 lanes: the IEEE sign
+/// bit where the sign bit is 0 (Δ < 0), nothing where it is 1 (the convention of `with_sign`).
+#[cfg(target_arch = "x86_64")]
+static SIGN_FLIPS: [[u32; 8]; 256] = {
+    let mut t = [[0u32; 8]; 256];
+    let mut b = 0;
+    while b < 256 {
+        let mut lane = 0;
+        while lane < 8 {
+            if (b >> lane) & 1 == 0 {
+                t[b][lane] = 0x8000_0000;
+            }
+            lane += 1;
+        }
+        b += 1;
+    }
+    t
+};
+
+/// The AVX2 inner loop: per 8 weights one table load, one XOR and one add (four accumulators).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn signed_dot_avx2(words: &[u32], z: &[f32]) -> f32 {
-    signed_dot_portable(words, z)
+    use std::arch::x86_64::*;
+    let full = (z.len() / 32).min(words.len());
+    let mut acc = [_mm256_setzero_ps(); 4];
+    for (w, &word) in words[..full].iter().enumerate() {
+        let zp = z.as_ptr().add(w * 32);
+        for (k, a) in acc.iter_mut().enumerate() {
+            let flips = _mm256_loadu_si256(SIGN_FLIPS[((word >> (8 * k)) & 0xff) as usize].as_ptr() as *const __m256i);
+            let v = _mm256_xor_ps(_mm256_loadu_ps(zp.add(8 * k)), _mm256_castsi256_ps(flips));
+            *a = _mm256_add_ps(*a, v);
+        }
+    }
+    let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+    let mut lanes = [0f32; 8];
+    _mm256_storeu_ps(lanes.as_mut_ptr(), sum);
+    lanes.iter().sum::<f32>() + signed_dot_portable(&words[full..], &z[full * 32..])
+}
+
+/// Output columns handed to one task in [`dense_matmul_t`].
+const COLS_PER_TASK: usize = 256;
+
+/// `Y = X · W` for a weight given as `wt` (`[in, out]`, row-major — the transposed layout the
+/// models keep): the decode-shaped product. Each weight is read once for all `rows` of X, output
+/// columns are split across threads, and nothing is packed or copied (a general GEMM packs the
+/// whole weight on every call, which at one row costs more than the product).
+pub fn dense_matmul_t(x: &[f32], wt: &[f32], inp: usize, out: usize, y: &mut [f32]) -> Result<(), KernelError> {
+    let rows = if inp == 0 { 0 } else { x.len() / inp };
+    if x.len() != rows * inp || wt.len() != inp * out || y.len() != rows * out {
+        return Err(KernelError::Batch(format!(
+            "dense product: x has {} values, W [{inp}, {out}] has {}, y has {} (rows {rows})",
+            x.len(),
+            wt.len(),
+            y.len()
+        )));
+    }
+    if rows == 0 || out == 0 {
+        return Ok(());
+    }
+    let tasks = out.div_ceil(COLS_PER_TASK);
+    let parts: Vec<Vec<f32>> = (0..tasks)
+        .into_par_iter()
+        .map(|t| {
+            let (c0, c1) = (t * COLS_PER_TASK, ((t + 1) * COLS_PER_TASK).min(out));
+            let mut acc = vec![0f32; rows * (c1 - c0)];
+            axpy_columns(x, wt, inp, out, c0, c1, &mut acc);
+            acc
+        })
+        .collect();
+    for (t, acc) in parts.iter().enumerate() {
+        let (c0, width) = (t * COLS_PER_TASK, acc.len() / rows);
+        for (r, part) in acc.chunks_exact(width).enumerate() {
+            y[r * out + c0..r * out + c0 + width].copy_from_slice(part);
+        }
+    }
+    Ok(())
+}
+
+/// `acc[r, c - c0] = Σ_i x[r, i] · wt[i, c]` for c in c0..c1.
+fn axpy_columns(x: &[f32], wt: &[f32], inp: usize, out: usize, c0: usize, c1: usize, acc: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+        return unsafe { axpy_columns_avx2(x, wt, inp, out, c0, c1, acc) };
+    }
+    axpy_columns_portable(x, wt, inp, out, c0, c1, acc)
+}
+
+#[inline(always)]
+fn axpy_columns_portable(x: &[f32], wt: &[f32], inp: usize, out: usize, c0: usize, c1: usize, acc: &mut [f32]) {
+    let width = c1 - c0;
+    for i in 0..inp {
+        let w = &wt[i * out + c0..i * out + c1];
+        for (r, acc_r) in acc.chunks_exact_mut(width).enumerate() {
+            let a = x[r * inp + i];
+            for (s, &v) in acc_r.iter_mut().zip(w) {
+                *s = a.mul_add(v, *s);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn axpy_columns_avx2(x: &[f32], wt: &[f32], inp: usize, out: usize, c0: usize, c1: usize, acc: &mut [f32]) {
+    axpy_columns_portable(x, wt, inp, out, c0, c1, acc)
 }
 
 /// Multi-delta batch: `Y[r, :] += Δ̂_{idx[r]} · X[r, :]`. Rows that share a delta are gathered and
@@ -210,8 +313,25 @@ mod tests {
         }
     }
 
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(60))]
+        #[test]
+        fn dense_product_equals_f64_sum(rows in 1usize..20, inp in 1usize..70, out in 1usize..700, seed in any::<u64>()) {
+            let x = random(rows * inp, seed);
+            let wt = random(inp * out, seed ^ 7);
+            let mut y = vec![f32::NAN; rows * out];
+            dense_matmul_t(&x, &wt, inp, out, &mut y).unwrap();
+            let want: Vec<f32> = (0..rows * out)
+                .map(|k| (0..inp).map(|i| x[k / out * inp + i] as f64 * wt[i * out + k % out] as f64).sum::<f64>() as f32)
+                .collect();
+            prop_assert!(close(&y, &want).is_ok(), "{:?}", close(&y, &want));
+        }
+    }
+
     #[test]
     fn bad_shapes_and_indices_are_errors() {
+        assert!(dense_matmul_t(&[0.0; 6], &[0.0; 6], 3, 2, &mut [0.0; 3]).is_err());
+        assert!(dense_matmul_t(&[0.0; 6], &[0.0; 5], 3, 2, &mut [0.0; 4]).is_err());
         let w = weight(3, 33, ScaleMode::Scalar, 1);
         assert!(delta_matmul_add(&w, &[0.0; 32], &mut [0.0; 3]).is_err());
         assert!(delta_matmul_add(&w, &[0.0; 33], &mut [0.0; 4]).is_err());

@@ -49,7 +49,12 @@ pub struct ModelConfig {
     #[serde(default)]
     pub hidden_act: Option<String>,
     pub bos_token_id: Option<u32>,
+    /// One id or a list of ids.
     pub eos_token_id: Option<serde_json::Value>,
+    /// Mistral's attention window; Qwen2/3 carry one too but apply it only with
+    /// `use_sliding_window: true`.
+    pub sliding_window: Option<usize>,
+    pub use_sliding_window: Option<bool>,
 }
 
 fn default_eps() -> f64 {
@@ -75,6 +80,23 @@ impl ModelConfig {
 
     pub fn head_dim(&self) -> usize {
         self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
+    }
+
+    /// The attention window in force, if any.
+    pub fn sliding_window(&self) -> Option<usize> {
+        match self.model_type.as_str() {
+            "qwen2" | "qwen3" if self.use_sliding_window != Some(true) => None,
+            _ => self.sliding_window,
+        }
+    }
+
+    /// The ids that end generation (`eos_token_id`, one or a list).
+    pub fn eos_token_ids(&self) -> Vec<u32> {
+        match &self.eos_token_id {
+            Some(serde_json::Value::Number(n)) => n.as_u64().map(|n| n as u32).into_iter().collect(),
+            Some(serde_json::Value::Array(a)) => a.iter().filter_map(|v| v.as_u64()).map(|n| n as u32).collect(),
+            _ => Vec::new(),
+        }
     }
 
     /// Qwen2 puts biases on q/k/v without saying so in `attention_bias`.

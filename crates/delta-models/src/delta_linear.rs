@@ -74,4 +74,11 @@ impl<B: Backend> Projection<B> {
             Projection::Delta(d) => d.forward(x),
         }
     }
+
+    pub fn device(&self) -> B::Device {
+        match self {
+            Projection::Dense(l) => l.weight_t.device(),
+            Projection::Delta(d) => d.base.weight_t.device(),
+        }
+    }
 }

@@ -6,14 +6,15 @@
 //! - [`weights`]: `Weights` — a checkpoint, or base + artifact, merged on load or kept packed.
 //! - [`delta_linear`]: `DeltaLinear` — base weight + packed delta, forward without a dense Δ.
 //! - [`llama`]: the model, with a staged forward (embed, block i, head) for calibration.
-//! - [`tokenizer`], [`perplexity`].
-//!
-//! Not yet here (issue #5): KV cache and generation, and reference logits for the other
-//! architectures.
+//! - [`generate`]: greedy / temperature sampling over a KV cache.
+//! - [`tokenizer`] (with streaming detokenisation), [`chat`] (chat templates), [`perplexity`].
 
+pub mod chat;
 pub mod config;
 pub mod delta_linear;
 pub mod error;
+pub mod generate;
+mod host;
 pub mod llama;
 pub mod perplexity;
 pub mod tokenizer;
@@ -22,8 +23,8 @@ pub mod weights;
 pub use config::ModelConfig;
 pub use delta_linear::{DeltaLinear, Projection};
 pub use error::ModelError;
-pub use llama::Llama;
-pub use tokenizer::Tokenizer;
+pub use llama::{KvCache, Llama};
+pub use tokenizer::{TextStream, Tokenizer};
 pub use weights::{DeltaUse, Weights};
 
 /// The CPU backend every build has.

@@ -30,7 +30,7 @@ impl<B: Backend> Linear<B> {
 
     /// `x`: `[rows, in]` -> `[rows, out]`.
     pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        let y = x.matmul(self.weight_t.clone());
+        let y = crate::host::matmul(x, &self.weight_t);
         match &self.bias {
             Some(b) => y + b.clone().unsqueeze::<2>(),
             None => y,
@@ -129,6 +129,32 @@ pub struct Attention<B: Backend> {
     pub heads: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
+    /// Mistral's sliding-window attention (keys further back than this are masked).
+    pub sliding_window: Option<usize>,
+}
+
+/// One layer's keys (after RoPE) and values for the positions seen so far, `[b, kv_heads, t, d]`.
+pub type LayerKv<B> = Option<(Tensor<B, 4>, Tensor<B, 4>)>;
+
+/// Keys and values of every layer, so decoding a token costs one position, not the whole prefix.
+pub struct KvCache<B: Backend> {
+    layers: Vec<LayerKv<B>>,
+    len: usize,
+}
+
+impl<B: Backend> KvCache<B> {
+    pub fn new(layers: usize) -> Self {
+        KvCache { layers: (0..layers).map(|_| None).collect(), len: 0 }
+    }
+
+    /// Positions held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
 }
 
 pub struct Mlp<B: Backend> {
@@ -170,32 +196,69 @@ impl<B: Backend> Attention<B> {
             heads: h,
             kv_heads: kv,
             head_dim: d,
+            sliding_window: cfg.sliding_window(),
         })
     }
 
-    /// Causal self-attention over `x` (`[b, t, hidden]`, already normalised).
-    pub fn forward(&self, x: Tensor<B, 3>, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>) -> Tensor<B, 3> {
+    /// Causal self-attention over `x` (`[b, t, hidden]`, already normalised), whose positions
+    /// follow those already in `cache` (cos / sin are the tables of the new positions). With a
+    /// cache, the new keys and values are appended to it.
+    pub fn forward(&self, x: Tensor<B, 3>, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>, cache: Option<&mut LayerKv<B>>) -> Tensor<B, 3> {
         let [b, t, hidden] = x.dims();
         let (h, kv, d) = (self.heads, self.kv_heads, self.head_dim);
         let x2 = x.reshape([b * t, hidden]);
         let split = |y: Tensor<B, 2>, n: usize| y.reshape([b, t, n, d]);
         let mut q = split(self.q_proj.forward(x2.clone()), h);
         let mut k = split(self.k_proj.forward(x2.clone()), kv);
-        let v = split(self.v_proj.forward(x2), kv).swap_dims(1, 2);
+        let mut v = split(self.v_proj.forward(x2), kv).swap_dims(1, 2);
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
             q = qn.forward(q);
             k = kn.forward(k);
         }
         let q = Rope::apply(q.swap_dims(1, 2), cos, sin);
-        let k = Rope::apply(k.swap_dims(1, 2), cos, sin);
+        let mut k = Rope::apply(k.swap_dims(1, 2), cos, sin);
+        let mut past = 0;
+        if let Some(cache) = cache {
+            if let Some((pk, pv)) = cache.take() {
+                past = pk.dims()[2];
+                k = Tensor::cat(vec![pk, k], 2);
+                v = Tensor::cat(vec![pv, v], 2);
+            }
+            *cache = Some((k.clone(), v.clone()));
+        }
         let (k, v) = (repeat_kv(k, h / kv), repeat_kv(v, h / kv));
         let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(1.0 / (d as f64).sqrt());
-        let mask: Vec<f32> = (0..t * t).map(|k| if k % t > k / t { f32::NEG_INFINITY } else { 0.0 }).collect();
-        let mask = Tensor::<B, 2>::from_data(TensorData::new(mask, [t, t]), &scores.device());
-        let probs = burn::tensor::activation::softmax(scores + mask.unsqueeze::<4>(), 3);
+        let scores = match attention_mask(t, past, self.sliding_window) {
+            Some(mask) => scores + Tensor::<B, 2>::from_data(TensorData::new(mask, [t, past + t]), &self.device()).unsqueeze::<4>(),
+            None => scores,
+        };
+        let probs = burn::tensor::activation::softmax(scores, 3);
         let out = probs.matmul(v).swap_dims(1, 2).reshape([b * t, h * d]);
         self.o_proj.forward(out).reshape([b, t, hidden])
     }
+
+    fn device(&self) -> B::Device {
+        self.o_proj.device()
+    }
+}
+
+/// Additive mask `[t, past + t]` for `t` queries at positions `past..past + t` over keys at
+/// `0..past + t`: key j is visible to query i when j ≤ i and, with a sliding window w, i − j < w
+/// (Hugging Face's rule). `None` when every key is visible (one new token, no window in reach).
+fn attention_mask(t: usize, past: usize, window: Option<usize>) -> Option<Vec<f32>> {
+    let s = past + t;
+    if t == 1 && window.is_none_or(|w| s <= w) {
+        return None;
+    }
+    Some(
+        (0..t * s)
+            .map(|n| {
+                let (i, j) = (past + n / s, n % s);
+                let visible = j <= i && window.is_none_or(|w| i - j < w);
+                if visible { 0.0 } else { f32::NEG_INFINITY }
+            })
+            .collect(),
+    )
 }
 
 /// `[b, kv, t, d]` -> `[b, kv·n, t, d]`, each key/value head repeated for its `n` query heads.
@@ -262,11 +325,15 @@ impl<B: Backend> Llama<B> {
         self.rope.tables(0, t, &self.device)
     }
 
-    /// Block `i`: `x + attn(norm(x))`, then `+ mlp(norm(·))`.
+    /// Block `i`: `x + attn(norm(x))`, then `+ mlp(norm(·))`, over positions `0..t`.
     pub fn block(&self, i: usize, x: Tensor<B, 3>, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>) -> Tensor<B, 3> {
+        self.block_cached(i, x, cos, sin, None)
+    }
+
+    fn block_cached(&self, i: usize, x: Tensor<B, 3>, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>, cache: Option<&mut LayerKv<B>>) -> Tensor<B, 3> {
         let layer = &self.layers[i];
         let [b, t, hidden] = x.dims();
-        let h = x.clone() + layer.self_attn.forward(layer.input_layernorm.forward(x), cos, sin);
+        let h = x.clone() + layer.self_attn.forward(layer.input_layernorm.forward(x), cos, sin, cache);
         let m = layer.mlp.forward(layer.post_attention_layernorm.forward(h.clone()).reshape([b * t, hidden]));
         h + m.reshape([b, t, hidden])
     }
@@ -274,7 +341,24 @@ impl<B: Backend> Llama<B> {
     /// Final norm and LM head: `[b, t, hidden]` -> logits `[b, t, vocab]`.
     pub fn head(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [b, t, hidden] = x.dims();
-        self.norm.forward(x).reshape([b * t, hidden]).matmul(self.lm_head_t.clone()).reshape([b, t, self.cfg.vocab_size])
+        crate::host::matmul(self.norm.forward(x).reshape([b * t, hidden]), &self.lm_head_t).reshape([b, t, self.cfg.vocab_size])
+    }
+
+    /// Feeds `ids` (`[b, t]`) after the positions already in `cache`, extends the cache, and
+    /// returns the logits of the last new position, `[b, vocab]` — prefill and decode alike.
+    pub fn step(&self, ids: &[Vec<u32>], cache: &mut KvCache<B>) -> Result<Tensor<B, 2>, ModelError> {
+        let mut x = self.embed(ids)?;
+        let [b, t, hidden] = x.dims();
+        if cache.layers.len() != self.layers.len() {
+            return Err(ModelError::Input(format!("a KV cache for {} layers, the model has {}", cache.layers.len(), self.layers.len())));
+        }
+        let (cos, sin) = self.rope.tables(cache.len, t, &self.device);
+        for (i, kv) in cache.layers.iter_mut().enumerate() {
+            x = self.block_cached(i, x, &cos, &sin, Some(kv));
+        }
+        cache.len += t;
+        let last = x.narrow(1, t - 1, 1).reshape([b, 1, hidden]);
+        Ok(self.head(last).reshape([b, self.cfg.vocab_size]))
     }
 
     /// The whole forward: logits `[b, t, vocab]`.

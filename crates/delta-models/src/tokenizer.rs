@@ -27,4 +27,34 @@ impl Tokenizer {
     pub fn decode(&self, ids: &[u32]) -> Result<String, ModelError> {
         self.inner.decode(ids, true).map_err(|e| ModelError::Tokenizer { path: self.path.clone(), reason: e.to_string() })
     }
+
+    /// The id of a token string (special tokens included), if the vocabulary has it.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+}
+
+/// Turns generated ids into text as they come: each push returns the text the new id adds, held
+/// back while the text ends inside a multi-byte character.
+pub struct TextStream<'t> {
+    tokenizer: &'t Tokenizer,
+    ids: Vec<u32>,
+    shown: usize,
+}
+
+impl<'t> TextStream<'t> {
+    pub fn new(tokenizer: &'t Tokenizer) -> Self {
+        TextStream { tokenizer, ids: Vec::new(), shown: 0 }
+    }
+
+    pub fn push(&mut self, id: u32) -> Result<String, ModelError> {
+        self.ids.push(id);
+        let text = self.tokenizer.decode(&self.ids)?;
+        if text.ends_with('\u{FFFD}') {
+            return Ok(String::new());
+        }
+        let new = text.get(self.shown..).unwrap_or_default().to_string();
+        self.shown = text.len();
+        Ok(new)
+    }
 }

@@ -9,6 +9,7 @@ const TOL: f32 = 1e-3;
 
 use delta_format::checkpoint::SafetensorsFile;
 use delta_format::Checkpoint;
+use delta_models::generate::{generate, Sampling};
 use delta_models::{CpuBackend, Llama, ModelConfig, Weights};
 
 struct Reference {
@@ -40,7 +41,7 @@ fn check_model(dir: &std::path::Path, which: &str, reference: &Reference) {
     for prompt in ["chat", "story"] {
         let ids: Vec<u32> = reference.i32(&format!("{prompt}.input_ids")).iter().map(|&i| i as u32).collect();
         let t = ids.len();
-        let logits = model.forward(&[ids]).unwrap().into_data().into_vec::<f32>().unwrap();
+        let logits = model.forward(&[ids.clone()]).unwrap().into_data().into_vec::<f32>().unwrap();
         let vocab = logits.len() / t;
         let top_ids = reference.i32(&format!("{prompt}.{which}.top_ids"));
         let top_logits = reference.f32(&format!("{prompt}.{which}.top_logits"));
@@ -70,7 +71,23 @@ fn check_model(dir: &std::path::Path, which: &str, reference: &Reference) {
         let max_diff = row.iter().zip(&last).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         assert!(max_diff <= TOL, "{which} {prompt}: last row differs by up to {max_diff}");
         eprintln!("{which} {prompt}: {t} positions, top-64 max |diff| {worst:.2e}, last row max |diff| {max_diff:.2e}");
+
+        // Greedy generation (prefill + KV-cached decode) starts with the reference's argmax, and
+        // each cached step picks what a full forward over the whole prefix picks.
+        let g = generate(&model, &ids, 4, Sampling::greedy(), &[], &mut |_| true).unwrap();
+        assert_eq!(g.tokens[0], argmax(&last), "{which} {prompt}: first generated token");
+        let mut all = ids.clone();
+        all.extend(&g.tokens[..3]);
+        let full = model.forward(&[all.clone()]).unwrap().into_data().into_vec::<f32>().unwrap();
+        for k in 0..4 {
+            let row = &full[(t - 1 + k) * vocab..(t + k) * vocab];
+            assert_eq!(g.tokens[k], argmax(row), "{which} {prompt}: generated token {k}");
+        }
     }
+}
+
+fn argmax(row: &[f32]) -> u32 {
+    (0..row.len()).fold(0, |best, i| if row[i] > row[best] { i } else { best }) as u32
 }
 
 #[test]

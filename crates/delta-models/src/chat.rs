@@ -1,0 +1,118 @@
+//! Chat prompts: the model's Jinja chat template (`chat_template` in `tokenizer_config.json`, or
+//! `chat_template.jinja`) rendered with minijinja, Python string methods included, as
+//! `transformers`' `apply_chat_template` renders it.
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::error::ModelError;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+impl Message {
+    pub fn user(content: &str) -> Self {
+        Message { role: "user".into(), content: content.into() }
+    }
+}
+
+pub struct ChatTemplate {
+    source: String,
+    pub bos_token: String,
+    pub eos_token: String,
+    path: PathBuf,
+}
+
+impl ChatTemplate {
+    /// The template of the model in `dir`; an error naming the file when it has none.
+    pub fn load(dir: &Path) -> Result<Self, ModelError> {
+        let config_path = dir.join("tokenizer_config.json");
+        let config: serde_json::Value = match std::fs::read_to_string(&config_path) {
+            Ok(text) => serde_json::from_str(&text).map_err(|e| ModelError::Config { path: config_path.clone(), reason: e.to_string() })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => serde_json::Value::Null,
+            Err(source) => return Err(ModelError::Io { path: config_path, source }),
+        };
+        let token = |key: &str| match &config[key] {
+            serde_json::Value::String(s) => s.clone(),
+            v => v["content"].as_str().unwrap_or_default().to_string(),
+        };
+        let jinja = dir.join("chat_template.jinja");
+        let (source, path) = if jinja.exists() {
+            (std::fs::read_to_string(&jinja).map_err(|source| ModelError::Io { path: jinja.clone(), source })?, jinja)
+        } else {
+            let source = match &config["chat_template"] {
+                serde_json::Value::String(s) => s.clone(),
+                // A list of named templates: the one named "default".
+                serde_json::Value::Array(list) => list
+                    .iter()
+                    .find(|t| t["name"] == "default")
+                    .and_then(|t| t["template"].as_str())
+                    .unwrap_or_default()
+                    .to_string(),
+                _ => String::new(),
+            };
+            (source, config_path)
+        };
+        if source.is_empty() {
+            return Err(ModelError::Config { path, reason: "no chat template (chat_template) — use a prompt without --chat".into() });
+        }
+        Ok(ChatTemplate { source, bos_token: token("bos_token"), eos_token: token("eos_token"), path })
+    }
+
+    /// The prompt text for `messages`, ending with the assistant's turn opened when
+    /// `add_generation_prompt`.
+    pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String, ModelError> {
+        let err = |e: minijinja::Error| ModelError::Config { path: self.path.clone(), reason: format!("chat template: {e:#}") };
+        let mut env = minijinja::Environment::new();
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+        });
+        env.add_template("chat", &self.source).map_err(err)?;
+        let ctx = minijinja::context! {
+            messages => messages,
+            add_generation_prompt => add_generation_prompt,
+            bos_token => &self.bos_token,
+            eos_token => &self.eos_token,
+        };
+        env.get_template("chat").and_then(|t| t.render(ctx)).map_err(err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model_dir(config: serde_json::Value) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("tokenizer_config.json"), config.to_string()).unwrap();
+        dir
+    }
+
+    #[test]
+    fn renders_a_chatml_template_with_python_methods() {
+        let dir = model_dir(serde_json::json!({
+            "bos_token": {"content": "<s>"}, "eos_token": "<|im_end|>",
+            "chat_template": "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'].strip() }}{{ eos_token }}\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+        }));
+        let t = ChatTemplate::load(dir.path()).unwrap();
+        let text = t.render(&[Message::user("  Hi there ")], true).unwrap();
+        assert_eq!(text, "<s><|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n");
+        assert_eq!(t.render(&[Message::user("x")], false).unwrap(), "<s><|im_start|>user\nx<|im_end|>\n");
+    }
+
+    #[test]
+    fn missing_or_failing_templates_are_errors() {
+        let none = model_dir(serde_json::json!({"eos_token": "</s>"}));
+        assert!(ChatTemplate::load(none.path()).err().unwrap().to_string().contains("no chat template"));
+        let raising = model_dir(serde_json::json!({"chat_template": "{{ raise_exception('roles must alternate') }}"}));
+        let err = ChatTemplate::load(raising.path()).unwrap().render(&[], true).err().unwrap().to_string();
+        assert!(err.contains("roles must alternate"), "{err}");
+        let broken = model_dir(serde_json::json!({"chat_template": "{% for %}"}));
+        assert!(ChatTemplate::load(broken.path()).unwrap().render(&[], true).is_err());
+    }
+}

@@ -1,0 +1,162 @@
+//! Token generation with a KV cache: one prefill over the prompt, then one position per token,
+//! greedy or sampled with a temperature.
+
+use std::time::Instant;
+
+use burn::tensor::backend::Backend;
+
+use crate::error::ModelError;
+use crate::llama::{KvCache, Llama};
+
+/// How the next token is chosen.
+#[derive(Clone, Copy, Debug)]
+pub struct Sampling {
+    /// 0 picks the most likely token (ties: the lowest id); above 0, tokens are drawn from
+    /// softmax(logits / temperature).
+    pub temperature: f32,
+    /// Seed of the sampling stream (the same seed gives the same text).
+    pub seed: u64,
+}
+
+impl Sampling {
+    pub fn greedy() -> Self {
+        Sampling { temperature: 0.0, seed: 0 }
+    }
+}
+
+/// What a generation did and how fast.
+#[derive(Clone, Debug, Default)]
+pub struct Generation {
+    pub tokens: Vec<u32>,
+    /// Whether it ended on a stop token (not on the token limit).
+    pub stopped: bool,
+    pub prompt_tokens: usize,
+    pub prefill_seconds: f64,
+    pub decode_seconds: f64,
+}
+
+impl Generation {
+    pub fn prefill_tokens_per_second(&self) -> f64 {
+        self.prompt_tokens as f64 / self.prefill_seconds.max(1e-9)
+    }
+
+    /// Tokens decoded after the first (which comes out of the prefill) per second.
+    pub fn decode_tokens_per_second(&self) -> f64 {
+        self.tokens.len().saturating_sub(1) as f64 / self.decode_seconds.max(1e-9)
+    }
+}
+
+/// Generates up to `max_new` tokens after `prompt`, ending early on any of `stop` (which is kept
+/// as the last token). `on_token` sees every other token as it comes; returning false stops.
+pub fn generate<B: Backend>(
+    model: &Llama<B>,
+    prompt: &[u32],
+    max_new: usize,
+    sampling: Sampling,
+    stop: &[u32],
+    on_token: &mut dyn FnMut(u32) -> bool,
+) -> Result<Generation, ModelError> {
+    if prompt.is_empty() {
+        return Err(ModelError::Input("the prompt has no tokens".into()));
+    }
+    if !(sampling.temperature.is_finite() && sampling.temperature >= 0.0) {
+        return Err(ModelError::Input(format!("temperature {} is not a finite number ≥ 0", sampling.temperature)));
+    }
+    let mut g = Generation { prompt_tokens: prompt.len(), ..Default::default() };
+    let mut rng = SplitMix(sampling.seed);
+    let mut cache = KvCache::new(model.layers.len());
+    let started = Instant::now();
+    let mut input = prompt.to_vec();
+    while g.tokens.len() < max_new {
+        let logits = model.step(&[input], &mut cache)?;
+        let logits = logits.into_data().convert::<f32>().into_vec::<f32>().map_err(|e| ModelError::Input(format!("{e:?}")))?;
+        let next = pick(&logits, sampling.temperature, &mut rng)?;
+        if g.tokens.is_empty() {
+            g.prefill_seconds = started.elapsed().as_secs_f64();
+        }
+        g.tokens.push(next);
+        if stop.contains(&next) {
+            g.stopped = true;
+            break;
+        }
+        if !on_token(next) {
+            break;
+        }
+        input = vec![next];
+    }
+    g.decode_seconds = started.elapsed().as_secs_f64() - g.prefill_seconds;
+    Ok(g)
+}
+
+/// Chooses a token from one row of logits.
+pub fn pick(logits: &[f32], temperature: f32, rng: &mut SplitMix) -> Result<u32, ModelError> {
+    if let Some(i) = logits.iter().position(|x| x.is_nan()) {
+        return Err(ModelError::Input(format!("the model produced a NaN logit (token {i})")));
+    }
+    let argmax = || logits.iter().enumerate().fold(0, |best, (i, &x)| if x > logits[best] { i } else { best });
+    if temperature == 0.0 {
+        return Ok(argmax() as u32);
+    }
+    let max = logits[argmax()] as f64;
+    let weights: Vec<f64> = logits.iter().map(|&x| ((x as f64 - max) / temperature as f64).exp()).collect();
+    let mut target = rng.next_f64() * weights.iter().sum::<f64>();
+    for (i, w) in weights.iter().enumerate() {
+        target -= w;
+        if target < 0.0 {
+            return Ok(i as u32);
+        }
+    }
+    Ok(argmax() as u32)
+}
+
+/// SplitMix64: a small, seedable stream for sampling.
+pub struct SplitMix(pub u64);
+
+impl SplitMix {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    pub fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_takes_the_first_largest_logit() {
+        let mut rng = SplitMix(1);
+        assert_eq!(pick(&[0.0, 3.0, -1.0, 3.0], 0.0, &mut rng).unwrap(), 1);
+        assert!(pick(&[0.0, f32::NAN], 0.0, &mut rng).is_err());
+    }
+
+    #[test]
+    fn sampling_follows_the_softmax() {
+        // logits ln 1, ln 2, ln 7 at T = 1 -> probabilities 0.1, 0.2, 0.7.
+        let logits = [0f32, 2f32.ln(), 7f32.ln()];
+        let mut rng = SplitMix(42);
+        let mut counts = [0usize; 3];
+        let n = 100_000;
+        for _ in 0..n {
+            counts[pick(&logits, 1.0, &mut rng).unwrap() as usize] += 1;
+        }
+        for (c, p) in counts.iter().zip([0.1, 0.2, 0.7]) {
+            let f = *c as f64 / n as f64;
+            assert!((f - p).abs() < 0.005, "{counts:?}");
+        }
+        // T = 0.5 squares the odds: 1 : 4 : 49.
+        let mut counts = [0usize; 3];
+        for _ in 0..n {
+            counts[pick(&logits, 0.5, &mut rng).unwrap() as usize] += 1;
+        }
+        assert!((counts[2] as f64 / n as f64 - 49.0 / 54.0).abs() < 0.005, "{counts:?}");
+    }
+}
