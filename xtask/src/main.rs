@@ -297,7 +297,7 @@ fn bench() -> Result<()> {
     for (key, _, extra) in &variants {
         let (mut prefill, mut decode) = (Vec::new(), Vec::new());
         for _ in 0..RUNS {
-            let mut args = vec!["generate", "--model", s(&base), "--prompt", &prompt, "--max-new-tokens", "64", "--json"];
+            let mut args = vec!["generate", "--model", s(&base), "--prompt", &prompt, "--max-new-tokens", "64"];
             args.extend(extra.iter().copied());
             let (g, _) = bitdelta_json(&bin, &args)?;
             prefill.push(g["prefill_tokens_per_second"].as_f64().unwrap_or(0.0));
@@ -307,10 +307,12 @@ fn bench() -> Result<()> {
         generation.insert(format!("{key}_prefill_tok_s"), median(prefill).into());
         generation.insert(format!("{key}_decode_tok_s"), median(decode).into());
     }
-    let g = |k: &str| generation[k].as_f64().unwrap_or(f64::NAN);
-    let fused_over_merged = g("merged_decode_tok_s") / g("fused_decode_tok_s");
+    let rate = |k: &str| generation[k].as_f64().unwrap_or(f64::NAN);
+    let fused_over_merged = rate("merged_decode_tok_s") / rate("fused_decode_tok_s");
     generation.insert("fused_over_merged_decode_time".into(), fused_over_merged.into());
-    results.insert("generation".into(), serde_json::Value::Object(generation.clone()));
+    let generation = serde_json::Value::Object(generation);
+    let g = |k: &str| generation[k].as_f64().unwrap_or(f64::NAN);
+    results.insert("generation".into(), generation.clone());
     results.insert("runs".into(), RUNS.into());
     results.insert("machine".into(), machine().into());
     let json = serde_json::Value::Object(results);

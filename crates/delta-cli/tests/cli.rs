@@ -288,3 +288,52 @@ fn a_process_killed_while_writing_leaves_nothing_under_the_final_name() {
     let out = tmp.path().join("restored");
     kill_mid_write(&["apply", "--base", s(&base_dir), "--delta", s(&delta), "-o", s(&out)], &out);
 }
+
+/// `generate` on the real fine-tune: greedy from the reference prompt's ids starts with the
+/// argmax of the reference's last logits; `--chat` builds the prompt with the model's ChatML
+/// template and answers; bad flags and a model without a chat template are one-line refusals.
+#[test]
+fn generate_follows_the_reference_and_refuses_bad_requests() {
+    let (_, ft) = smollm2();
+    let reference = read_tensors(&delta_tests::fixtures().join("smollm2/reference_logits.safetensors"));
+    let i32s = |name: &str| -> Vec<i32> { reference[name].2.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap())).collect() };
+    let last: Vec<f32> = reference["story.finetuned.last_logits"].2.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+    let argmax = (0..last.len()).fold(0, |b, i| if last[i] > last[b] { i } else { b });
+    let ids: Vec<String> = i32s("story.input_ids").iter().map(|i| i.to_string()).collect();
+    let out = ok(&bitdelta(&["generate", "--model", s(&ft), "--prompt-ids", &ids.join(","), "--max-new-tokens", "3", "--json"]));
+    let g: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(g["tokens"][0].as_u64(), Some(argmax as u64), "{g}");
+    assert_eq!(g["prompt_tokens"].as_u64(), Some(ids.len() as u64));
+
+    let out = ok(&bitdelta(&["generate", "--model", s(&ft), "--chat", "--prompt", "Tell me a story.", "--max-new-tokens", "12", "--json"]));
+    let g: serde_json::Value = serde_json::from_str(&out).unwrap();
+    // <|im_start|> (id 1) opens the template's system turn; the prompt ends with "assistant\n".
+    let prompt: Vec<u64> = g["prompt_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+    assert_eq!(prompt[0], 1);
+    assert_eq!(g["generated_tokens"].as_u64(), Some(12), "{g}");
+    assert!(g["text"].as_str().unwrap().split_whitespace().count() >= 5, "{g}");
+
+    let tmp = tempfile::tempdir().unwrap();
+    let no_template = tmp.path().join("model");
+    std::fs::create_dir(&no_template).unwrap();
+    for f in ["config.json", "tokenizer.json", "model.safetensors"] {
+        std::os::unix::fs::symlink(ft.join(f), no_template.join(f)).unwrap();
+    }
+    let before_model = listing(&no_template);
+    let before = listing(tmp.path());
+    refused(&bitdelta(&["generate", "--model", s(&no_template), "--chat", "--prompt", "hi"]), "no chat template", &no_template, &before_model);
+    refused(&bitdelta(&["generate", "--model", s(&ft), "--prompt", "hi", "--temperature=-1"]), "--temperature", tmp.path(), &before);
+    refused(&bitdelta(&["generate", "--model", s(&ft), "--prompt", "hi", "--temperature", "nan"]), "--temperature", tmp.path(), &before);
+    refused(&bitdelta(&["generate", "--model", s(&ft), "--prompt", ""]), "no tokens", tmp.path(), &before);
+    refused(&bitdelta(&["generate", "--model", s(&tmp.path().join("missing")), "--prompt", "hi"]), "missing", tmp.path(), &before);
+    for bad in [
+        vec!["generate", "--model", s(&ft)],
+        vec!["generate", "--model", s(&ft), "--prompt", "hi", "--system", "x"],
+        vec!["generate", "--model", s(&ft), "--prompt", "hi", "--max-new-tokens", "0"],
+        vec!["generate", "--model", s(&ft), "--prompt-ids", "1,x"],
+    ] {
+        let out = bitdelta(&bad);
+        assert_eq!(out.status.code(), Some(2), "{bad:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(String::from_utf8_lossy(&out.stderr).trim_end().lines().count(), 1);
+    }
+}

@@ -12,8 +12,14 @@ use rayon::prelude::*;
 use crate::error::KernelError;
 use crate::merge::{with_sign, ScaleFactors};
 
-/// Output rows handed to one task.
-const OUT_ROWS_PER_TASK: usize = 32;
+/// Tasks per thread a product is split into: enough to balance, few enough that scheduling
+/// stays negligible next to the work (a decode step runs ~200 small products).
+const TASKS_PER_THREAD: usize = 2;
+
+/// Output rows (or columns) per task for `out` of them: at least `min`, a multiple of 8.
+fn per_task(out: usize, min: usize) -> usize {
+    out.div_ceil(TASKS_PER_THREAD * rayon::current_num_threads()).next_multiple_of(8).max(min)
+}
 /// Bytes of scaled input rows processed together (kept in the L2 cache).
 const TOKEN_BLOCK_BYTES: usize = 128 << 10;
 
@@ -38,17 +44,22 @@ pub fn delta_matmul_add(w: &CompressedWeight<'_>, x: &[f32], y: &mut [f32]) -> R
         return Ok(());
     }
     let f = ScaleFactors::new(&w.name, w.mode, &w.scales, out, inp)?;
+    if rows >= TILE_MIN_ROWS {
+        tiled_delta_matmul_add(w, &f, rows, x, y);
+        return Ok(());
+    }
     // z = c ⊙ x, once per input row.
     let z: Vec<f32> = x.chunks_exact(inp).flat_map(|xr| xr.iter().zip(f.cols.iter()).map(|(a, c)| a * c)).collect();
     // Input rows go in blocks small enough to stay in cache while every output row reads them;
     // results land transposed ([out, block]) so that tasks own disjoint output rows.
     let block_rows = (TOKEN_BLOCK_BYTES / (inp * 4)).clamp(1, rows);
     let mut yt = vec![0f32; out * block_rows];
+    let rows_per_task = per_task(out, 8);
     for (b, zb) in z.chunks(block_rows * inp).enumerate() {
         let n = zb.len() / inp;
-        yt[..out * n].par_chunks_mut(OUT_ROWS_PER_TASK * n).enumerate().for_each(|(t, block)| {
+        yt[..out * n].par_chunks_mut(rows_per_task * n).enumerate().for_each(|(t, block)| {
             for (k, acc) in block.chunks_mut(n).enumerate() {
-                let i = t * OUT_ROWS_PER_TASK + k;
+                let i = t * rows_per_task + k;
                 let words = w.signs.row(i);
                 for (r, a) in acc.iter_mut().enumerate() {
                     *a = f.rows[i] * signed_dot(words, &zb[r * inp..(r + 1) * inp]);
@@ -62,6 +73,55 @@ pub fn delta_matmul_add(w: &CompressedWeight<'_>, x: &[f32], y: &mut [f32]) -> R
         }
     }
     Ok(())
+}
+
+/// From this many rows on, a tile of Δ̂ is unpacked and multiplied as a dense GEMM: unpacking
+/// costs one pass over the tile, the GEMM then runs at full arithmetic speed for every row.
+const TILE_MIN_ROWS: usize = 8;
+/// Bytes of one unpacked Δ̂ tile (kept in the L2 cache while the GEMM reads it).
+const TILE_BYTES: usize = 256 << 10;
+
+/// Prefill-shaped `Y += X · Δ̂ᵀ`: output rows go in tiles; each task unpacks its tile of Δ̂
+/// (`[tile, in]`, f32) and multiplies it with a dense GEMM. Δ̂ exists only one tile per thread at
+/// a time.
+fn tiled_delta_matmul_add(w: &CompressedWeight<'_>, f: &ScaleFactors<'_>, rows: usize, x: &[f32], y: &mut [f32]) {
+    let (out, inp) = (w.rows(), w.cols());
+    let tile = (TILE_BYTES / (4 * inp)).clamp(8, per_task(out, 8));
+    let parts: Vec<Vec<f32>> = (0..out.div_ceil(tile))
+        .into_par_iter()
+        .map(|t| {
+            let (i0, i1) = (t * tile, ((t + 1) * tile).min(out));
+            let n = i1 - i0;
+            let mut d = vec![0f32; n * inp];
+            for (k, dr) in d.chunks_exact_mut(inp).enumerate() {
+                let i = i0 + k;
+                let (r, words) = (f.rows[i], w.signs.row(i));
+                for (jc, (d32, c32)) in dr.chunks_mut(32).zip(f.cols.chunks(32)).enumerate() {
+                    for (b, (dv, &c)) in d32.iter_mut().zip(c32).enumerate() {
+                        *dv = with_sign(r * c, words[jc], b);
+                    }
+                }
+            }
+            let mut part = vec![0f32; rows * n];
+            // SAFETY: the pointers and strides describe x [rows, inp], dᵀ [inp, n] (d is
+            // [n, inp] row-major) and part [rows, n], all inside their buffers.
+            unsafe {
+                matrixmultiply::sgemm(
+                    rows, inp, n, 1.0,
+                    x.as_ptr(), inp as isize, 1,
+                    d.as_ptr(), 1, inp as isize,
+                    0.0, part.as_mut_ptr(), n as isize, 1,
+                );
+            }
+            part
+        })
+        .collect();
+    for (t, part) in parts.iter().enumerate() {
+        let (i0, n) = (t * tile, part.len() / rows);
+        for (r, pr) in part.chunks_exact(n).enumerate() {
+            y[r * out + i0..r * out + i0 + n].iter_mut().zip(pr).for_each(|(a, b)| *a += b);
+        }
+    }
 }
 
 /// Σ_j S[j]·z[j] for one packed sign row.
@@ -127,8 +187,8 @@ unsafe fn signed_dot_avx2(words: &[u32], z: &[f32]) -> f32 {
     lanes.iter().sum::<f32>() + signed_dot_portable(&words[full..], &z[full * 32..])
 }
 
-/// Output columns handed to one task in [`dense_matmul_t`].
-const COLS_PER_TASK: usize = 256;
+/// Most accumulator floats a task of [`dense_matmul_t`] keeps (64 KiB, inside L2).
+const MAX_ACC_FLOATS: usize = 16 << 10;
 
 /// `Y = X · W` for a weight given as `wt` (`[in, out]`, row-major — the transposed layout the
 /// models keep): the decode-shaped product. Each weight is read once for all `rows` of X, output
@@ -147,20 +207,21 @@ pub fn dense_matmul_t(x: &[f32], wt: &[f32], inp: usize, out: usize, y: &mut [f3
     if rows == 0 || out == 0 {
         return Ok(());
     }
-    let tasks = out.div_ceil(COLS_PER_TASK);
+    let width = per_task(out, 8).min((MAX_ACC_FLOATS / rows).max(8));
+    let tasks = out.div_ceil(width);
     let parts: Vec<Vec<f32>> = (0..tasks)
         .into_par_iter()
         .map(|t| {
-            let (c0, c1) = (t * COLS_PER_TASK, ((t + 1) * COLS_PER_TASK).min(out));
+            let (c0, c1) = (t * width, ((t + 1) * width).min(out));
             let mut acc = vec![0f32; rows * (c1 - c0)];
             axpy_columns(x, wt, inp, out, c0, c1, &mut acc);
             acc
         })
         .collect();
     for (t, acc) in parts.iter().enumerate() {
-        let (c0, width) = (t * COLS_PER_TASK, acc.len() / rows);
-        for (r, part) in acc.chunks_exact(width).enumerate() {
-            y[r * out + c0..r * out + c0 + width].copy_from_slice(part);
+        let (c0, w) = (t * width, acc.len() / rows);
+        for (r, part) in acc.chunks_exact(w).enumerate() {
+            y[r * out + c0..r * out + c0 + w].copy_from_slice(part);
         }
     }
     Ok(())
@@ -280,7 +341,7 @@ mod tests {
         #![proptest_config(ProptestConfig::with_cases(150))]
         #[test]
         fn fused_product_equals_oracle(
-            rows in 1usize..6, out in 1usize..70, inp in 1usize..150, seed in any::<u64>(),
+            rows in 1usize..24, out in 1usize..70, inp in 1usize..150, seed in any::<u64>(),
             mode in prop::sample::select(ScaleMode::ALL.to_vec()),
         ) {
             let w = weight(out, inp, mode, seed);

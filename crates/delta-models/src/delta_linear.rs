@@ -29,11 +29,20 @@ impl<B: Backend> DeltaLinear<B> {
 
     /// `x`: `[rows, in]` -> `[rows, out]`.
     pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        // Decode-shaped on the CPU: base product and delta term in one pass over host values.
+        let fused = crate::host::few_rows(&x, &self.base.weight_t, &mut |xs, y| {
+            delta_matmul_add(&self.delta, xs, y).expect("shapes checked in new")
+        });
+        if let Some(y) = fused {
+            return match &self.base.bias {
+                Some(b) => y + b.clone().unsqueeze::<2>(),
+                None => y,
+            };
+        }
         let device = x.device();
         let [rows, _] = x.dims();
-        let xs = x.to_data().convert::<f32>().into_vec::<f32>().expect("f32 activations");
         let mut y = vec![0f32; rows * self.delta.rows()];
-        delta_matmul_add(&self.delta, &xs, &mut y).expect("shapes checked in new");
+        crate::host::with_values(&x, |xs| delta_matmul_add(&self.delta, xs, &mut y).expect("shapes checked in new"));
         let term = Tensor::<B, 2>::from_data(TensorData::new(y, [rows, self.delta.rows()]), &device);
         self.base.forward(x) + term
     }

@@ -18,20 +18,45 @@ pub const FEW_ROWS: usize = 16;
 
 /// `x · wt` (`x`: `[rows, in]`, `wt`: `[in, out]`).
 pub fn matmul<B: Backend>(x: Tensor<B, 2>, wt: &Tensor<B, 2>) -> Tensor<B, 2> {
+    few_rows(&x, wt, &mut |_, _| {}).unwrap_or_else(|| x.matmul(wt.clone()))
+}
+
+/// `x · wt` on the host when `B` is the CPU backend, `x` has at most [`FEW_ROWS`] rows and the
+/// weight is contiguous f32, with `epilogue(x, y)` run on the host values before `y` goes back
+/// into a tensor (so a fused delta term costs no second round trip). `None` otherwise.
+pub fn few_rows<B: Backend>(x: &Tensor<B, 2>, wt: &Tensor<B, 2>, epilogue: &mut dyn FnMut(&[f32], &mut [f32])) -> Option<Tensor<B, 2>> {
     let [rows, inp] = x.dims();
     let out = wt.dims()[1];
-    if rows <= FEW_ROWS {
-        if let Some(cpu) = (wt as &dyn Any).downcast_ref::<Tensor<CpuBackend, 2>>() {
-            if let NdArrayTensor::F32(storage) = cpu.clone().into_primitive().tensor() {
-                let view = storage.view();
-                if let Some(w) = view.as_slice() {
-                    let xs = x.to_data().convert::<f32>().into_vec::<f32>().expect("f32 activations");
-                    let mut y = vec![0f32; rows * out];
-                    delta_kernels::gemm::dense_matmul_t(&xs, w, inp, out, &mut y).expect("shapes from the tensors");
-                    return Tensor::from_data(TensorData::new(y, [rows, out]), &x.device());
-                }
-            }
-        }
+    if rows > FEW_ROWS {
+        return None;
     }
-    x.matmul(wt.clone())
+    in_place(wt, |w| {
+        let y = with_values(x, |xs| {
+            let mut y = vec![0f32; rows * out];
+            delta_kernels::gemm::dense_matmul_t(xs, w, inp, out, &mut y).expect("shapes from the tensors");
+            epilogue(xs, &mut y);
+            y
+        });
+        Tensor::from_data(TensorData::new(y, [rows, out]), &x.device())
+    })
+}
+
+/// Runs `f` on the row-major f32 values of `t`: in place for a contiguous tensor of the CPU
+/// backend, else on a copy (Burn's `to_data`, which on NdArray walks a non-contiguous tensor
+/// element by element).
+pub fn with_values<B: Backend, R>(t: &Tensor<B, 2>, f: impl FnOnce(&[f32]) -> R) -> R {
+    let mut f = Some(f);
+    if let Some(r) = in_place(t, |v| (f.take().expect("called once"))(v)) {
+        return r;
+    }
+    let values = t.to_data().convert::<f32>().into_vec::<f32>().expect("f32 tensor");
+    (f.take().expect("not called yet"))(&values)
+}
+
+/// `f` on the values of `t` without a copy, when `t` is a contiguous f32 tensor of the CPU backend.
+fn in_place<B: Backend, R>(t: &Tensor<B, 2>, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+    let cpu = (t as &dyn Any).downcast_ref::<Tensor<CpuBackend, 2>>()?;
+    let NdArrayTensor::F32(storage) = cpu.clone().into_primitive().tensor() else { return None };
+    let view = storage.view();
+    view.as_slice().map(f)
 }

@@ -14,7 +14,7 @@ pub mod config;
 pub mod delta_linear;
 pub mod error;
 pub mod generate;
-mod host;
+pub mod host;
 pub mod llama;
 pub mod perplexity;
 pub mod tokenizer;
