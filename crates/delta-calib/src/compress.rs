@@ -32,6 +32,8 @@ pub enum CompressError {
     NonFinite { model: &'static str, name: String, index: usize, value: f64 },
     #[error("side file {}: {source}", path.display())]
     SideFile { path: std::path::PathBuf, source: std::io::Error },
+    #[error("calibration: {0}")]
+    Calibration(String),
     #[error(transparent)]
     Kernel(#[from] KernelError),
     #[error(transparent)]
@@ -99,6 +101,9 @@ pub struct Compressed {
     pub base: BaseFingerprint,
     pub architecture: String,
     pub options: CompressOptions,
+    /// How the scales were fitted (`none`, `layerwise`), and the calibration report, if any.
+    pub calibration: String,
+    pub calibration_report: Option<serde_json::Value>,
 }
 
 /// True for the linear weights inside transformer blocks: rank-2 `…weight` tensors under a
@@ -150,6 +155,8 @@ pub fn compress(
         base: fingerprint,
         architecture: finetuned.architecture().or_else(|| base.architecture()).unwrap_or_else(|| "unknown".into()),
         options: options.clone(),
+        calibration: "none".into(),
+        calibration_report: None,
     })
 }
 
@@ -244,7 +251,7 @@ impl Compressed {
         let whole = self.whole.iter().map(|n| (n.clone(), finetuned.tensor(n).expect("checked pair"))).collect();
         let summary = serde_json::json!({
             "scale": self.options.scale.name(),
-            "calibration": "none",
+            "calibration": self.calibration,
             "modes": self.mode_counts(),
         });
         let contents = ArtifactContents {
@@ -254,7 +261,11 @@ impl Compressed {
             weights: &self.weights,
             whole,
             files: self.files.clone(),
-            notes: BTreeMap::from([("compression".to_string(), summary.to_string())]),
+            notes: BTreeMap::from_iter(
+                [("compression".to_string(), summary.to_string())]
+                    .into_iter()
+                    .chain(self.calibration_report.as_ref().map(|r| ("calibration_report".to_string(), r.to_string()))),
+            ),
         };
         Ok(write_artifact(path, &contents, overwrite)?)
     }

@@ -7,5 +7,7 @@
 //! the calibration issue (#6) and will start from these scales.
 
 pub mod compress;
+pub mod layerwise;
 
+pub use layerwise::{calibrate_layerwise, LayerFit, LayerwiseOptions};
 pub use compress::{compress, is_block_linear, CompressError, CompressOptions, Compressed, ScaleChoice, WeightReport};

@@ -205,12 +205,23 @@ impl<B: Backend> Attention<B> {
     /// cache, the new keys and values are appended to it.
     pub fn forward(&self, x: Tensor<B, 3>, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>, cache: Option<&mut LayerKv<B>>) -> Tensor<B, 3> {
         let [b, t, hidden] = x.dims();
-        let (h, kv, d) = (self.heads, self.kv_heads, self.head_dim);
         let x2 = x.reshape([b * t, hidden]);
+        let (q, k, v) = (self.q_proj.forward(x2.clone()), self.k_proj.forward(x2.clone()), self.v_proj.forward(x2));
+        let context = self.attend(q, k, v, b, cos, sin, cache);
+        self.o_proj.forward(context).reshape([b, t, hidden])
+    }
+
+    /// The attention core between the projections: q, k, v (`[b·t, heads·d]`, `[b·t, kv·d]`, as
+    /// the projections return them) -> the context `[b·t, heads·d]` that `o_proj` takes
+    /// (q/k norm, RoPE, cache, causal softmax). Calibration calls it with its own projections.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attend(&self, q: Tensor<B, 2>, k: Tensor<B, 2>, v: Tensor<B, 2>, b: usize, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>, cache: Option<&mut LayerKv<B>>) -> Tensor<B, 2> {
+        let (h, kv, d) = (self.heads, self.kv_heads, self.head_dim);
+        let t = q.dims()[0] / b;
         let split = |y: Tensor<B, 2>, n: usize| y.reshape([b, t, n, d]);
-        let mut q = split(self.q_proj.forward(x2.clone()), h);
-        let mut k = split(self.k_proj.forward(x2.clone()), kv);
-        let mut v = split(self.v_proj.forward(x2), kv).swap_dims(1, 2);
+        let mut q = split(q, h);
+        let mut k = split(k, kv);
+        let mut v = split(v, kv).swap_dims(1, 2);
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
             q = qn.forward(q);
             k = kn.forward(k);
@@ -233,8 +244,7 @@ impl<B: Backend> Attention<B> {
             None => scores,
         };
         let probs = burn::tensor::activation::softmax(scores, 3);
-        let out = probs.matmul(v).swap_dims(1, 2).reshape([b * t, h * d]);
-        self.o_proj.forward(out).reshape([b, t, hidden])
+        probs.matmul(v).swap_dims(1, 2).reshape([b * t, h * d])
     }
 
     fn device(&self) -> B::Device {

@@ -1,0 +1,321 @@
+//! Stage 1 of calibration: per linear layer, in forward order, fit the scales so that the
+//! compressed layer reproduces the fine-tune's layer outputs, and keep the mode that does best on
+//! held-out samples.
+//!
+//! Inputs are what the layer sees in the *student* — the base with every layer before it already
+//! calibrated (and the fine-tune's norms, biases and embeddings, as `apply` would give); targets
+//! are the fine-tuned layer's outputs in the *teacher* (the fine-tune) on the same text. With
+//! R = Y_teacher − X·W_baseᵀ (what the delta must add) and S the signs:
+//! - scalar, Δ̂ = αS: with P = X·Sᵀ, α = ⟨P, R⟩ / ⟨P, P⟩ (least squares, exact);
+//! - per-output, Δ̂[i, :] = r_i·S[i, :]: r_i = ⟨P[:, i], R[:, i]⟩ / ‖P[:, i]‖² (separable, exact);
+//! - per-input, Δ̂ = S·diag(c): the normal equations ((XᵀX) ⊙ (SᵀS))·c = diag(XᵀR·S)… solved by
+//!   Cholesky in f64, with a tiny ridge towards the weight-space scales for columns the data never
+//!   excites.
+//!
+//! The candidates are the fitted modes plus the layer's weight-space scales; the one with the
+//! lowest output MSE on the held-out samples (never the training ones) is kept.
+
+use std::collections::BTreeMap;
+
+use burn::tensor::activation::silu;
+use burn::tensor::Tensor;
+use delta_format::checkpoint::Checkpoint;
+use delta_format::{CompressedWeight, ScaleMode};
+use delta_kernels::gemm::delta_matmul_add;
+use delta_models::host::with_values;
+use delta_models::llama::Linear;
+use delta_models::{CpuBackend, DeltaLinear, Llama, ModelConfig, ModelError, Projection, Weights};
+use serde::Serialize;
+
+use crate::compress::{CompressError, Compressed};
+
+type B = CpuBackend;
+
+pub struct LayerwiseOptions {
+    /// Modes to fit (a fixed `--scale` fits only its own).
+    pub modes: Vec<ScaleMode>,
+    /// Samples (from the end) kept out of the fits and used to choose.
+    pub heldout: usize,
+}
+
+/// What stage 1 did to one weight.
+#[derive(Clone, Debug, Serialize)]
+pub struct LayerFit {
+    pub name: String,
+    /// The candidate kept (`scalar`, `per-output`, `per-input`, or `MODE (weight-space)`).
+    pub kept: String,
+    pub mode: ScaleMode,
+    /// Held-out output MSE of each candidate.
+    pub heldout_mse: BTreeMap<String, f64>,
+    /// Held-out output MSE of the scales the layer started from (weight-space init).
+    pub init_mse: f64,
+}
+
+impl From<ModelError> for CompressError {
+    fn from(e: ModelError) -> Self {
+        CompressError::Calibration(e.to_string())
+    }
+}
+
+/// Runs stage 1 over every compressed weight of `c` (updating its modes and scales) on
+/// `samples` (token id rows of equal length). `progress(done, total, name)` after each weight.
+pub fn calibrate_layerwise(
+    c: &mut Compressed,
+    base: &Checkpoint,
+    finetuned: &Checkpoint,
+    samples: &[Vec<u32>],
+    opts: &LayerwiseOptions,
+    progress: &mut dyn FnMut(usize, usize, &str),
+) -> Result<Vec<LayerFit>, CompressError> {
+    let n = samples.len();
+    let t = samples.first().map_or(0, Vec::len);
+    if n < 2 || opts.heldout == 0 || opts.heldout >= n || t == 0 {
+        return Err(CompressError::Calibration(format!("need at least 2 samples with some held out ({n} samples, {} held out)", opts.heldout)));
+    }
+    let cfg = ModelConfig::load(finetuned.dir())?;
+    let device = Default::default();
+    let ft_weights = Weights::<B>::new(finetuned, None, device)?;
+    let teacher = Llama::load(cfg.clone(), &ft_weights)?;
+    let mut student = Llama::load(cfg, &ft_weights)?;
+    let base_weights = Weights::<B>::new(base, None, device)?;
+    for w in &c.weights {
+        let proj = projection_mut(&mut student, &w.name).ok_or_else(|| CompressError::Calibration(format!("{}: not a projection of the model", w.name)))?;
+        let bias = match proj {
+            Projection::Dense(l) => l.bias.clone(),
+            Projection::Delta(d) => d.base.bias.clone(),
+        };
+        let linear = Linear { weight_t: base_weights.matrix_t(&w.name, w.rows(), w.cols())?, bias };
+        *proj = Projection::Delta(DeltaLinear::new(linear, w.clone())?);
+    }
+    drop(base_weights);
+
+    let train_rows = (n - opts.heldout) * t;
+    let total = c.weights.len();
+    let mut fits = Vec::with_capacity(total);
+    let mut fit_one = |teacher_proj: &Projection<B>, student_proj: &mut Projection<B>, x_t: &Tensor<B, 2>, x_s: &Tensor<B, 2>| -> Result<(), CompressError> {
+        let Projection::Delta(d) = student_proj else { return Ok(()) };
+        let fit = fit_layer(d, teacher_proj, x_t, x_s, train_rows, &opts.modes)?;
+        progress(fits.len() + 1, total, &fit.name);
+        fits.push(fit);
+        Ok(())
+    };
+
+    let (mut x_t, mut x_s) = (teacher.embed(samples)?, student.embed(samples)?);
+    let hidden = teacher.cfg.hidden_size;
+    let (cos, sin) = teacher.rope_tables(t);
+    for i in 0..teacher.layers.len() {
+        let (lt, ls) = (&teacher.layers[i], &mut student.layers[i]);
+        let flat = |x: Tensor<B, 3>| x.reshape([n * t, hidden]);
+        let h_t = flat(lt.input_layernorm.forward(x_t.clone()));
+        let h_s = flat(ls.input_layernorm.forward(x_s.clone()));
+        fit_one(&lt.self_attn.q_proj, &mut ls.self_attn.q_proj, &h_t, &h_s)?;
+        fit_one(&lt.self_attn.k_proj, &mut ls.self_attn.k_proj, &h_t, &h_s)?;
+        fit_one(&lt.self_attn.v_proj, &mut ls.self_attn.v_proj, &h_t, &h_s)?;
+        let attend = |a: &delta_models::llama::Attention<B>, h: &Tensor<B, 2>| {
+            a.attend(a.q_proj.forward(h.clone()), a.k_proj.forward(h.clone()), a.v_proj.forward(h.clone()), n, &cos, &sin, None)
+        };
+        let (ctx_t, ctx_s) = (attend(&lt.self_attn, &h_t), attend(&ls.self_attn, &h_s));
+        fit_one(&lt.self_attn.o_proj, &mut ls.self_attn.o_proj, &ctx_t, &ctx_s)?;
+        let a_t = x_t + lt.self_attn.o_proj.forward(ctx_t).reshape([n, t, hidden]);
+        let a_s = x_s + ls.self_attn.o_proj.forward(ctx_s).reshape([n, t, hidden]);
+        let h_t = flat(lt.post_attention_layernorm.forward(a_t.clone()));
+        let h_s = flat(ls.post_attention_layernorm.forward(a_s.clone()));
+        fit_one(&lt.mlp.gate_proj, &mut ls.mlp.gate_proj, &h_t, &h_s)?;
+        fit_one(&lt.mlp.up_proj, &mut ls.mlp.up_proj, &h_t, &h_s)?;
+        let act = |m: &delta_models::llama::Mlp<B>, h: Tensor<B, 2>| silu(m.gate_proj.forward(h.clone())) * m.up_proj.forward(h);
+        let (act_t, act_s) = (act(&lt.mlp, h_t), act(&ls.mlp, h_s));
+        fit_one(&lt.mlp.down_proj, &mut ls.mlp.down_proj, &act_t, &act_s)?;
+        x_t = a_t + lt.mlp.down_proj.forward(act_t).reshape([n, t, hidden]);
+        x_s = a_s + ls.mlp.down_proj.forward(act_s).reshape([n, t, hidden]);
+    }
+    // Carry the kept modes and scales back into the artifact.
+    for w in c.weights.iter_mut() {
+        if let Some(Projection::Delta(d)) = projection_mut(&mut student, &w.name) {
+            w.mode = d.delta.mode;
+            w.scales = d.delta.scales.clone();
+        }
+    }
+    Ok(fits)
+}
+
+/// `model.layers.N.{self_attn,mlp}.P.weight` -> that projection.
+fn projection_mut<'m>(model: &'m mut Llama<B>, name: &str) -> Option<&'m mut Projection<B>> {
+    let rest = name.strip_prefix("model.layers.")?;
+    let (i, rest) = rest.split_once('.')?;
+    let layer = model.layers.get_mut(i.parse::<usize>().ok()?)?;
+    Some(match rest.strip_suffix(".weight")? {
+        "self_attn.q_proj" => &mut layer.self_attn.q_proj,
+        "self_attn.k_proj" => &mut layer.self_attn.k_proj,
+        "self_attn.v_proj" => &mut layer.self_attn.v_proj,
+        "self_attn.o_proj" => &mut layer.self_attn.o_proj,
+        "mlp.gate_proj" => &mut layer.mlp.gate_proj,
+        "mlp.up_proj" => &mut layer.mlp.up_proj,
+        "mlp.down_proj" => &mut layer.mlp.down_proj,
+        _ => return None,
+    })
+}
+
+fn host(x: &Tensor<B, 2>) -> Vec<f32> {
+    with_values(x, <[f32]>::to_vec)
+}
+
+/// Fits one layer and installs the kept candidate in `d`.
+fn fit_layer(d: &mut DeltaLinear<B>, teacher: &Projection<B>, x_t: &Tensor<B, 2>, x_s: &Tensor<B, 2>, train_rows: usize, modes: &[ScaleMode]) -> Result<LayerFit, CompressError> {
+    let (out, inp) = (d.delta.rows(), d.delta.cols());
+    let xs = host(x_s);
+    // R = what the delta must add: teacher output minus the student's base product (with bias).
+    let mut r = host(&teacher.forward(x_t.clone()));
+    r.iter_mut().zip(host(&d.base.forward(x_s.clone()))).for_each(|(a, b)| *a -= b);
+    let (x_tr, x_ho) = xs.split_at(train_rows * inp);
+    let (r_tr, r_ho) = r.split_at(train_rows * out);
+    let with = |mode: ScaleMode, scales: Vec<f32>| CompressedWeight { name: d.delta.name.clone(), mode, signs: d.delta.signs.clone(), scales: scales.into() };
+    let heldout_mse = |w: &CompressedWeight<'_>| -> Result<f64, CompressError> {
+        let mut y = vec![0f32; r_ho.len()];
+        delta_matmul_add(w, x_ho, &mut y)?;
+        Ok(y.iter().zip(r_ho).map(|(a, b)| ((b - a) as f64).powi(2)).sum::<f64>() / r_ho.len().max(1) as f64)
+    };
+    let init = d.delta.clone();
+    let init_mse = heldout_mse(&init)?;
+    let init_label = format!("{} (weight-space)", init.mode.name());
+    let mut candidates: Vec<(String, CompressedWeight<'static>)> = vec![(init_label, init.clone())];
+
+    // P = X·Sᵀ on the training rows, for the scalar and per-output fits.
+    let p = if modes.iter().any(|m| matches!(m, ScaleMode::Scalar | ScaleMode::PerOutput)) {
+        let mut p = vec![0f32; r_tr.len()];
+        delta_matmul_add(&with(ScaleMode::Scalar, vec![1.0]), x_tr, &mut p)?;
+        p
+    } else {
+        Vec::new()
+    };
+    for &mode in modes {
+        let scales = match mode {
+            ScaleMode::Scalar => {
+                let (num, den) = p.iter().zip(r_tr).fold((0f64, 0f64), |(n, d), (&p, &r)| (n + p as f64 * r as f64, d + p as f64 * p as f64));
+                if den > 0.0 { vec![(num / den) as f32] } else { continue }
+            }
+            ScaleMode::PerOutput => {
+                let (mut num, mut den) = (vec![0f64; out], vec![0f64; out]);
+                for (pr, rr) in p.chunks_exact(out).zip(r_tr.chunks_exact(out)) {
+                    for i in 0..out {
+                        num[i] += pr[i] as f64 * rr[i] as f64;
+                        den[i] += pr[i] as f64 * pr[i] as f64;
+                    }
+                }
+                num.iter().zip(&den).map(|(n, d)| if *d > 0.0 { (n / d) as f32 } else { 0.0 }).collect()
+            }
+            ScaleMode::PerInput => per_input_fit(&d.delta, x_tr, r_tr, train_rows)?,
+            ScaleMode::TwoSided => continue,
+        };
+        if scales.iter().any(|s| !s.is_finite()) {
+            return Err(CompressError::Calibration(format!("{}: the {} fit is not finite (degenerate calibration data?)", d.delta.name, mode.name())));
+        }
+        candidates.push((mode.name().to_string(), with(mode, scales)));
+    }
+    let mut scored = BTreeMap::new();
+    let mut best: Option<(f64, String, CompressedWeight<'static>)> = None;
+    for (label, w) in candidates {
+        let mse = heldout_mse(&w)?;
+        scored.insert(label.clone(), mse);
+        if best.as_ref().is_none_or(|(m, _, _)| mse < *m) {
+            best = Some((mse, label, w));
+        }
+    }
+    let (_, kept, w) = best.expect("the initial candidate");
+    let fit = LayerFit { name: w.name.to_string(), kept, mode: w.mode, heldout_mse: scored, init_mse };
+    d.delta = w;
+    Ok(fit)
+}
+
+/// Least-squares per-input scales: ((XᵀX) ⊙ (SᵀS))·c = b with b[j] = Σ_i S[i, j]·(XᵀR)[j, i].
+fn per_input_fit(w: &CompressedWeight<'_>, x: &[f32], r: &[f32], rows: usize) -> Result<Vec<f32>, CompressError> {
+    let (out, inp) = (w.rows(), w.cols());
+    let s: Vec<f32> = (0..out).flat_map(|i| (0..inp).map(move |j| (i, j))).map(|(i, j)| w.signs.sign(i, j)).collect();
+    let xtx = gemm_tn(x, x, rows, inp, inp);
+    let sts = gemm_tn(&s, &s, out, inp, inp);
+    let xtr = gemm_tn(x, r, rows, inp, out);
+    let mut a: Vec<f64> = xtx.iter().zip(&sts).map(|(p, q)| *p as f64 * *q as f64).collect();
+    let mut b: Vec<f64> = (0..inp).map(|j| (0..out).map(|i| s[i * inp + j] as f64 * xtr[j * out + i] as f64).sum()).collect();
+    // A ridge of 1e-6 of the mean diagonal, pulling towards the weight-space scales: only columns
+    // the data hardly excites move noticeably.
+    let f = delta_kernels::merge::ScaleFactors::new(&w.name, w.mode, &w.scales, out, inp)?;
+    let row_mean = f.rows.iter().map(|&v| v as f64).sum::<f64>() / out as f64;
+    let c0: Vec<f64> = f.cols.iter().map(|&u| u as f64 * row_mean).collect();
+    let lambda = 1e-6 * (0..inp).map(|j| a[j * inp + j]).sum::<f64>() / inp as f64;
+    for j in 0..inp {
+        a[j * inp + j] += lambda.max(f64::MIN_POSITIVE);
+        b[j] += lambda * c0[j];
+    }
+    cholesky_solve(&mut a, &mut b, inp).ok_or_else(|| CompressError::Calibration(format!("{}: per-input normal equations are not positive definite", w.name)))?;
+    Ok(b.iter().map(|&v| v as f32).collect())
+}
+
+/// `Aᵀ·B` for row-major A `[k, m]` and B `[k, n]` -> `[m, n]`.
+fn gemm_tn(a: &[f32], b: &[f32], k: usize, m: usize, n: usize) -> Vec<f32> {
+    let mut c = vec![0f32; m * n];
+    // SAFETY: Aᵀ is A read with strides (1, m), B is row-major [k, n], C row-major [m, n].
+    unsafe {
+        matrixmultiply::sgemm(m, k, n, 1.0, a.as_ptr(), 1, m as isize, b.as_ptr(), n as isize, 1, 0.0, c.as_mut_ptr(), n as isize, 1);
+    }
+    c
+}
+
+/// Solves A·x = b in place (x in `b`) for symmetric positive definite A `[n, n]`.
+fn cholesky_solve(a: &mut [f64], b: &mut [f64], n: usize) -> Option<()> {
+    for j in 0..n {
+        let mut d = a[j * n + j];
+        for k in 0..j {
+            d -= a[j * n + k] * a[j * n + k];
+        }
+        if d.is_nan() || d <= 0.0 {
+            return None;
+        }
+        let d = d.sqrt();
+        a[j * n + j] = d;
+        for i in j + 1..n {
+            let (row_i, row_j) = (i * n, j * n);
+            let mut s = a[row_i + j];
+            for k in 0..j {
+                s -= a[row_i + k] * a[row_j + k];
+            }
+            a[row_i + j] = s / d;
+        }
+    }
+    for i in 0..n {
+        let mut s = b[i];
+        for k in 0..i {
+            s -= a[i * n + k] * b[k];
+        }
+        b[i] = s / a[i * n + i];
+    }
+    for i in (0..n).rev() {
+        let mut s = b[i];
+        for k in i + 1..n {
+            s -= a[k * n + i] * b[k];
+        }
+        b[i] = s / a[i * n + i];
+    }
+    Some(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cholesky_solves_a_known_system() {
+        // A = [[4, 2], [2, 3]], x = [1, -2] -> b = [0, -4].
+        let mut a = vec![4.0, 2.0, 2.0, 3.0];
+        let mut b = vec![0.0, -4.0];
+        cholesky_solve(&mut a, &mut b, 2).unwrap();
+        assert!((b[0] - 1.0).abs() < 1e-12 && (b[1] + 2.0).abs() < 1e-12, "{b:?}");
+        assert!(cholesky_solve(&mut [1.0, 2.0, 2.0, 1.0], &mut [0.0, 0.0], 2).is_none());
+    }
+
+    #[test]
+    fn gemm_tn_is_a_transposed_product() {
+        // A [k=2, m=3], B [k=2, n=2].
+        let a = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
+        let b = [1.0, 0.0, 0.0, 1.0];
+        assert_eq!(gemm_tn(&a, &b, 2, 3, 2), vec![1.0, 4.0, 2.0, 5.0, 3.0, 6.0]);
+    }
+}
