@@ -9,5 +9,5 @@
 pub mod compress;
 pub mod layerwise;
 
-pub use layerwise::{calibrate_layerwise, LayerFit, LayerwiseOptions};
+pub use layerwise::{calibrate_layerwise, LayerFit, LayerwiseOptions, Solver};
 pub use compress::{compress, is_block_linear, CompressError, CompressOptions, Compressed, ScaleChoice, WeightReport};

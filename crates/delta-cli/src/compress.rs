@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::ValueEnum;
-use delta_calib::{calibrate_layerwise, compress, CompressOptions, LayerwiseOptions, ScaleChoice};
+use delta_calib::{calibrate_layerwise, compress, CompressOptions, LayerwiseOptions, ScaleChoice, Solver};
 use delta_format::checkpoint::Checkpoint;
 use delta_format::ScaleMode;
 
@@ -35,6 +35,12 @@ pub enum CalibrateArg {
     /// already-calibrated compressed model); per layer the candidate with the lowest held-out
     /// output MSE is kept (with --scale auto; a fixed --scale fits only that mode).
     Layerwise,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SolverArg {
+    Exact,
+    Adamw,
 }
 
 /// Compress a fine-tune into a 1-bit delta against its base.
@@ -71,6 +77,13 @@ pub struct Args {
     /// Tokens per calibration sample.
     #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..=65_536))]
     calib_len: u32,
+    /// How layer-wise fits are solved: `exact` least squares (closed forms, normal equations), or
+    /// `adamw`, the papers' loop (5 epochs, batches of 128 rows, --adamw-lr) for comparison.
+    #[arg(long, value_enum, default_value_t = SolverArg::Exact)]
+    layerwise_solver: SolverArg,
+    /// Learning rate of `--layerwise-solver adamw`.
+    #[arg(long, default_value_t = 1e-5)]
+    adamw_lr: f64,
     /// Replace the output if it exists.
     #[arg(long)]
     force: bool,
@@ -81,6 +94,9 @@ pub struct Args {
 
 pub fn run(a: Args) -> Result<()> {
     let started = Instant::now();
+    if !(a.adamw_lr.is_finite() && a.adamw_lr > 0.0) {
+        anyhow::bail!("--adamw-lr must be a positive number, not {}", a.adamw_lr);
+    }
     ui::check_output(&a.output, a.force)?;
     let calib_text = match (a.calibrate, &a.calib_text) {
         (CalibrateArg::None, _) => None,
@@ -121,11 +137,15 @@ pub fn run(a: Args) -> Result<()> {
             anyhow::bail!("the calibration text has {} tokens; {n} samples x {len} need {}", ids.len(), n * len);
         }
         let samples: Vec<Vec<u32>> = ids.chunks_exact(len).take(n).map(<[u32]>::to_vec).collect();
+        let solver = match a.layerwise_solver {
+            SolverArg::Exact => Solver::Exact,
+            SolverArg::Adamw => Solver::AdamW { epochs: 5, lr: a.adamw_lr, batch_rows: 128 },
+        };
         let modes = match scale {
             ScaleChoice::Auto => vec![ScaleMode::Scalar, ScaleMode::PerOutput, ScaleMode::PerInput],
             ScaleChoice::Fixed(m) => vec![m],
         };
-        let opts = LayerwiseOptions { modes, heldout: n.div_ceil(10) };
+        let opts = LayerwiseOptions { solver, modes, heldout: n.div_ceil(10), keep_initial: true };
         let bar = ui::progress(c.weights.len() as u64, "layer-wise", false, a.json);
         fits = calibrate_layerwise(&mut c, &base, &finetuned, &samples, &opts, &mut |done, _, name| {
             bar.set_position(done as u64);
@@ -134,7 +154,8 @@ pub fn run(a: Args) -> Result<()> {
         bar.finish_and_clear();
         c.calibration = "layerwise".into();
         c.calibration_report = Some(serde_json::json!({
-            "samples": n, "tokens_per_sample": len, "heldout_samples": opts.heldout, "layers": fits,
+            "samples": n, "tokens_per_sample": len, "heldout_samples": opts.heldout,
+            "solver": format!("{:?}", opts.solver), "layers": fits,
         }));
     }
     let bytes = c.write(&a.output, &finetuned, a.force)?;

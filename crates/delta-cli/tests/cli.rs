@@ -337,3 +337,23 @@ fn generate_follows_the_reference_and_refuses_bad_requests() {
         assert_eq!(String::from_utf8_lossy(&out.stderr).trim_end().lines().count(), 1);
     }
 }
+
+/// Calibration requests that cannot work are refused before any output exists.
+#[test]
+fn layerwise_calibration_refuses_too_little_text() {
+    let (base, ft) = smollm2();
+    let tmp = tempfile::tempdir().unwrap();
+    let text = tmp.path().join("short.txt");
+    std::fs::write(&text, "Only a few words of calibration text.").unwrap();
+    let before = listing(tmp.path());
+    let out = tmp.path().join("d.bitdelta.safetensors");
+    let args = ["compress", "--base", s(&base), "--finetuned", s(&ft), "-o", s(&out), "--calibrate", "layerwise", "--calib-text", s(&text)];
+    refused(&bitdelta(&args), "calibration text has", tmp.path(), &before);
+    let mut bad_lr = args.to_vec();
+    bad_lr.extend(["--layerwise-solver", "adamw", "--adamw-lr", "nan"]);
+    refused(&bitdelta(&bad_lr), "--adamw-lr", tmp.path(), &before);
+    let missing = tmp.path().join("missing.txt");
+    let mut no_text = args.to_vec();
+    no_text[10] = s(&missing);
+    refused(&bitdelta(&no_text), "missing.txt", tmp.path(), &before);
+}
