@@ -4,8 +4,10 @@
 //!   (default `$DELTA_FIXTURES`, else `~/.cache/delta-fixtures`).
 //! - `demo` runs the main job on them: compress the pair, inspect, apply, check, report.
 //! - `ci` is the test command: fixtures, then `cargo test --workspace --release`.
-//! - `bench` times compress and apply on the pair against copying the checkpoint and writes
-//!   `target/bench/pipeline.json`.
+//! - `bench [pipeline|kernels]`: `pipeline` times compress, apply (against copying the
+//!   checkpoint) and generation on the pair (`target/bench/pipeline.json`); `kernels` runs the
+//!   criterion Fig. 4 sweep of the delta kernels with a bandwidth probe
+//!   (`target/bench/kernels.json`); both by default.
 //! - `tiny-models DIR` (maintainers) writes the tiny checkpoint of every architecture variant,
 //!   for `fixtures/tiny/reference.py` to compute reference logits with `transformers`.
 //! - `vendor-finetune BASE FINETUNED` (maintainers) re-encodes the fine-tune as
@@ -30,7 +32,12 @@ fn run() -> Result<()> {
         Some("fixtures") => fixtures(args.get(1).map(PathBuf::from)).map(|_| ()),
         Some("demo") => demo(),
         Some("ci") => ci(),
-        Some("bench") => bench(),
+        Some("bench") => match args.get(1).map(String::as_str) {
+            None => bench().and_then(|_| bench_kernels()),
+            Some("pipeline") => bench(),
+            Some("kernels") => bench_kernels(),
+            Some(other) => bail!("unknown bench `{other}` (pipeline, kernels, or nothing for both)"),
+        },
         Some("tiny-models") if args.len() == 2 => tiny_models(Path::new(&args[1])),
         Some("vendor-finetune") if args.len() == 3 => vendor_finetune(Path::new(&args[1]), Path::new(&args[2])),
         _ => {
@@ -38,7 +45,7 @@ fn run() -> Result<()> {
                 "usage: cargo xtask <command>\n\n  fixtures [DIR]  build the real fixtures (default $DELTA_FIXTURES, else ~/.cache/delta-fixtures)\n  \
                  demo            compress the SmolLM2 pair, inspect, apply, verify, print a report\n  \
                  ci              fixtures, then cargo test --workspace --release\n  \
-                 bench           time compress / apply on the pair; writes target/bench/pipeline.json\n  \
+                 bench [pipeline|kernels]\n                  time compress / apply / generation on the pair (pipeline.json) and the Fig. 4\n                  kernel sweep with a bandwidth probe (kernels.json); both by default\n  \
                  tiny-models DIR write the tiny architecture checkpoints (for fixtures/tiny/reference.py)\n  \
                  vendor-finetune BASE FINETUNED\n                  re-encode the fine-tune into fixtures/smollm2/finetuned.ulpdelta (maintainers)"
             );
@@ -218,6 +225,57 @@ fn demo() -> Result<()> {
     let (_, secs) = bitdelta_json(&bin, &["compress", "--base", s(&base), "--finetuned", s(&ft), "-o", s(&calibrated), "--scale", "scalar", "--calibrate", "layerwise", "--calib-text", s(&fx.join("text/c4.utf8"))])?;
     row(format!("base + scalar delta, layer-wise ({secs:.0} s)"), eval(&base, Some(&calibrated))?);
     println!("End-to-end distillation and task accuracy come with issues #6 and #8.");
+    Ok(())
+}
+
+/// The Fig. 4 sweep (criterion bench `delta-kernels/benches/fig4.rs`), collected from
+/// criterion's estimates into `target/bench/kernels.json` and a table.
+fn bench_kernels() -> Result<()> {
+    sh(cargo().current_dir(root()).args(["bench", "-p", "delta-kernels", "--bench", "fig4"]))?;
+    let crit = target_dir().join("criterion");
+    let seconds = |parts: &[String]| -> Result<f64> {
+        let mut path = crit.clone();
+        parts.iter().for_each(|p| path.push(p));
+        let path = path.join("new/estimates.json");
+        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).with_context(|| path.display().to_string())?)?;
+        Ok(v["mean"]["point_estimate"].as_f64().context("estimates.json without mean")? * 1e-9)
+    };
+    let copy_bytes = 2.0 * (64u64 << 20) as f64 * 4.0;
+    let copy_gbs = copy_bytes / seconds(&["bandwidth".into(), "copy_256MiB".into()])? / 1e9;
+    let sizes: Vec<usize> = std::env::var("FIG4_SIZES")
+        .ok()
+        .map(|s| s.split(',').filter_map(|v| v.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![1024, 2048, 4096, 8192]);
+    let mut rows = Vec::new();
+    println!("machine: {}; copy bandwidth (read + write) {copy_gbs:.1} GB/s", machine());
+    println!("| N = M | B | batched delta | B dense GEMVs (merged) | speed-up | batched GB/s | % of copy bandwidth |");
+    println!("|---|---|---|---|---|---|---|");
+    for n in sizes {
+        for b in [1usize, 2, 4, 8, 16, 32] {
+            let group = format!("fig4_n{n}");
+            let t_delta = seconds(&[group.clone(), "batched_delta".into(), b.to_string()])?;
+            let t_dense = seconds(&[group, "dense_gemv_each".into(), b.to_string()])?;
+            let bytes = (n * n * 4 + b * (n * n / 8 + n * 4)) as f64;
+            let gbs = bytes / t_delta / 1e9;
+            println!(
+                "| {n} | {b} | {:.3} ms | {:.3} ms | {:.2}x | {gbs:.1} | {:.0}% |",
+                t_delta * 1e3,
+                t_dense * 1e3,
+                t_dense / t_delta,
+                100.0 * gbs / copy_gbs
+            );
+            rows.push(serde_json::json!({
+                "n": n, "b": b, "batched_delta_s": t_delta, "dense_gemv_each_s": t_dense,
+                "speedup": t_dense / t_delta, "batched_bytes": bytes, "batched_gb_s": gbs,
+                "fraction_of_copy_bandwidth": gbs / copy_gbs,
+            }));
+        }
+    }
+    let json = serde_json::json!({ "machine": machine(), "copy_gb_s": copy_gbs, "sweep": rows });
+    let out = target_dir().join("bench");
+    std::fs::create_dir_all(&out)?;
+    std::fs::write(out.join("kernels.json"), serde_json::to_string_pretty(&json)?)?;
+    println!("wrote {}", out.join("kernels.json").display());
     Ok(())
 }
 
