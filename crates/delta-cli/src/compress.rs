@@ -183,6 +183,7 @@ pub fn run(a: Args) -> Result<()> {
             "mean_rel_error": mean_err,
             "max_rel_error": max_err,
             "seconds": seconds,
+            // Weight-space fits as compressed; with calibration, `layerwise` has what was kept.
             "weights": c.reports,
         });
         println!("{out}");
@@ -195,7 +196,8 @@ pub fn run(a: Args) -> Result<()> {
             c.whole.len(),
             c.unchanged.len()
         );
-        println!("weight-space error ‖Δ − Δ̂‖/‖Δ‖: mean {mean_err:.3}, max {max_err:.3}");
+        let when = if fits.is_empty() { "" } else { " (of the weight-space scales, before calibration)" };
+        println!("weight-space error ‖Δ − Δ̂‖/‖Δ‖{when}: mean {mean_err:.3}, max {max_err:.3}");
         if !fits.is_empty() {
             let mut kept: std::collections::BTreeMap<&str, usize> = Default::default();
             fits.iter().for_each(|f| *kept.entry(f.kept.as_str()).or_default() += 1);
