@@ -222,6 +222,7 @@ fn demo() -> Result<()> {
     }
     // Layer-wise calibration on the C4 sample (about 2.5 minutes on 2 cores).
     let calibrated = work.join("scalar-layerwise.bitdelta.safetensors");
+    eprintln!("  (calibrating the scalar delta layer by layer on text/c4.utf8, about 2.5 minutes…)");
     let (_, secs) = bitdelta_json(&bin, &["compress", "--base", s(&base), "--finetuned", s(&ft), "-o", s(&calibrated), "--scale", "scalar", "--calibrate", "layerwise", "--calib-text", s(&fx.join("text/c4.utf8"))])?;
     row(format!("base + scalar delta, layer-wise ({secs:.0} s)"), eval(&base, Some(&calibrated))?);
     println!("End-to-end distillation and task accuracy come with issues #6 and #8.");
