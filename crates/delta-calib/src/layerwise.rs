@@ -110,9 +110,10 @@ pub fn calibrate_layerwise(
     let train_rows = (n - opts.heldout) * t;
     let total = c.weights.len();
     let mut fits = Vec::with_capacity(total);
-    let mut fit_one = |teacher_proj: &Projection<B>, student_proj: &mut Projection<B>, x_t: &Tensor<B, 2>, x_s: &Tensor<B, 2>| -> Result<(), CompressError> {
+    // `y_t`: the teacher layer's output on the teacher's input; `x_s`: the student's input.
+    let mut fit_one = |y_t: &Tensor<B, 2>, student_proj: &mut Projection<B>, x_s: &Tensor<B, 2>| -> Result<(), CompressError> {
         let Projection::Delta(d) = student_proj else { return Ok(()) };
-        let fit = fit_layer(d, teacher_proj, x_t, x_s, train_rows, opts)?;
+        let fit = fit_layer(d, y_t, x_s, train_rows, opts)?;
         progress(fits.len() + 1, total, &fit.name);
         fits.push(fit);
         Ok(())
@@ -123,27 +124,33 @@ pub fn calibrate_layerwise(
     let (cos, sin) = teacher.rope_tables(t);
     for i in 0..teacher.layers.len() {
         let (lt, ls) = (&teacher.layers[i], &mut student.layers[i]);
+        let (at, mt) = (&lt.self_attn, &lt.mlp);
         let flat = |x: Tensor<B, 3>| x.reshape([n * t, hidden]);
+        // Each teacher output is computed once: as a fit's target and for the teacher's forward.
         let h_t = flat(lt.input_layernorm.forward(x_t.clone()));
         let h_s = flat(ls.input_layernorm.forward(x_s.clone()));
-        fit_one(&lt.self_attn.q_proj, &mut ls.self_attn.q_proj, &h_t, &h_s)?;
-        fit_one(&lt.self_attn.k_proj, &mut ls.self_attn.k_proj, &h_t, &h_s)?;
-        fit_one(&lt.self_attn.v_proj, &mut ls.self_attn.v_proj, &h_t, &h_s)?;
-        let attend = |a: &delta_models::llama::Attention<B>, h: &Tensor<B, 2>| {
-            a.attend(a.q_proj.forward(h.clone()), a.k_proj.forward(h.clone()), a.v_proj.forward(h.clone()), n, &cos, &sin, None)
-        };
-        let (ctx_t, ctx_s) = (attend(&lt.self_attn, &h_t), attend(&ls.self_attn, &h_s));
-        fit_one(&lt.self_attn.o_proj, &mut ls.self_attn.o_proj, &ctx_t, &ctx_s)?;
-        let a_t = x_t + lt.self_attn.o_proj.forward(ctx_t).reshape([n, t, hidden]);
+        let (q_t, k_t, v_t) = (at.q_proj.forward(h_t.clone()), at.k_proj.forward(h_t.clone()), at.v_proj.forward(h_t));
+        fit_one(&q_t, &mut ls.self_attn.q_proj, &h_s)?;
+        fit_one(&k_t, &mut ls.self_attn.k_proj, &h_s)?;
+        fit_one(&v_t, &mut ls.self_attn.v_proj, &h_s)?;
+        let ctx_t = at.attend(q_t, k_t, v_t, n, &cos, &sin, None);
+        let a = &ls.self_attn;
+        let ctx_s = a.attend(a.q_proj.forward(h_s.clone()), a.k_proj.forward(h_s.clone()), a.v_proj.forward(h_s), n, &cos, &sin, None);
+        let o_t = at.o_proj.forward(ctx_t);
+        fit_one(&o_t, &mut ls.self_attn.o_proj, &ctx_s)?;
+        let a_t = x_t + o_t.reshape([n, t, hidden]);
         let a_s = x_s + ls.self_attn.o_proj.forward(ctx_s).reshape([n, t, hidden]);
         let h_t = flat(lt.post_attention_layernorm.forward(a_t.clone()));
         let h_s = flat(ls.post_attention_layernorm.forward(a_s.clone()));
-        fit_one(&lt.mlp.gate_proj, &mut ls.mlp.gate_proj, &h_t, &h_s)?;
-        fit_one(&lt.mlp.up_proj, &mut ls.mlp.up_proj, &h_t, &h_s)?;
-        let act = |m: &delta_models::llama::Mlp<B>, h: Tensor<B, 2>| silu(m.gate_proj.forward(h.clone())) * m.up_proj.forward(h);
-        let (act_t, act_s) = (act(&lt.mlp, h_t), act(&ls.mlp, h_s));
-        fit_one(&lt.mlp.down_proj, &mut ls.mlp.down_proj, &act_t, &act_s)?;
-        x_t = a_t + lt.mlp.down_proj.forward(act_t).reshape([n, t, hidden]);
+        let (gate_t, up_t) = (mt.gate_proj.forward(h_t.clone()), mt.up_proj.forward(h_t));
+        fit_one(&gate_t, &mut ls.mlp.gate_proj, &h_s)?;
+        fit_one(&up_t, &mut ls.mlp.up_proj, &h_s)?;
+        let act_t = silu(gate_t) * up_t;
+        let m = &ls.mlp;
+        let act_s = silu(m.gate_proj.forward(h_s.clone())) * m.up_proj.forward(h_s);
+        let down_t = mt.down_proj.forward(act_t);
+        fit_one(&down_t, &mut ls.mlp.down_proj, &act_s)?;
+        x_t = a_t + down_t.reshape([n, t, hidden]);
         x_s = a_s + ls.mlp.down_proj.forward(act_s).reshape([n, t, hidden]);
     }
     // Carry the kept modes and scales back into the artifact.
@@ -178,12 +185,12 @@ fn host(x: &Tensor<B, 2>) -> Vec<f32> {
 }
 
 /// Fits one layer and installs the kept candidate in `d`.
-fn fit_layer(d: &mut DeltaLinear<B>, teacher: &Projection<B>, x_t: &Tensor<B, 2>, x_s: &Tensor<B, 2>, train_rows: usize, opts: &LayerwiseOptions) -> Result<LayerFit, CompressError> {
+fn fit_layer(d: &mut DeltaLinear<B>, y_t: &Tensor<B, 2>, x_s: &Tensor<B, 2>, train_rows: usize, opts: &LayerwiseOptions) -> Result<LayerFit, CompressError> {
     let (modes, keep_initial) = (&opts.modes, opts.keep_initial);
     let (out, inp) = (d.delta.rows(), d.delta.cols());
     let xs = host(x_s);
     // R = what the delta must add: teacher output minus the student's base product (with bias).
-    let mut r = host(&teacher.forward(x_t.clone()));
+    let mut r = host(y_t);
     r.iter_mut().zip(host(&d.base.forward(x_s.clone()))).for_each(|(a, b)| *a -= b);
     let (x_tr, x_ho) = xs.split_at(train_rows * inp);
     let (r_tr, r_ho) = r.split_at(train_rows * out);
@@ -343,9 +350,7 @@ fn per_input_fit(w: &CompressedWeight<'_>, x: &[f32], r: &[f32], rows: usize) ->
     let mut b: Vec<f64> = (0..inp).map(|j| (0..out).map(|i| s[i * inp + j] as f64 * xtr[j * out + i] as f64).sum()).collect();
     // A ridge of 1e-6 of the mean diagonal, pulling towards the weight-space scales: only columns
     // the data hardly excites move noticeably.
-    let f = delta_kernels::merge::ScaleFactors::new(&w.name, w.mode, &w.scales, out, inp)?;
-    let row_mean = f.rows.iter().map(|&v| v as f64).sum::<f64>() / out as f64;
-    let c0: Vec<f64> = f.cols.iter().map(|&u| u as f64 * row_mean).collect();
+    let c0: Vec<f64> = initial_scales(w, ScaleMode::PerInput)?.iter().map(|&c| c as f64).collect();
     let lambda = 1e-6 * (0..inp).map(|j| a[j * inp + j]).sum::<f64>() / inp as f64;
     for j in 0..inp {
         a[j * inp + j] += lambda.max(f64::MIN_POSITIVE);

@@ -34,10 +34,7 @@ impl<B: Backend> DeltaLinear<B> {
             delta_matmul_add(&self.delta, xs, y).expect("shapes checked in new")
         });
         if let Some(y) = fused {
-            return match &self.base.bias {
-                Some(b) => y + b.clone().unsqueeze::<2>(),
-                None => y,
-            };
+            return self.base.add_bias(y);
         }
         let device = x.device();
         let [rows, _] = x.dims();

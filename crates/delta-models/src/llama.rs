@@ -30,7 +30,11 @@ impl<B: Backend> Linear<B> {
 
     /// `x`: `[rows, in]` -> `[rows, out]`.
     pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        let y = crate::host::matmul(x, &self.weight_t);
+        self.add_bias(crate::host::matmul(x, &self.weight_t))
+    }
+
+    /// `y (+ b)` for a product `y` computed elsewhere (e.g. fused with a delta term).
+    pub fn add_bias(&self, y: Tensor<B, 2>) -> Tensor<B, 2> {
         match &self.bias {
             Some(b) => y + b.clone().unsqueeze::<2>(),
             None => y,
