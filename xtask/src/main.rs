@@ -4,6 +4,7 @@
 //!   (default `$DELTA_FIXTURES`, else `~/.cache/delta-fixtures`).
 //! - `demo` runs the main job on them: compress the pair, inspect, apply, check, report.
 //! - `ci` is the test command: fixtures, then `cargo test --workspace --release`.
+//! - `report [--limit N | --full]`: the quality report on the pair (`REPORT.md`, see `report.rs`).
 //! - `bench [pipeline|kernels]`: `pipeline` times compress, apply (against copying the
 //!   checkpoint) and generation on the pair (`target/bench/pipeline.json`); `kernels` runs the
 //!   criterion Fig. 4 sweep of the delta kernels with a bandwidth probe
@@ -19,6 +20,8 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 
+mod report;
+
 fn main() {
     if let Err(e) = run() {
         eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
@@ -31,6 +34,7 @@ fn run() -> Result<()> {
     match args.first().map(String::as_str) {
         Some("fixtures") => fixtures(args.get(1).map(PathBuf::from)).map(|_| ()),
         Some("demo") => demo(),
+        Some("report") => report::report(&args[1..]),
         Some("ci") => ci(),
         Some("bench") => match args.get(1).map(String::as_str) {
             None => bench().and_then(|_| bench_kernels()),
@@ -45,6 +49,7 @@ fn run() -> Result<()> {
                 "usage: cargo xtask <command>\n\n  fixtures [DIR]  build the real fixtures (default $DELTA_FIXTURES, else ~/.cache/delta-fixtures)\n  \
                  demo            compress the SmolLM2 pair, inspect, apply, verify, print a report\n  \
                  ci              fixtures, then cargo test --workspace --release\n  \
+                 report [--limit N | --full]\n                  quality report on the pair: perplexity, zero-shot tasks (first N = 200 documents\n                  each by default), sizes, times -> REPORT.md, report/report.{{json,svg}}\n  \
                  bench [pipeline|kernels]\n                  time compress / apply / generation on the pair (pipeline.json) and the Fig. 4\n                  kernel sweep with a bandwidth probe (kernels.json); both by default\n  \
                  tiny-models DIR write the tiny architecture checkpoints (for fixtures/tiny/reference.py)\n  \
                  vendor-finetune BASE FINETUNED\n                  re-encode the fine-tune into fixtures/smollm2/finetuned.ulpdelta (maintainers)"
@@ -160,7 +165,7 @@ fn demo() -> Result<()> {
     let mut auto_path = PathBuf::new();
     for mode in ["scalar", "per-output", "per-input", "two-sided", "auto"] {
         let path = work.join(format!("{mode}.bitdelta.safetensors"));
-        let (c, secs) = bitdelta_json(&bin, &["compress", "--base", s(&base), "--finetuned", s(&ft), "-o", s(&path), "--scale", mode])?;
+        let (c, secs) = bitdelta_json(&bin, &["compress", "--base", s(&base), "--finetuned", s(&ft), "-o", s(&path), "--scale", mode, "--calibrate", "none"])?;
         println!(
             "{:<11} {:>7.1} MB {:>6.1}x {:>7.2} s {:>11.3}  {}",
             mode,
@@ -220,12 +225,31 @@ fn demo() -> Result<()> {
     for mode in ["scalar", "auto"] {
         row(format!("base + {mode} delta (no calibration)"), eval(&base, Some(&work.join(format!("{mode}.bitdelta.safetensors"))))?);
     }
-    // Layer-wise calibration on the C4 sample (about 2.5 minutes on 2 cores).
-    let calibrated = work.join("scalar-layerwise.bitdelta.safetensors");
-    eprintln!("  (calibrating the scalar delta layer by layer on text/c4.utf8, about 2.5 minutes…)");
-    let (_, secs) = bitdelta_json(&bin, &["compress", "--base", s(&base), "--finetuned", s(&ft), "-o", s(&calibrated), "--scale", "scalar", "--calibrate", "layerwise", "--calib-text", s(&fx.join("text/c4.utf8"))])?;
-    row(format!("base + scalar delta, layer-wise ({secs:.0} s)"), eval(&base, Some(&calibrated))?);
-    println!("End-to-end distillation and task accuracy come with issues #6 and #8.");
+    // The default calibration (layer-wise, then end to end) on the C4 sample: ~5 minutes here.
+    let calibrated = work.join("scalar-full.bitdelta.safetensors");
+    eprintln!("  (calibrating the scalar delta on text/c4.utf8 — layer by layer, then end to end — about 5 minutes…)");
+    let (_, secs) = bitdelta_json(&bin, &["compress", "--base", s(&base), "--finetuned", s(&ft), "-o", s(&calibrated), "--scale", "scalar", "--calibrate", "full", "--calib-text", s(&fx.join("text/c4.utf8"))])?;
+    row(format!("base + scalar delta, calibrated ({secs:.0} s)"), eval(&base, Some(&calibrated))?);
+
+    println!();
+    println!("ARC-Easy, first 100 questions, zero-shot (bitdelta eval tasks):");
+    let arc = fx.join("tasks/arc_easy.jsonl.gz");
+    for (label, delta) in [("base", None), ("fine-tune", None), ("base + scalar delta, calibrated", Some(&calibrated))] {
+        let model = if label == "fine-tune" { &ft } else { &base };
+        let mut args = vec!["eval", "tasks", "--model", s(model), "--tasks", s(&arc), "--limit", "100"];
+        if let Some(d) = delta {
+            args.extend(["--delta", s(d)]);
+        }
+        let (r, secs) = bitdelta_json(&bin, &args)?;
+        let t = &r["tasks"][0];
+        println!(
+            "  {label:<40} acc {:.2} ± {:.2}, acc_norm {:.2}  ({secs:.0} s)",
+            t["acc"].as_f64().unwrap_or(f64::NAN),
+            t["acc_stderr"].as_f64().unwrap_or(f64::NAN),
+            t["acc_norm"].as_f64().unwrap_or(f64::NAN)
+        );
+    }
+    println!("The full quality report (both scale choices, every calibration, five tasks): cargo xtask report");
     Ok(())
 }
 
@@ -314,7 +338,7 @@ fn bench() -> Result<()> {
         let mut times = Vec::new();
         let mut bytes = 0;
         for _ in 0..RUNS {
-            let (c, secs) = bitdelta_json(&bin, &["compress", "--base", s(&base), "--finetuned", s(&ft), "-o", s(&path), "--scale", mode, "--force"])?;
+            let (c, secs) = bitdelta_json(&bin, &["compress", "--base", s(&base), "--finetuned", s(&ft), "-o", s(&path), "--scale", mode, "--calibrate", "none", "--force"])?;
             bytes = c["bytes"].as_u64().unwrap_or(0);
             times.push(secs);
         }

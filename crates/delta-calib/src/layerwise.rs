@@ -19,6 +19,7 @@
 use std::collections::BTreeMap;
 
 use burn::tensor::activation::silu;
+use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 use delta_format::checkpoint::Checkpoint;
 use delta_format::{CompressedWeight, ScaleMode};
@@ -98,10 +99,7 @@ pub fn calibrate_layerwise(
     let base_weights = Weights::<B>::new(base, None, device)?;
     for w in &c.weights {
         let proj = projection_mut(&mut student, &w.name).ok_or_else(|| CompressError::Calibration(format!("{}: not a projection of the model", w.name)))?;
-        let bias = match proj {
-            Projection::Dense(l) => l.bias.clone(),
-            Projection::Delta(d) => d.base.bias.clone(),
-        };
+        let bias = proj.linear().bias.clone();
         let linear = Linear { weight_t: base_weights.matrix_t(&w.name, w.rows(), w.cols())?, bias };
         *proj = Projection::Delta(DeltaLinear::new(linear, w.clone())?);
     }
@@ -164,7 +162,7 @@ pub fn calibrate_layerwise(
 }
 
 /// `model.layers.N.{self_attn,mlp}.P.weight` -> that projection.
-fn projection_mut<'m>(model: &'m mut Llama<B>, name: &str) -> Option<&'m mut Projection<B>> {
+pub(crate) fn projection_mut<'m, X: Backend>(model: &'m mut Llama<X>, name: &str) -> Option<&'m mut Projection<X>> {
     let rest = name.strip_prefix("model.layers.")?;
     let (i, rest) = rest.split_once('.')?;
     let layer = model.layers.get_mut(i.parse::<usize>().ok()?)?;

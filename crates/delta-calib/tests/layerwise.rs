@@ -4,45 +4,9 @@
 
 use delta_calib::{calibrate_layerwise, compress, CompressOptions, LayerFit, LayerwiseOptions, ScaleChoice, Solver};
 use delta_format::{Checkpoint, ScaleMode};
-use delta_tests::tiny::{self, VOCAB};
-use delta_tests::{RawTensor, Rng};
 
-const N: usize = 6;
-const T: usize = 12;
-const HELDOUT: usize = 2;
-
-struct Pair {
-    _tmp: tempfile::TempDir,
-    base: Checkpoint,
-    ft: Checkpoint,
-    samples: Vec<Vec<u32>>,
-}
-
-fn pair() -> Pair {
-    let v = tiny::variants().into_iter().find(|v| v.name == "qwen3").unwrap();
-    let tmp = tempfile::tempdir().unwrap();
-    tiny::write(&v, &tmp.path().join("base"));
-    tiny::write(&v, &tmp.path().join("ft"));
-    // The fine-tune: every block linear moved by noise with a direction-dependent size.
-    let mut rng = Rng::new(9);
-    let moved: Vec<RawTensor> = tiny::tensors(&v)
-        .into_iter()
-        .map(|t| {
-            if t.name.contains("layers") && t.name.ends_with("proj.weight") {
-                let vals: Vec<f32> = RawTensor::values(t.dtype, &t.data).iter().map(|x| x + 0.02 * rng.uniform() + 0.01 * x.signum()).collect();
-                RawTensor::from_f32(&t.name, t.dtype, &t.shape, &vals)
-            } else {
-                t
-            }
-        })
-        .collect();
-    let ft_dir = tmp.path().join("ft");
-    let config = std::fs::read(ft_dir.join("config.json")).unwrap();
-    delta_tests::write_folder(&ft_dir, &moved);
-    std::fs::write(ft_dir.join("config.json"), config).unwrap();
-    let samples = (0..N).map(|_| (0..T).map(|_| rng.below(VOCAB) as u32).collect()).collect();
-    Pair { base: Checkpoint::open(&tmp.path().join("base")).unwrap(), ft: Checkpoint::open(&ft_dir).unwrap(), samples, _tmp: tmp }
-}
+mod common;
+use common::{pair, Pair, HELDOUT, N};
 
 fn f32s(c: &Checkpoint, name: &str) -> Vec<f64> {
     c.tensor(name).unwrap().as_f32().unwrap().iter().map(|&x| x as f64).collect()

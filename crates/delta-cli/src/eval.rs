@@ -12,6 +12,7 @@ use crate::ui;
 #[derive(clap::Subcommand)]
 pub enum Command {
     Ppl(PplArgs),
+    Tasks(crate::eval_tasks::TasksArgs),
 }
 
 /// Perplexity of a model on a text file.
@@ -42,6 +43,7 @@ pub struct PplArgs {
 pub fn run(c: Command) -> Result<()> {
     match c {
         Command::Ppl(a) => ppl(a),
+        Command::Tasks(a) => crate::eval_tasks::run(a),
     }
 }
 

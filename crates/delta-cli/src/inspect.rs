@@ -96,6 +96,9 @@ pub fn run(a: Args) -> Result<()> {
     println!("  compressed weights: {:>4}  {}", meta.weights.len(), ui::size(compressed_bytes));
     println!("  whole tensors:      {:>4}  {}", rows.len() - meta.weights.len(), ui::size(whole_bytes));
     println!("  unchanged (absent): {:>4}", unchanged);
+    if let Some(c) = meta.notes.get("compression").and_then(|c| serde_json::from_str::<serde_json::Value>(c).ok()) {
+        println!("  scales: {}, calibration {}", c["scale"].as_str().unwrap_or("?"), c["calibration"].as_str().unwrap_or("?"));
+    }
     println!(
         "  file: {} — the fine-tune in bf16 is {}, {ratio:.1}x larger",
         ui::size(file_bytes),

@@ -6,6 +6,7 @@
 mod apply;
 mod compress;
 mod eval;
+mod eval_tasks;
 mod generate;
 mod inspect;
 mod load;

@@ -44,3 +44,20 @@ pub fn check_output(path: &std::path::Path, force: bool) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Writes `bytes` to `path` atomically (temporary sibling, fsync, rename).
+pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut f = delta_format::atomic::AtomicFile::create(path, true)?;
+    f.file().write_all(bytes).map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
+    f.commit()?;
+    Ok(())
+}
+
+/// The process's peak resident memory so far (Linux: VmHWM of /proc/self/status).
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}

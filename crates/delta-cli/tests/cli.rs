@@ -50,7 +50,7 @@ fn scalar_compress_then_apply_is_bit_exact_on_the_real_pair() {
     let tmp = tempfile::tempdir().unwrap();
     let delta = tmp.path().join("ft.bitdelta.safetensors");
     let out_dir = tmp.path().join("restored");
-    ok(&bitdelta(&["compress", "--base", s(&base_dir), "--finetuned", s(&ft_dir), "-o", s(&delta), "--scale", "scalar"]));
+    ok(&bitdelta(&["compress", "--base", s(&base_dir), "--finetuned", s(&ft_dir), "-o", s(&delta), "--calibrate", "none", "--scale", "scalar"]));
     let summary: serde_json::Value =
         serde_json::from_str(&ok(&bitdelta(&["apply", "--base", s(&base_dir), "--delta", s(&delta), "-o", s(&out_dir), "--json"]))).unwrap();
     assert_eq!(summary["merged"], 210);
@@ -103,7 +103,7 @@ fn wrong_base_and_truncated_artifact_are_refused_on_the_real_pair() {
     let (base_dir, ft_dir) = smollm2();
     let tmp = tempfile::tempdir().unwrap();
     let delta = tmp.path().join("ft.bitdelta.safetensors");
-    ok(&bitdelta(&["compress", "--base", s(&base_dir), "--finetuned", s(&ft_dir), "-o", s(&delta)]));
+    ok(&bitdelta(&["compress", "--base", s(&base_dir), "--finetuned", s(&ft_dir), "-o", s(&delta), "--calibrate", "none"]));
     let before = listing(tmp.path());
     let out = tmp.path().join("out");
 
@@ -150,7 +150,7 @@ fn bad_checkpoint_pairs_are_refused_without_output() {
         let tmp = tempfile::tempdir().unwrap();
         let (b, f) = pair_folders(tmp.path(), edit);
         let before = listing(tmp.path());
-        let r = bitdelta(&["compress", "--base", s(&b), "--finetuned", s(&f), "-o", s(&tmp.path().join("d.bitdelta.safetensors"))]);
+        let r = bitdelta(&["compress", "--base", s(&b), "--finetuned", s(&f), "-o", s(&tmp.path().join("d.bitdelta.safetensors")), "--calibrate", "none"]);
         eprintln!("case: {what}");
         refused(&r, needle, tmp.path(), &before);
     }
@@ -163,10 +163,10 @@ fn existing_output_needs_force_and_nonsense_is_a_usage_error() {
     let delta = tmp.path().join("d.bitdelta.safetensors");
     std::fs::write(&delta, "precious").unwrap();
     let before = listing(tmp.path());
-    let r = bitdelta(&["compress", "--base", s(&b), "--finetuned", s(&f), "-o", s(&delta)]);
+    let r = bitdelta(&["compress", "--base", s(&b), "--finetuned", s(&f), "-o", s(&delta), "--calibrate", "none"]);
     refused(&r, "already exists (use --force", tmp.path(), &before);
     assert_eq!(std::fs::read_to_string(&delta).unwrap(), "precious");
-    ok(&bitdelta(&["compress", "--base", s(&b), "--finetuned", s(&f), "-o", s(&delta), "--force"]));
+    ok(&bitdelta(&["compress", "--base", s(&b), "--finetuned", s(&f), "-o", s(&delta), "--calibrate", "none", "--force"]));
     assert_eq!(listing(tmp.path()), before, "--force replaced the file in place");
     assert!(std::fs::read(&delta).unwrap().len() > 1000);
 
@@ -181,7 +181,7 @@ fn existing_output_needs_force_and_nonsense_is_a_usage_error() {
 
     refused(&bitdelta(&["inspect", s(&tmp.path().join("nope"))]), "No such file", tmp.path(), &listing(tmp.path()));
     let lost = tmp.path().join("no/such/dir/d.bitdelta.safetensors");
-    refused(&bitdelta(&["compress", "--base", s(&b), "--finetuned", s(&f), "-o", s(&lost)]), "output folder", tmp.path(), &listing(tmp.path()));
+    refused(&bitdelta(&["compress", "--base", s(&b), "--finetuned", s(&f), "-o", s(&lost), "--calibrate", "none"]), "output folder", tmp.path(), &listing(tmp.path()));
     refused(&bitdelta(&["apply", "--base", s(&tmp.path().join("nope")), "--delta", s(&delta), "-o", s(&tmp.path().join("o2"))]), "no such model folder", tmp.path(), &listing(tmp.path()));
     for args in [
         vec!["compress", "--base", s(&b), "--finetuned", s(&f), "-o", "x", "--scale", "sideways"],
@@ -225,7 +225,7 @@ fn every_mode_and_dtype_round_trips_through_sharded_folders() {
         // A sharded copy of the base: apply the empty delta (base against itself) with a tiny
         // shard size. Every compress/apply below reads the base from the shards.
         let ident = tmp.path().join("ident.bitdelta.safetensors");
-        ok(&bitdelta(&["compress", "--base", s(&b), "--finetuned", s(&b), "-o", s(&ident)]));
+        ok(&bitdelta(&["compress", "--base", s(&b), "--finetuned", s(&b), "-o", s(&ident), "--calibrate", "none"]));
         let sharded = tmp.path().join("base-sharded");
         ok(&bitdelta(&["apply", "--base", s(&b), "--delta", s(&ident), "-o", s(&sharded), "--max-shard-size", "20kB"]));
         let shards: Vec<String> = listing(&sharded).into_iter().filter(|n| n.ends_with(".safetensors")).collect();
@@ -238,7 +238,7 @@ fn every_mode_and_dtype_round_trips_through_sharded_folders() {
         for mode in ["scalar", "per-output", "per-input", "two-sided"] {
             let delta = tmp.path().join(format!("{mode}.bitdelta.safetensors"));
             let out = tmp.path().join(format!("out-{mode}"));
-            ok(&bitdelta(&["compress", "--base", s(&sharded), "--finetuned", s(&f), "-o", s(&delta), "--scale", mode]));
+            ok(&bitdelta(&["compress", "--base", s(&sharded), "--finetuned", s(&f), "-o", s(&delta), "--calibrate", "none", "--scale", mode]));
             ok(&bitdelta(&["apply", "--base", s(&sharded), "--delta", s(&delta), "-o", s(&out)]));
             let merged = read_tensors(&out.join("model.safetensors"));
             for (name, (odtype, shape, data)) in &merged {
@@ -283,8 +283,8 @@ fn a_process_killed_while_writing_leaves_nothing_under_the_final_name() {
     let (base_dir, ft_dir) = smollm2();
     let tmp = tempfile::tempdir().unwrap();
     let delta = tmp.path().join("ft.bitdelta.safetensors");
-    kill_mid_write(&["compress", "--base", s(&base_dir), "--finetuned", s(&ft_dir), "-o", s(&delta), "--scale", "scalar"], &delta);
-    ok(&bitdelta(&["compress", "--base", s(&base_dir), "--finetuned", s(&ft_dir), "-o", s(&delta), "--scale", "scalar"]));
+    kill_mid_write(&["compress", "--base", s(&base_dir), "--finetuned", s(&ft_dir), "-o", s(&delta), "--calibrate", "none", "--scale", "scalar"], &delta);
+    ok(&bitdelta(&["compress", "--base", s(&base_dir), "--finetuned", s(&ft_dir), "-o", s(&delta), "--calibrate", "none", "--scale", "scalar"]));
     let out = tmp.path().join("restored");
     kill_mid_write(&["apply", "--base", s(&base_dir), "--delta", s(&delta), "-o", s(&out)], &out);
 }
@@ -356,4 +356,67 @@ fn layerwise_calibration_refuses_too_little_text() {
     let mut no_text = args.to_vec();
     no_text[10] = s(&missing);
     refused(&bitdelta(&no_text), "missing.txt", tmp.path(), &before);
+}
+
+/// `--calibrate full` runs both stages (small counts here; the real run is in BENCHMARKS.md),
+/// records both in the report and the artifact's metadata, and refuses a bad learning rate.
+#[test]
+fn full_calibration_runs_both_stages_on_the_real_pair() {
+    let (base, ft) = smollm2();
+    let fx = delta_tests::fixtures();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("d.bitdelta.safetensors");
+    let text = fx.join("text/tiny_train.utf8");
+    let mut args = vec!["compress", "--base", s(&base), "--finetuned", s(&ft), "-o", s(&out), "--calib-text", s(&text), "--scale", "auto"];
+    args.extend(["--calib-samples", "4", "--calib-len", "32", "--distill-samples", "5", "--distill-batch", "2", "--json"]);
+    let before = listing(tmp.path());
+    let mut bad = args.clone();
+    bad.extend(["--distill-lr", "0"]);
+    refused(&bitdelta(&bad), "--distill-lr", tmp.path(), &before);
+
+    let report: serde_json::Value = serde_json::from_str(&ok(&bitdelta(&args))).unwrap();
+    assert_eq!(report["calibration"], "full");
+    let e2e = &report["end_to_end"];
+    // 5 samples: 1 held out, 4 trained on in batches of 2.
+    assert_eq!((e2e["steps"].as_u64(), e2e["train_samples"].as_u64(), e2e["heldout_samples"].as_u64()), (Some(2), Some(4), Some(1)));
+    assert_eq!(e2e["train_losses"].as_array().unwrap().len(), 2);
+    assert!(e2e["heldout_after"].as_f64().unwrap().is_finite());
+    assert_eq!(report["layerwise"].as_array().unwrap().len(), 210);
+
+    let info: serde_json::Value = serde_json::from_str(&ok(&bitdelta(&["inspect", s(&out), "--json"]))).unwrap();
+    let compression: serde_json::Value = serde_json::from_str(info["notes"]["compression"].as_str().unwrap()).unwrap();
+    assert_eq!(compression["calibration"], "full");
+    let report: serde_json::Value = serde_json::from_str(info["notes"]["calibration_report"].as_str().unwrap()).unwrap();
+    assert_eq!(report["end_to_end"]["steps"], 2);
+}
+
+/// `eval tasks` on the real request files: per-task accuracy over the documents asked for, and
+/// one-line refusals for files that are not request files.
+#[test]
+fn eval_tasks_scores_real_requests_and_refuses_bad_files() {
+    let (_, ft) = smollm2();
+    let fx = delta_tests::fixtures();
+    let (arc, wino) = (fx.join("tasks/arc_easy.jsonl.gz"), fx.join("tasks/winogrande.jsonl.gz"));
+    let out = ok(&bitdelta(&["eval", "tasks", "--model", s(&ft), "--tasks", s(&arc), s(&wino), "--limit", "3", "--json"]));
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let tasks = r["tasks"].as_array().unwrap();
+    assert_eq!(tasks.len(), 2);
+    for (t, name) in tasks.iter().zip(["arc_easy", "winogrande"]) {
+        assert_eq!(t["task"], name);
+        assert_eq!(t["docs"], 3);
+        let acc = t["acc"].as_f64().unwrap();
+        // Three documents: the accuracy is a count of them.
+        assert!([0.0, 1.0 / 3.0, 2.0 / 3.0, 1.0].iter().any(|v| (v - acc).abs() < 1e-12), "{acc}");
+    }
+
+    let tmp = tempfile::tempdir().unwrap();
+    let garbage = tmp.path().join("garbage.jsonl");
+    std::fs::write(&garbage, "{\"not\": \"a request\"}\n").unwrap();
+    let bad_label = tmp.path().join("label.jsonl");
+    let line = |idx: usize| format!("{{\"task_name\":\"t\",\"doc_id\":0,\"idx\":{idx},\"label\":5,\"request\":{{\"context\":\"a\",\"continuation\":\" b\"}}}}\n");
+    std::fs::write(&bad_label, line(0) + &line(1)).unwrap();
+    let before_files = listing(tmp.path());
+    for (file, needle) in [(&garbage, "garbage.jsonl:1"), (&bad_label, "label 5"), (&tmp.path().join("missing.jsonl.gz"), "missing.jsonl.gz")] {
+        refused(&bitdelta(&["eval", "tasks", "--model", s(&ft), "--tasks", s(file)]), needle, tmp.path(), &before_files);
+    }
 }

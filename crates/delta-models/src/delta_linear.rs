@@ -13,6 +13,7 @@ use crate::error::ModelError;
 use crate::llama::Linear;
 use crate::weights::Weights;
 
+#[derive(Clone)]
 pub struct DeltaLinear<B: Backend> {
     pub base: Linear<B>,
     pub delta: CompressedWeight<'static>,
@@ -58,10 +59,40 @@ impl<B: Backend> DeltaLinear<B> {
     }
 }
 
-/// A projection inside the model: dense, or base + packed delta.
+/// `y = x·W_baseᵀ + ((x ⊙ c)·Δ̂₀ᵀ) ⊙ r`: a dense delta with optional column multipliers `c`
+/// (`[1, in]`) and row multipliers `r` (`[1, out]`) — the form end-to-end calibration trains (on
+/// any backend, autodiff included). The product goes through the base and the delta separately,
+/// so no merged weight is formed and only the small multipliers need gradients.
+#[derive(Clone)]
+pub struct ScaledDelta<B: Backend> {
+    pub base: Linear<B>,
+    /// Δ̂₀ᵀ, `[in, out]`.
+    pub delta_t: Tensor<B, 2>,
+    pub rows: Option<Tensor<B, 2>>,
+    pub cols: Option<Tensor<B, 2>>,
+}
+
+impl<B: Backend> ScaledDelta<B> {
+    pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        let xc = match &self.cols {
+            Some(c) => x.clone() * c.clone(),
+            None => x.clone(),
+        };
+        let d = xc.matmul(self.delta_t.clone());
+        let d = match &self.rows {
+            Some(r) => d * r.clone(),
+            None => d,
+        };
+        self.base.forward(x) + d
+    }
+}
+
+/// A projection inside the model: dense, base + packed delta, or base + scaled dense delta.
+#[derive(Clone)]
 pub enum Projection<B: Backend> {
     Dense(Linear<B>),
     Delta(DeltaLinear<B>),
+    Scaled(ScaledDelta<B>),
 }
 
 impl<B: Backend> Projection<B> {
@@ -78,13 +109,20 @@ impl<B: Backend> Projection<B> {
         match self {
             Projection::Dense(l) => l.forward(x),
             Projection::Delta(d) => d.forward(x),
+            Projection::Scaled(d) => d.forward(x),
+        }
+    }
+
+    /// The (base) linear layer: its weight is the base's unless dense, its bias is the layer's.
+    pub fn linear(&self) -> &Linear<B> {
+        match self {
+            Projection::Dense(l) => l,
+            Projection::Delta(d) => &d.base,
+            Projection::Scaled(d) => &d.base,
         }
     }
 
     pub fn device(&self) -> B::Device {
-        match self {
-            Projection::Dense(l) => l.weight_t.device(),
-            Projection::Delta(d) => d.base.weight_t.device(),
-        }
+        self.linear().weight_t.device()
     }
 }

@@ -7,7 +7,8 @@
 //! - [`delta_linear`]: `DeltaLinear` — base weight + packed delta, forward without a dense Δ.
 //! - [`llama`]: the model, with a staged forward (embed, block i, head) for calibration.
 //! - [`generate`]: greedy / temperature sampling over a KV cache.
-//! - [`tokenizer`] (with streaming detokenisation), [`chat`] (chat templates), [`perplexity`].
+//! - [`tokenizer`] (with streaming detokenisation), [`chat`] (chat templates), [`perplexity`],
+//!   [`tasks`] (zero-shot multiple-choice scoring).
 
 pub mod chat;
 pub mod config;
@@ -17,11 +18,12 @@ pub mod generate;
 pub mod host;
 pub mod llama;
 pub mod perplexity;
+pub mod tasks;
 pub mod tokenizer;
 pub mod weights;
 
 pub use config::ModelConfig;
-pub use delta_linear::{DeltaLinear, Projection};
+pub use delta_linear::{DeltaLinear, Projection, ScaledDelta};
 pub use error::ModelError;
 pub use llama::{KvCache, Llama};
 pub use tokenizer::{TextStream, Tokenizer};

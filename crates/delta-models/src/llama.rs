@@ -16,6 +16,7 @@ use crate::delta_linear::Projection;
 use crate::weights::Weights;
 
 /// `y = x·Wᵀ (+ b)`, holding Wᵀ (`[in, out]`, contiguous) so the product needs no transpose.
+#[derive(Clone)]
 pub struct Linear<B: Backend> {
     pub weight_t: Tensor<B, 2>,
     pub bias: Option<Tensor<B, 1>>,
@@ -42,6 +43,7 @@ impl<B: Backend> Linear<B> {
     }
 }
 
+#[derive(Clone)]
 pub struct RmsNorm<B: Backend> {
     pub weight: Tensor<B, 1>,
     pub eps: f64,
@@ -63,6 +65,7 @@ impl<B: Backend> RmsNorm<B> {
 }
 
 /// Rotary position embedding, rotate-half form, with optional Llama-3 / linear frequency scaling.
+#[derive(Clone)]
 pub struct Rope {
     inv_freq: Vec<f64>,
 }
@@ -122,6 +125,7 @@ impl Rope {
     }
 }
 
+#[derive(Clone)]
 pub struct Attention<B: Backend> {
     pub q_proj: Projection<B>,
     pub k_proj: Projection<B>,
@@ -159,14 +163,22 @@ impl<B: Backend> KvCache<B> {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+
+    /// A cache of `n` rows, each a copy of this single-row cache (to continue one prefix `n` ways).
+    pub fn repeat(&self, n: usize) -> Self {
+        let layers = self.layers.iter().map(|l| l.as_ref().map(|(k, v)| (k.clone().repeat_dim(0, n), v.clone().repeat_dim(0, n)))).collect();
+        KvCache { layers, len: self.len }
+    }
 }
 
+#[derive(Clone)]
 pub struct Mlp<B: Backend> {
     pub gate_proj: Projection<B>,
     pub up_proj: Projection<B>,
     pub down_proj: Projection<B>,
 }
 
+#[derive(Clone)]
 pub struct Block<B: Backend> {
     pub input_layernorm: RmsNorm<B>,
     pub self_attn: Attention<B>,
@@ -174,6 +186,7 @@ pub struct Block<B: Backend> {
     pub mlp: Mlp<B>,
 }
 
+#[derive(Clone)]
 pub struct Llama<B: Backend> {
     pub cfg: ModelConfig,
     pub embed_tokens: Tensor<B, 2>,
@@ -361,18 +374,35 @@ impl<B: Backend> Llama<B> {
     /// Feeds `ids` (`[b, t]`) after the positions already in `cache`, extends the cache, and
     /// returns the logits of the last new position, `[b, vocab]` — prefill and decode alike.
     pub fn step(&self, ids: &[Vec<u32>], cache: &mut KvCache<B>) -> Result<Tensor<B, 2>, ModelError> {
-        let mut x = self.embed(ids)?;
+        let x = self.blocks_cached(ids, cache)?;
         let [b, t, hidden] = x.dims();
+        let last = x.narrow(1, t - 1, 1).reshape([b, 1, hidden]);
+        Ok(self.head(last).reshape([b, self.cfg.vocab_size]))
+    }
+
+    /// Like [`Llama::step`], returning the logits of every new position, `[b, t, vocab]`.
+    pub fn step_all(&self, ids: &[Vec<u32>], cache: &mut KvCache<B>) -> Result<Tensor<B, 3>, ModelError> {
+        Ok(self.head(self.blocks_cached(ids, cache)?))
+    }
+
+    /// Embedding and every block over `ids` after the cached positions; extends the cache.
+    fn blocks_cached(&self, ids: &[Vec<u32>], cache: &mut KvCache<B>) -> Result<Tensor<B, 3>, ModelError> {
+        let mut x = self.embed(ids)?;
+        let t = x.dims()[1];
         if cache.layers.len() != self.layers.len() {
             return Err(ModelError::Input(format!("a KV cache for {} layers, the model has {}", cache.layers.len(), self.layers.len())));
+        }
+        if let Some(Some((k, _))) = cache.layers.first() {
+            if k.dims()[0] != ids.len() {
+                return Err(ModelError::Input(format!("a KV cache of {} rows for a batch of {}", k.dims()[0], ids.len())));
+            }
         }
         let (cos, sin) = self.rope.tables(cache.len, t, &self.device);
         for (i, kv) in cache.layers.iter_mut().enumerate() {
             x = self.block_cached(i, x, &cos, &sin, Some(kv));
         }
         cache.len += t;
-        let last = x.narrow(1, t - 1, 1).reshape([b, 1, hidden]);
-        Ok(self.head(last).reshape([b, self.cfg.vocab_size]))
+        Ok(x)
     }
 
     /// The whole forward: logits `[b, t, vocab]`.

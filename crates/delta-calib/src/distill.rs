@@ -1,0 +1,347 @@
+//! Stage 2 of calibration: end-to-end distillation. The signs are frozen; every compressed
+//! weight's scales are trained jointly, with Burn autodiff, so that the student's logits match the
+//! teacher's (the fine-tune's) on calibration text.
+//!
+//! Each weight is `W = W_base + Δ̂₀ ⊙ (θ_r[i]·θ_c[j])` where Δ̂₀ is its delta after stage 1 and θ
+//! are multipliers starting at 1: one for `scalar`, one per row for `per-output`, one per column
+//! for `per-input`, both for `two-sided`. Training the multipliers instead of the scales makes
+//! every step relative to the scale it moves (Adam's step is ~lr in parameter units): a scale of
+//! 3e-4 and one of 3e-2 move by the same fraction, which is what lets vector scales train at the
+//! learning rate that suits a scalar.
+//!
+//! The student shares every tensor the compression does not touch (embeddings, norms, biases,
+//! head) with the teacher; only the compressed weights' base and Δ̂₀ are extra.
+
+use burn::backend::Autodiff;
+use burn::tensor::activation::log_softmax;
+use burn::tensor::{Tensor, TensorData};
+use delta_format::checkpoint::Checkpoint;
+use delta_format::ScaleMode;
+use delta_kernels::merge::ScaleFactors;
+use delta_models::llama::{Attention, Block, Linear, Mlp, RmsNorm};
+use delta_models::{CpuBackend, Llama, ModelConfig, Projection, ScaledDelta, Weights};
+use rayon::prelude::*;
+use serde::Serialize;
+
+use crate::compress::{CompressError, Compressed};
+use crate::layerwise::projection_mut;
+
+type B = CpuBackend;
+type AB = Autodiff<CpuBackend>;
+
+/// What the student's logits are trained to match.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DistillLoss {
+    /// Mean squared error between the logits (BitDelta's objective).
+    Mse,
+    /// KL(teacher ‖ student) of the next-token distributions, mean over positions.
+    Kl,
+}
+
+pub struct DistillOptions {
+    pub loss: DistillLoss,
+    /// Peak learning rate of Adam on the multipliers (cosine decay to 0 over the run).
+    pub lr: f64,
+    /// Samples per step.
+    pub batch: usize,
+    /// Passes over the training samples.
+    pub epochs: usize,
+    /// Samples (from the end) kept out of training, on which the loss is reported before and after.
+    pub heldout: usize,
+}
+
+/// What stage 2 did.
+#[derive(Clone, Debug, Serialize)]
+pub struct DistillReport {
+    pub loss: DistillLoss,
+    pub lr: f64,
+    pub batch: usize,
+    pub steps: usize,
+    pub train_samples: usize,
+    pub heldout_samples: usize,
+    /// Held-out loss with the scales stage 2 started from, and with the trained ones.
+    pub heldout_before: f64,
+    pub heldout_after: f64,
+    /// Training loss of every step (on that step's batch, before its update).
+    pub train_losses: Vec<f64>,
+    /// Wall time of the whole stage (loading, scoring and training).
+    pub seconds: f64,
+}
+
+/// One compressed weight's trainable multipliers and the fixed tensors they scale.
+struct Trainable {
+    name: String,
+    mode: ScaleMode,
+    /// The base layer (base weight, the fine-tune's bias) and `Δ̂₀ᵀ` (`[in, out]`).
+    base: Linear<AB>,
+    delta_t: Tensor<AB, 2>,
+    /// Row multipliers θ_r (`[1, out]`) and column multipliers θ_c (`[1, in]`), where the mode has them.
+    rows: Option<Adam>,
+    cols: Option<Adam>,
+}
+
+/// Adam (β 0.9 / 0.999, no weight decay) over one parameter vector, on the host.
+struct Adam {
+    theta: Vec<f64>,
+    m: Vec<f64>,
+    v: Vec<f64>,
+}
+
+impl Adam {
+    fn ones(n: usize) -> Self {
+        Adam { theta: vec![1.0; n], m: vec![0.0; n], v: vec![0.0; n] }
+    }
+
+    fn step(&mut self, grad: &[f64], lr: f64, t: i32) {
+        let (b1, b2, eps) = (0.9f64, 0.999f64, 1e-8f64);
+        for (((p, m), v), &g) in self.theta.iter_mut().zip(&mut self.m).zip(&mut self.v).zip(grad) {
+            *m = b1 * *m + (1.0 - b1) * g;
+            *v = b2 * *v + (1.0 - b2) * g * g;
+            *p -= lr * (*m / (1.0 - b1.powi(t))) / ((*v / (1.0 - b2.powi(t))).sqrt() + eps);
+        }
+    }
+
+    fn tensor(&self, shape: [usize; 2], grad: bool) -> Tensor<AB, 2> {
+        let values: Vec<f32> = self.theta.iter().map(|&v| v as f32).collect();
+        let t = Tensor::<AB, 2>::from_data(TensorData::new(values, shape), &Default::default());
+        if grad { t.require_grad() } else { t }
+    }
+}
+
+impl Trainable {
+    /// The layer with the current multipliers (tracked for gradients when `grad`), and those.
+    fn layer(&self, grad: bool) -> (Projection<AB>, Thetas) {
+        let r = self.rows.as_ref().map(|a| a.tensor([1, a.theta.len()], grad));
+        let c = self.cols.as_ref().map(|a| a.tensor([1, a.theta.len()], grad));
+        let layer = ScaledDelta { base: self.base.clone(), delta_t: self.delta_t.clone(), rows: r.clone(), cols: c.clone() };
+        (Projection::Scaled(layer), (r, c))
+    }
+
+    /// The trained scales in the artifact's layout for `mode`.
+    fn scales(&self, start: &[f32], out: usize) -> Vec<f32> {
+        let r = |i: usize| self.rows.as_ref().map_or(1.0, |a| a.theta[i]);
+        let c = |j: usize| self.cols.as_ref().map_or(1.0, |a| a.theta[j]);
+        match self.mode {
+            ScaleMode::Scalar => vec![(start[0] as f64 * r(0)) as f32],
+            ScaleMode::PerOutput => start.iter().enumerate().map(|(i, &s)| (s as f64 * r(i)) as f32).collect(),
+            ScaleMode::PerInput => start.iter().enumerate().map(|(j, &s)| (s as f64 * c(j)) as f32).collect(),
+            ScaleMode::TwoSided => start
+                .iter()
+                .enumerate()
+                .map(|(k, &s)| (s as f64 * if k < out { r(k) } else { c(k - out) }) as f32)
+                .collect(),
+        }
+    }
+}
+
+/// Runs stage 2 over every compressed weight of `c` (updating its scales) on `samples` (token id
+/// rows of equal length; the last `opts.heldout` are only evaluated). `progress(step, steps, loss)`
+/// after each step. A non-finite loss or gradient stops with an error and leaves `c` unchanged.
+pub fn distill(
+    c: &mut Compressed,
+    base: &Checkpoint,
+    finetuned: &Checkpoint,
+    samples: &[Vec<u32>],
+    opts: &DistillOptions,
+    progress: &mut dyn FnMut(usize, usize, f64),
+) -> Result<DistillReport, CompressError> {
+    let started = std::time::Instant::now();
+    let n = samples.len();
+    let t = samples.first().map_or(0, Vec::len);
+    if opts.heldout == 0 || opts.heldout >= n || t == 0 || opts.batch == 0 || opts.epochs == 0 {
+        return Err(CompressError::Calibration(format!(
+            "stage 2 needs samples to train on and some held out ({n} samples, {} held out, batch {}, {} epochs)",
+            opts.heldout, opts.batch, opts.epochs
+        )));
+    }
+    if !(opts.lr.is_finite() && opts.lr > 0.0) {
+        return Err(CompressError::Calibration(format!("the learning rate must be a positive number, not {}", opts.lr)));
+    }
+    let cfg = ModelConfig::load(finetuned.dir())?;
+    let device = Default::default();
+    let teacher = Llama::<B>::load(cfg.clone(), &Weights::<B>::new(finetuned, None, device)?)?;
+    let mut student = lift(&teacher);
+    let base_weights = Weights::<B>::new(base, None, device)?;
+    let mut trainables = Vec::with_capacity(c.weights.len());
+    for w in &c.weights {
+        let (out, inp) = (w.rows(), w.cols());
+        let Some(proj) = projection_mut(&mut student, &w.name) else {
+            return Err(CompressError::Calibration(format!("{}: not a projection of the model", w.name)));
+        };
+        let base = Linear { weight_t: Tensor::from_inner(base_weights.matrix_t(&w.name, out, inp)?), bias: proj.linear().bias.clone() };
+        let f = ScaleFactors::new(&w.name, w.mode, &w.scales, out, inp)?;
+        let mut d = vec![0f32; inp * out];
+        d.par_chunks_mut(out).enumerate().for_each(|(j, row)| row.iter_mut().enumerate().for_each(|(i, v)| *v = f.delta_hat(&w.signs, i, j)));
+        let delta_t = Tensor::<AB, 2>::from_data(TensorData::new(d, [inp, out]), &device);
+        let (rows, cols) = match w.mode {
+            ScaleMode::Scalar => (Some(Adam::ones(1)), None),
+            ScaleMode::PerOutput => (Some(Adam::ones(out)), None),
+            ScaleMode::PerInput => (None, Some(Adam::ones(inp))),
+            ScaleMode::TwoSided => (Some(Adam::ones(out)), Some(Adam::ones(inp))),
+        };
+        trainables.push(Trainable { name: w.name.to_string(), mode: w.mode, base, delta_t, rows, cols });
+    }
+    drop(base_weights);
+
+    let (train, heldout) = samples.split_at(n - opts.heldout);
+    let batches: Vec<&[Vec<u32>]> = train.chunks(opts.batch).collect();
+    let steps = batches.len() * opts.epochs;
+    let evaluate = |student: &mut Llama<AB>, trainables: &[Trainable]| -> Result<f64, CompressError> {
+        install(student, trainables, false);
+        let mut total = 0.0;
+        for chunk in heldout.chunks(opts.batch) {
+            let l = loss(opts.loss, student.forward(chunk)?, teacher.forward(chunk)?);
+            total += l.into_scalar() as f64 * chunk.len() as f64;
+        }
+        Ok(total / heldout.len() as f64)
+    };
+    let heldout_before = evaluate(&mut student, &trainables)?;
+    let mut train_losses = Vec::with_capacity(steps);
+    for step in 0..steps {
+        let batch = batches[step % batches.len()];
+        // One sample at a time, gradients summed: the batch's mean loss without holding the
+        // activations and logits of the whole batch at once.
+        let mut grads: Vec<(Vec<f64>, Vec<f64>)> = trainables.iter().map(|tr| (zeros(&tr.rows), zeros(&tr.cols))).collect();
+        let mut value = 0.0;
+        for sample in batch {
+            let thetas = install(&mut student, &trainables, true);
+            let one = std::slice::from_ref(sample);
+            let l = loss(opts.loss, student.forward(one)?, teacher.forward(one)?).div_scalar(batch.len() as f64);
+            let v = l.clone().into_scalar() as f64;
+            if !v.is_finite() {
+                return Err(CompressError::Calibration(format!("stage 2 diverged at step {} of {steps}: the loss is {v}", step + 1)));
+            }
+            value += v;
+            let g = l.backward();
+            for ((r, c), (gr, gc)) in thetas.iter().zip(grads.iter_mut()) {
+                for (theta, acc) in [(r, gr), (c, gc)] {
+                    let Some(theta) = theta else { continue };
+                    let values = theta.grad(&g).map(|g| g.into_data().into_vec::<f32>().expect("f32 gradient")).unwrap_or_default();
+                    acc.iter_mut().zip(values).for_each(|(a, v)| *a += v as f64);
+                }
+            }
+        }
+        // Cosine decay from lr to 0 over the run.
+        let lr = opts.lr * 0.5 * (1.0 + (std::f64::consts::PI * step as f64 / steps as f64).cos());
+        for (tr, (gr, gc)) in trainables.iter_mut().zip(grads) {
+            if gr.iter().chain(&gc).any(|v| !v.is_finite()) {
+                return Err(CompressError::Calibration(format!("stage 2 diverged at step {}: a non-finite gradient for {}", step + 1, tr.name)));
+            }
+            for (adam, g) in [(tr.rows.as_mut(), gr), (tr.cols.as_mut(), gc)] {
+                if let Some(adam) = adam {
+                    adam.step(&g, lr, step as i32 + 1);
+                }
+            }
+        }
+        train_losses.push(value);
+        progress(step + 1, steps, value);
+    }
+    let heldout_after = evaluate(&mut student, &trainables)?;
+    if !heldout_after.is_finite() {
+        return Err(CompressError::Calibration(format!("stage 2 diverged: the held-out loss is {heldout_after}")));
+    }
+    for (w, tr) in c.weights.iter_mut().zip(&trainables) {
+        let scales = tr.scales(&w.scales, w.rows());
+        if scales.iter().any(|s| !s.is_finite()) {
+            return Err(CompressError::Calibration(format!("{}: stage 2 produced non-finite scales", w.name)));
+        }
+        w.scales = scales.into();
+    }
+    Ok(DistillReport {
+        loss: opts.loss,
+        lr: opts.lr,
+        batch: opts.batch,
+        steps,
+        train_samples: train.len(),
+        heldout_samples: heldout.len(),
+        heldout_before,
+        heldout_after,
+        train_losses,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+fn zeros(a: &Option<Adam>) -> Vec<f64> {
+    vec![0.0; a.as_ref().map_or(0, |a| a.theta.len())]
+}
+
+/// θ_r and θ_c of one weight, where its mode has them.
+type Thetas = (Option<Tensor<AB, 2>>, Option<Tensor<AB, 2>>);
+
+/// Puts every trainable layer, with its current multipliers, into the student; returns the θs.
+fn install(student: &mut Llama<AB>, trainables: &[Trainable], grad: bool) -> Vec<Thetas> {
+    trainables
+        .iter()
+        .map(|tr| {
+            let (layer, thetas) = tr.layer(grad);
+            *projection_mut(student, &tr.name).expect("checked when built") = layer;
+            thetas
+        })
+        .collect()
+}
+
+/// The distillation loss of student logits against the teacher's (`[b, t, vocab]`), a scalar.
+fn loss(kind: DistillLoss, student: Tensor<AB, 3>, teacher: Tensor<B, 3>) -> Tensor<AB, 1> {
+    let teacher = Tensor::<AB, 3>::from_inner(teacher);
+    match kind {
+        DistillLoss::Mse => {
+            let d = student - teacher;
+            (d.clone() * d).mean()
+        }
+        DistillLoss::Kl => {
+            let [b, t, _] = student.dims();
+            let lt = log_softmax(teacher, 2);
+            let ls = log_softmax(student, 2);
+            (lt.clone().exp() * (lt - ls)).sum().div_scalar((b * t) as f64)
+        }
+    }
+}
+
+/// The teacher's model on the autodiff backend, sharing its tensors (no copy).
+fn lift(m: &Llama<B>) -> Llama<AB> {
+    fn t<const D: usize>(x: &Tensor<B, D>) -> Tensor<AB, D> {
+        Tensor::from_inner(x.clone())
+    }
+    let norm = |n: &RmsNorm<B>| RmsNorm { weight: t(&n.weight), eps: n.eps };
+    let linear = |l: &Linear<B>| Linear { weight_t: t(&l.weight_t), bias: l.bias.as_ref().map(t) };
+    let proj = |p: &Projection<B>| match p {
+        Projection::Dense(l) => Projection::Dense(linear(l)),
+        Projection::Delta(d) => Projection::Dense(Linear { weight_t: t(&d.merged_weight_t()), bias: d.base.bias.as_ref().map(t) }),
+        Projection::Scaled(d) => Projection::Scaled(ScaledDelta {
+            base: linear(&d.base),
+            delta_t: t(&d.delta_t),
+            rows: d.rows.as_ref().map(t),
+            cols: d.cols.as_ref().map(t),
+        }),
+    };
+    Llama {
+        cfg: m.cfg.clone(),
+        embed_tokens: t(&m.embed_tokens),
+        layers: m
+            .layers
+            .iter()
+            .map(|l| Block {
+                input_layernorm: norm(&l.input_layernorm),
+                self_attn: Attention {
+                    q_proj: proj(&l.self_attn.q_proj),
+                    k_proj: proj(&l.self_attn.k_proj),
+                    v_proj: proj(&l.self_attn.v_proj),
+                    o_proj: proj(&l.self_attn.o_proj),
+                    q_norm: l.self_attn.q_norm.as_ref().map(norm),
+                    k_norm: l.self_attn.k_norm.as_ref().map(norm),
+                    heads: l.self_attn.heads,
+                    kv_heads: l.self_attn.kv_heads,
+                    head_dim: l.self_attn.head_dim,
+                    sliding_window: l.self_attn.sliding_window,
+                },
+                post_attention_layernorm: norm(&l.post_attention_layernorm),
+                mlp: Mlp { gate_proj: proj(&l.mlp.gate_proj), up_proj: proj(&l.mlp.up_proj), down_proj: proj(&l.mlp.down_proj) },
+            })
+            .collect(),
+        norm: norm(&m.norm),
+        lm_head_t: t(&m.lm_head_t),
+        rope: m.rope.clone(),
+        device: Default::default(),
+    }
+}

@@ -1,0 +1,235 @@
+//! `cargo xtask report [--limit N]`: the quality report on the real pair — base, fine-tune, and
+//! the fine-tune compressed as scalar (none / full) and auto (none / layer-wise / full): held-out
+//! TinyStories and C4 perplexity, the five zero-shot tasks, artifact size and compression time.
+//! Writes `REPORT.md`, `report/report.json` and `report/report.svg` in the repository.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+
+use crate::{bitdelta, bitdelta_json, fixtures, machine, root, s, target_dir};
+
+const TASKS: [(&str, &str); 5] = [
+    ("arc_challenge", "ARC-C"),
+    ("arc_easy", "ARC-E"),
+    ("hellaswag", "HellaSwag"),
+    ("piqa", "PIQA"),
+    ("winogrande", "Winogrande"),
+];
+
+/// Compressed variants: label, --scale, --calibrate.
+const VARIANTS: [(&str, &str, &str); 5] = [
+    ("scalar, none", "scalar", "none"),
+    ("scalar, full", "scalar", "full"),
+    ("auto, none", "auto", "none"),
+    ("auto, layer-wise", "auto", "layerwise"),
+    ("auto, full", "auto", "full"),
+];
+
+/// The last ~60 KB of the C4 sample, from a line start: text the calibration (which reads from
+/// the start, 200 × 128 tokens ≈ 115 KB) never sees.
+fn c4_heldout(fx: &Path, work: &Path) -> Result<PathBuf> {
+    let text = std::fs::read_to_string(fx.join("text/c4.utf8"))?;
+    let mut start = text.len().saturating_sub(60_000);
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    let start = text[start..].find('\n').map_or(start, |i| start + i + 1);
+    if start < 150_000 {
+        bail!("text/c4.utf8 is too short to keep a held-out part away from the calibration samples");
+    }
+    let path = work.join("c4_heldout.utf8");
+    std::fs::write(&path, &text[start..])?;
+    Ok(path)
+}
+
+pub fn report(args: &[String]) -> Result<()> {
+    let mut limit: Option<u64> = Some(200);
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--limit" => limit = Some(it.next().context("--limit needs a number")?.parse().context("--limit needs a number")?),
+            "--full" => limit = None,
+            other => bail!("unknown report option `{other}` (--limit N, --full)"),
+        }
+    }
+    let started = Instant::now();
+    let fx = fixtures(None)?;
+    let bin = bitdelta()?;
+    let (base, ft) = (fx.join("smollm2/base"), fx.join("smollm2/finetuned"));
+    let work = target_dir().join("report");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work)?;
+    let c4 = c4_heldout(&fx, &work)?;
+    let tiny = fx.join("text/tiny_heldout.utf8");
+    let task_files: Vec<PathBuf> = TASKS.iter().map(|(t, _)| fx.join(format!("tasks/{t}.jsonl.gz"))).collect();
+
+    let evaluate = |model: &Path, delta: Option<&Path>| -> Result<Value> {
+        let with = |mut a: Vec<String>| {
+            if let Some(d) = delta {
+                a.extend(["--delta".into(), s(d).into()]);
+            }
+            a
+        };
+        let ppl = |text: &Path| -> Result<f64> {
+            let a = with(vec!["eval".into(), "ppl".into(), "--model".into(), s(model).into(), "--text".into(), s(text).into()]);
+            let a: Vec<&str> = a.iter().map(String::as_str).collect();
+            Ok(bitdelta_json(&bin, &a)?.0["ppl"].as_f64().unwrap_or(f64::NAN))
+        };
+        let (p_tiny, p_c4) = (ppl(&tiny)?, ppl(&c4)?);
+        let mut a = with(vec!["eval".into(), "tasks".into(), "--model".into(), s(model).into(), "--tasks".into()]);
+        a.extend(task_files.iter().map(|p| s(p).to_string()));
+        if let Some(l) = limit {
+            a.extend(["--limit".into(), l.to_string()]);
+        }
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        let (tasks, _) = bitdelta_json(&bin, &a)?;
+        Ok(json!({ "tiny_ppl": p_tiny, "c4_ppl": p_c4, "tasks": tasks }))
+    };
+
+    let mut rows: Vec<Value> = Vec::new();
+    eprintln!("report: evaluating the base");
+    rows.push(json!({ "label": "base", "eval": evaluate(&base, None)? }));
+    eprintln!("report: evaluating the fine-tune");
+    rows.push(json!({ "label": "fine-tune", "eval": evaluate(&ft, None)? }));
+    for (label, scale, calibrate) in VARIANTS {
+        eprintln!("report: compressing ({label})");
+        let path = work.join(format!("{}-{calibrate}.bitdelta.safetensors", scale));
+        let mut a = vec!["compress", "--base", s(&base), "--finetuned", s(&ft), "-o", s(&path), "--scale", scale, "--calibrate", calibrate];
+        let c4_text = fx.join("text/c4.utf8");
+        if calibrate != "none" {
+            a.extend(["--calib-text", s(&c4_text)]);
+        }
+        let (c, secs) = bitdelta_json(&bin, &a)?;
+        eprintln!("report: evaluating ({label})");
+        rows.push(json!({
+            "label": label, "scale": scale, "calibrate": calibrate,
+            "bytes": c["bytes"], "compress_seconds": secs, "modes": c["modes"],
+            "peak_rss_bytes": c["peak_rss_bytes"], "eval": evaluate(&base, Some(&path))?,
+        }));
+    }
+    let date = Command::new("date").args(["-u", "+%Y-%m-%d"]).output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default();
+    let out = json!({
+        "machine": machine(), "date": date, "limit": limit, "seconds": started.elapsed().as_secs_f64(),
+        "calibration_text": "text/c4.utf8", "rows": rows,
+    });
+    let dir = root().join("report");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("report.json"), serde_json::to_string_pretty(&out)?)?;
+    std::fs::write(dir.join("report.svg"), plot(&out))?;
+    std::fs::write(root().join("REPORT.md"), markdown(&out))?;
+    println!("{}", markdown(&out));
+    eprintln!("wrote REPORT.md, report/report.json and report/report.svg in {:.0} s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn acc(row: &Value, task: &str) -> Option<(f64, f64, f64)> {
+    let t = row["eval"]["tasks"]["tasks"].as_array()?.iter().find(|t| t["task"] == task)?;
+    Some((t["acc"].as_f64()?, t["acc_norm"].as_f64()?, t["acc_stderr"].as_f64()?))
+}
+
+fn markdown(r: &Value) -> String {
+    let rows = r["rows"].as_array().cloned().unwrap_or_default();
+    let ppl = |row: &Value, k: &str| row["eval"][k].as_f64().unwrap_or(f64::NAN);
+    let (b, f) = (&rows[0], &rows[1]);
+    let share = |p: f64, k: &str| 100.0 * (ppl(b, k).ln() - p.ln()) / (ppl(b, k).ln() - ppl(f, k).ln());
+    let mut m = String::new();
+    let _ = writeln!(m, "# Quality report: SmolLM2-135M-Instruct and its TinyStories fine-tune\n");
+    let limit = match r["limit"].as_u64() {
+        Some(l) => format!("the first {l} documents of each task"),
+        None => "every document of each task".into(),
+    };
+    let _ = writeln!(
+        m,
+        "Produced by `cargo xtask report` on {} ({}), {:.0} minutes in all. Compressed variants are \
+         applied to the base through `--delta` (merged in the base dtype, as `bitdelta apply` writes them); \
+         calibration text: the C4 sample (`text/c4.utf8`). Zero-shot accuracy over {limit} (`bitdelta eval tasks`; \
+         acc = argmax of the continuation's summed log-likelihood, ± its standard error); perplexity with the \
+         protocol of `results.json` on held-out TinyStories (`text/tiny_heldout.utf8`) and on the last ~60 KB of \
+         the C4 sample, which calibration never reads. *Gain kept* = the share of the fine-tune's log-perplexity \
+         gain over the base on TinyStories that the variant keeps.\n",
+        r["machine"].as_str().unwrap_or("?"),
+        r["date"].as_str().unwrap_or("?"),
+        r["seconds"].as_f64().unwrap_or(0.0) / 60.0
+    );
+    let _ = write!(m, "| model | size | compress | TinyStories ppl | gain kept | C4 ppl |");
+    for (_, name) in TASKS {
+        let _ = write!(m, " {name} |");
+    }
+    let _ = writeln!(m, " avg acc |");
+    let _ = writeln!(m, "|---|---|---|---|---|---|{}---|", "---|".repeat(TASKS.len()));
+    for row in &rows {
+        let size = row["bytes"].as_f64().map_or("269.1 MB (bf16)".to_string(), |v| format!("{:.1} MB", v / 1e6));
+        let secs = row["compress_seconds"].as_f64().map_or("–".to_string(), |v| format!("{v:.0} s"));
+        let t = ppl(row, "tiny_ppl");
+        let _ = write!(m, "| {} | {size} | {secs} | {t:.3} | {:.1}% | {:.2} |", row["label"].as_str().unwrap_or("?"), share(t, "tiny_ppl"), ppl(row, "c4_ppl"));
+        let mut accs = Vec::new();
+        for (task, _) in TASKS {
+            match acc(row, task) {
+                Some((a, _, se)) => {
+                    accs.push(a);
+                    let _ = write!(m, " {:.1} ± {:.1} |", 100.0 * a, 100.0 * se);
+                }
+                None => m.push_str(" – |"),
+            }
+        }
+        let _ = writeln!(m, " {:.1} |", 100.0 * accs.iter().sum::<f64>() / accs.len().max(1) as f64);
+    }
+    let _ = writeln!(m, "\nacc_norm (per byte of continuation), same documents:\n");
+    let _ = write!(m, "| model |");
+    for (_, name) in TASKS {
+        let _ = write!(m, " {name} |");
+    }
+    let _ = writeln!(m, "\n|---|{}", "---|".repeat(TASKS.len()));
+    for row in &rows {
+        let _ = write!(m, "| {} |", row["label"].as_str().unwrap_or("?"));
+        for (task, _) in TASKS {
+            let _ = write!(m, " {} |", acc(row, task).map_or("–".into(), |(_, n, _)| format!("{:.1}", 100.0 * n)));
+        }
+        m.push('\n');
+    }
+    let _ = writeln!(m, "\n![TinyStories perplexity and mean accuracy per variant](report/report.svg)\n");
+    let _ = writeln!(m, "The numbers behind this page: `report/report.json`.");
+    m
+}
+
+/// Two bar charts: held-out TinyStories perplexity and mean task accuracy, per variant.
+fn plot(r: &Value) -> String {
+    let rows = r["rows"].as_array().cloned().unwrap_or_default();
+    let labels: Vec<String> = rows.iter().map(|row| row["label"].as_str().unwrap_or("?").to_string()).collect();
+    let ppl: Vec<f64> = rows.iter().map(|row| row["eval"]["tiny_ppl"].as_f64().unwrap_or(0.0)).collect();
+    let acc: Vec<f64> = rows
+        .iter()
+        .map(|row| {
+            let v: Vec<f64> = TASKS.iter().filter_map(|(t, _)| acc(row, t).map(|a| 100.0 * a.0)).collect();
+            v.iter().sum::<f64>() / v.len().max(1) as f64
+        })
+        .collect();
+    let (w, bar_h, left) = (760.0, 22.0, 130.0);
+    let panel = rows.len() as f64 * bar_h;
+    let height = 2.0 * panel + 130.0;
+    let mut sv = String::new();
+    let _ = writeln!(sv, r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{height}" font-family="sans-serif" font-size="12">"#);
+    let _ = writeln!(sv, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let chart = |sv: &mut String, top: f64, title: &str, values: &[f64], lo: f64, hi: f64, fmt: &dyn Fn(f64) -> String| {
+        let _ = writeln!(sv, r#"<text x="10" y="{}" font-weight="bold">{title}</text>"#, top - 8.0);
+        for (i, (label, v)) in labels.iter().zip(values).enumerate() {
+            let y = top + i as f64 * bar_h;
+            let len = ((v - lo) / (hi - lo)).clamp(0.0, 1.0) * (w - left - 90.0);
+            let colour = if i < 2 { "#9d9d9d" } else { "#4c78a8" };
+            let _ = writeln!(sv, r#"<text x="{}" y="{}" text-anchor="end">{label}</text>"#, left - 6.0, y + 15.0);
+            let _ = writeln!(sv, r#"<rect x="{left}" y="{}" width="{len:.1}" height="{}" fill="{colour}"/>"#, y + 3.0, bar_h - 6.0);
+            let _ = writeln!(sv, r#"<text x="{:.1}" y="{}">{}</text>"#, left + len + 6.0, y + 15.0, fmt(*v));
+        }
+    };
+    let (pmin, pmax) = (ppl.iter().cloned().fold(f64::INFINITY, f64::min), ppl.iter().cloned().fold(0.0, f64::max));
+    chart(&mut sv, 30.0, "Held-out TinyStories perplexity (lower is better; axis from 0.95 × the lowest)", &ppl, 0.95 * pmin, pmax, &|v| format!("{v:.3}"));
+    let (amin, amax) = (acc.iter().cloned().fold(f64::INFINITY, f64::min), acc.iter().cloned().fold(0.0, f64::max));
+    chart(&mut sv, panel + 90.0, "Mean zero-shot accuracy over the five tasks, % (axis from the lowest − 2)", &acc, amin - 2.0, amax, &|v| format!("{v:.1}"));
+    sv.push_str("</svg>\n");
+    sv
+}
