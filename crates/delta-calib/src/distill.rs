@@ -183,6 +183,9 @@ pub fn distill(
         trainables.push(Trainable { name: w.name.to_string(), mode: w.mode, base, delta_t, rows, cols });
     }
     drop(base_weights);
+    // Everything needed is in f32 tensors now; the mapped checkpoint pages need not stay resident.
+    base.release_pages();
+    finetuned.release_pages();
 
     let (train, heldout) = samples.split_at(n - opts.heldout);
     let batches: Vec<&[Vec<u32>]> = train.chunks(opts.batch).collect();

@@ -52,6 +52,9 @@ pub struct LayerwiseOptions {
     /// Let the weight-space scales compete too, so a layer never ends worse on held-out data
     /// than it started (the CLI does; tests of the fits themselves turn it off).
     pub keep_initial: bool,
+    /// A vector mode replaces the fitted scalar only if its held-out MSE is lower by more than
+    /// this fraction (0: the lowest MSE wins outright).
+    pub vector_margin: f64,
 }
 
 /// What stage 1 did to one weight.
@@ -94,8 +97,9 @@ pub fn calibrate_layerwise(
     let cfg = ModelConfig::load(finetuned.dir())?;
     let device = Default::default();
     let ft_weights = Weights::<B>::new(finetuned, None, device)?;
-    let teacher = Llama::load(cfg.clone(), &ft_weights)?;
-    let mut student = Llama::load(cfg, &ft_weights)?;
+    let teacher = Llama::load(cfg, &ft_weights)?;
+    // The student shares every tensor with the teacher until its projections are replaced.
+    let mut student = teacher.clone();
     let base_weights = Weights::<B>::new(base, None, device)?;
     for w in &c.weights {
         let proj = projection_mut(&mut student, &w.name).ok_or_else(|| CompressError::Calibration(format!("{}: not a projection of the model", w.name)))?;
@@ -104,6 +108,9 @@ pub fn calibrate_layerwise(
         *proj = Projection::Delta(DeltaLinear::new(linear, w.clone())?);
     }
     drop(base_weights);
+    // Everything needed is in f32 tensors now; the mapped checkpoint pages need not stay resident.
+    base.release_pages();
+    finetuned.release_pages();
 
     let train_rows = (n - opts.heldout) * t;
     let total = c.weights.len();
@@ -249,6 +256,7 @@ fn fit_layer(d: &mut DeltaLinear<B>, y_t: &Tensor<B, 2>, x_s: &Tensor<B, 2>, tra
     }
     let (mut scored, mut train_mse) = (BTreeMap::new(), BTreeMap::new());
     let mut best: Option<(f64, String, CompressedWeight<'static>)> = None;
+    let candidates_scalar = candidates.iter().find(|(l, _)| l == "scalar").cloned();
     for (label, w) in candidates {
         train_mse.insert(label.clone(), mse(&w, x_tr, r_tr)?);
         let mse = heldout_mse(&w)?;
@@ -257,9 +265,16 @@ fn fit_layer(d: &mut DeltaLinear<B>, y_t: &Tensor<B, 2>, x_s: &Tensor<B, 2>, tra
             best = Some((mse, label, w));
         }
     }
-    let Some((_, kept, w)) = best else {
+    let Some((best_mse, mut kept, mut w)) = best else {
         return Err(CompressError::Calibration(format!("{}: no candidate could be fitted", d.delta.name)));
     };
+    // Prefer the one-scale fit unless a vector clearly pays.
+    if let (Some(&scalar_mse), Some((_, sw))) = (scored.get("scalar"), candidates_scalar) {
+        if w.mode != ScaleMode::Scalar && kept != "scalar" && best_mse >= scalar_mse * (1.0 - opts.vector_margin) && opts.vector_margin > 0.0 {
+            kept = "scalar".to_string();
+            w = sw;
+        }
+    }
     let fit = LayerFit { name: w.name.to_string(), kept, mode: w.mode, heldout_mse: scored, train_mse, init_mse };
     d.delta = w;
     Ok(fit)

@@ -36,7 +36,7 @@ fn run(p: &Pair, mode: ScaleMode, keep_initial: bool) -> (Vec<f32>, String) {
 fn run_with(p: &Pair, mode: ScaleMode, keep_initial: bool, solver: Solver) -> (Vec<f32>, String, Vec<LayerFit>) {
     let opts = CompressOptions { scale: ScaleChoice::Fixed(mode), ..CompressOptions::default() };
     let mut c = compress(&p.base, &p.ft, &opts, &mut |_, _, _| {}).unwrap();
-    let lw = LayerwiseOptions { solver, modes: vec![mode], heldout: HELDOUT, keep_initial };
+    let lw = LayerwiseOptions { solver, modes: vec![mode], heldout: HELDOUT, keep_initial, vector_margin: 0.0 };
     let fits = calibrate_layerwise(&mut c, &p.base, &p.ft, &p.samples, &lw, &mut |_, _, _| {}).unwrap();
     assert_eq!(fits.len(), c.weights.len());
     for f in &fits {

@@ -94,6 +94,10 @@ pub struct Args {
     /// `adamw`, the papers' loop (5 epochs, batches of 128 rows, --adamw-lr) for comparison.
     #[arg(long, value_enum, default_value_t = SolverArg::Exact)]
     layerwise_solver: SolverArg,
+    /// With `--scale auto`: a per-output or per-input fit replaces the scalar fit of a layer only
+    /// if its held-out layer-output MSE is lower by more than this fraction (0: lowest wins).
+    #[arg(long, default_value_t = 0.0)]
+    vector_margin: f64,
     /// Learning rate of `--layerwise-solver adamw`.
     #[arg(long, default_value_t = 1e-5)]
     adamw_lr: f64,
@@ -127,6 +131,9 @@ pub fn run(a: Args) -> Result<()> {
     let started = Instant::now();
     if !(a.adamw_lr.is_finite() && a.adamw_lr > 0.0) {
         anyhow::bail!("--adamw-lr must be a positive number, not {}", a.adamw_lr);
+    }
+    if !(0.0..1.0).contains(&a.vector_margin) {
+        anyhow::bail!("--vector-margin must be in [0, 1), not {}", a.vector_margin);
     }
     if !(a.distill_lr.is_finite() && a.distill_lr > 0.0) {
         anyhow::bail!("--distill-lr must be a positive number, not {}", a.distill_lr);
@@ -191,7 +198,7 @@ pub fn run(a: Args) -> Result<()> {
             ScaleChoice::Auto => vec![ScaleMode::Scalar, ScaleMode::PerOutput, ScaleMode::PerInput],
             ScaleChoice::Fixed(m) => vec![m],
         };
-        let opts = LayerwiseOptions { solver, modes, heldout: n.div_ceil(10), keep_initial: true };
+        let opts = LayerwiseOptions { solver, modes, heldout: n.div_ceil(10), keep_initial: true, vector_margin: a.vector_margin };
         let bar = ui::progress(c.weights.len() as u64, "layer-wise", false, a.json);
         fits = calibrate_layerwise(&mut c, &base, &finetuned, &samples, &opts, &mut |done, _, name| {
             bar.set_position(done as u64);

@@ -32,6 +32,10 @@ pub struct PplArgs {
     /// Tokens predicted per window.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65536))]
     window: u32,
+    /// Also measure how close the model is to this one (e.g. the fine-tune a delta was made
+    /// from): the mean KL(teacher ‖ model) of the next-token distributions, same windows.
+    #[arg(long)]
+    teacher: Option<PathBuf>,
     /// Windows per forward pass (more is faster, uses more memory).
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1024))]
     batch: u32,
@@ -55,7 +59,18 @@ fn ppl(a: PplArgs) -> Result<()> {
     let ids = token_stream(tok, &text)?;
     let windows = ids.len().saturating_sub(1) / a.window as usize;
     let bar = ui::progress(windows as u64, "ppl", false, a.json);
-    let r = perplexity(model, &ids, a.window as usize, a.batch as usize, &mut |done, _| bar.set_position(done as u64))?;
+    let teacher = a
+        .teacher
+        .as_ref()
+        .map(|t| ModelArgs { model: t.clone(), delta: None, delta_use: crate::load::DeltaUseArg::Merge }.load())
+        .transpose()
+        .context("loading the teacher")?;
+    if let Some(t) = &teacher {
+        if t.model.cfg.vocab_size != model.cfg.vocab_size {
+            anyhow::bail!("the teacher's vocabulary has {} tokens, the model's {}", t.model.cfg.vocab_size, model.cfg.vocab_size);
+        }
+    }
+    let r = perplexity(model, teacher.as_ref().map(|t| &t.model), &ids, a.window as usize, a.batch as usize, &mut |done, _| bar.set_position(done as u64))?;
     bar.finish_and_clear();
     let seconds = started.elapsed().as_secs_f64();
     let tokens_per_s = r.predicted_tokens as f64 / seconds;
@@ -63,7 +78,7 @@ fn ppl(a: PplArgs) -> Result<()> {
         let out = serde_json::json!({
             "model": a.model.model, "delta": a.model.delta, "text": a.text,
             "delta_use": a.model.delta_use.name(),
-            "ppl": r.ppl, "mean_nll": r.mean_nll, "windows": r.windows, "predicted_tokens": r.predicted_tokens,
+            "ppl": r.ppl, "mean_nll": r.mean_nll, "teacher": a.teacher, "kl_to_teacher": r.kl_to_teacher, "windows": r.windows, "predicted_tokens": r.predicted_tokens,
             "window": a.window, "seconds": seconds, "tokens_per_second": tokens_per_s,
         });
         println!("{out}");
@@ -76,6 +91,9 @@ fn ppl(a: PplArgs) -> Result<()> {
             a.window,
             a.text.display()
         );
+        if let Some(kl) = r.kl_to_teacher {
+            println!("KL(teacher ‖ model) {kl:.5} nats per predicted token");
+        }
     }
     Ok(())
 }

@@ -148,6 +148,22 @@ impl Checkpoint {
         Ok(Checkpoint { dir, shards, index })
     }
 
+    /// Lets the kernel drop the mapped pages read so far from this process's resident set (they
+    /// are read back from the file if touched again). For callers that copied the weights out
+    /// (e.g. into f32 tensors) and want their peak memory to be the copies, not copies + pages.
+    pub fn release_pages(&self) {
+        for shard in &self.shards {
+            if let FileBytes::Mapped(map) = &shard.bytes {
+                // SAFETY: a read-only shared mapping of a file: MADV_DONTNEED only drops clean
+                // pages, which later reads fault back in from the file unchanged.
+                #[cfg(unix)]
+                let _ = unsafe { map.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) };
+                #[cfg(not(unix))]
+                let _ = map;
+            }
+        }
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
     }

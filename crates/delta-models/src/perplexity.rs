@@ -31,12 +31,16 @@ pub struct Perplexity {
     pub mean_nll: f64,
     pub windows: usize,
     pub predicted_tokens: usize,
+    /// With a teacher: mean KL(teacher ‖ model) of the next-token distributions over the same
+    /// predicted positions, in nats.
+    pub kl_to_teacher: Option<f64>,
 }
 
 /// Perplexity of `model` over `ids` in windows of `window` predicted tokens, `batch` windows per
 /// forward. `progress(done, total)` is called after each batch.
 pub fn perplexity<B: Backend>(
     model: &Llama<B>,
+    teacher: Option<&Llama<B>>,
     ids: &[u32],
     window: usize,
     batch: usize,
@@ -51,18 +55,26 @@ pub fn perplexity<B: Backend>(
     }
     let mut total = 0f64;
     let mut count = 0usize;
+    let mut kl = 0f64;
     for (k, chunk) in windows.chunks(batch).enumerate() {
         let inputs: Vec<Vec<u32>> = chunk.iter().map(|w| w[..window].to_vec()).collect();
         let targets: Vec<i64> = chunk.iter().flat_map(|w| w[1..].iter().map(|&t| t as i64)).collect();
         let logits = model.forward(&inputs)?;
         let b = chunk.len();
         let targets = Tensor::<B, 1, Int>::from_data(TensorData::new(targets, [b * window]), &model.device).reshape([b, window, 1]);
-        let picked = log_softmax(logits, 2).gather(2, targets);
+        let logp = log_softmax(logits, 2);
+        if let Some(teacher) = teacher {
+            let logq = log_softmax(teacher.forward(&inputs)?, 2);
+            let sum = (logq.clone().exp() * (logq - logp.clone())).sum().into_data().convert::<f64>();
+            kl += sum.into_vec::<f64>().map_err(|e| ModelError::Input(format!("{e:?}")))?[0];
+        }
+        let picked = logp.gather(2, targets);
         let values = picked.into_data().convert::<f32>().into_vec::<f32>().map_err(|e| ModelError::Input(format!("{e:?}")))?;
         total -= values.iter().map(|&v| v as f64).sum::<f64>();
         count += values.len();
         progress((k * batch + b).min(windows.len()), windows.len());
     }
     let mean_nll = total / count as f64;
-    Ok(Perplexity { ppl: mean_nll.exp(), mean_nll, windows: windows.len(), predicted_tokens: count })
+    let kl_to_teacher = teacher.map(|_| kl / count as f64);
+    Ok(Perplexity { ppl: mean_nll.exp(), mean_nll, windows: windows.len(), predicted_tokens: count, kl_to_teacher })
 }

@@ -10,7 +10,7 @@ fn ppl(dir: &std::path::Path, text: &str) -> (f64, usize) {
     let weights = Weights::<CpuBackend>::new(&ckpt, None, Default::default()).unwrap();
     let model = Llama::load(ModelConfig::load(dir).unwrap(), &weights).unwrap();
     let ids = token_stream(&Tokenizer::load(dir).unwrap(), text).unwrap();
-    let r = perplexity(&model, &ids, 256, 4, &mut |_, _| {}).unwrap();
+    let r = perplexity(&model, None, &ids, 256, 4, &mut |_, _| {}).unwrap();
     (r.ppl, r.windows)
 }
 
@@ -41,4 +41,42 @@ fn protocol_edge_cases() {
     let expected: Vec<u32> = a.iter().chain([&0]).chain(b.iter()).chain([&0]).copied().collect();
     assert_eq!(ids, expected);
     assert!(!a.contains(&0) && !b.contains(&0));
+}
+
+/// KL to a teacher: zero against itself; against another model, the mean over predicted tokens of
+/// Σ q·(log q − log p), checked at one window by host arithmetic in f64.
+#[test]
+fn kl_to_a_teacher() {
+    let (base, ft) = delta_tests::smollm2();
+    let load = |dir: &std::path::Path| {
+        let ckpt = Checkpoint::open(dir).unwrap();
+        Llama::<CpuBackend>::load(ModelConfig::load(dir).unwrap(), &Weights::new(&ckpt, None, Default::default()).unwrap()).unwrap()
+    };
+    let (b, f) = (load(&base), load(&ft));
+    let text = std::fs::read_to_string(delta_tests::fixtures().join("text/tiny_heldout.utf8")).unwrap();
+    let ids = token_stream(&Tokenizer::load(&base).unwrap(), &text).unwrap();
+    let window = 32;
+    let ids = &ids[..window + 1];
+    let same = perplexity(&b, Some(&b), ids, window, 1, &mut |_, _| {}).unwrap();
+    assert!(same.kl_to_teacher.unwrap().abs() < 1e-6, "{:?}", same.kl_to_teacher);
+    let kl = perplexity(&b, Some(&f), ids, window, 1, &mut |_, _| {}).unwrap().kl_to_teacher.unwrap();
+    let logits = |m: &Llama<CpuBackend>| m.forward(&[ids[..window].to_vec()]).unwrap().into_data().into_vec::<f32>().unwrap();
+    let (p, q) = (logits(&b), logits(&f));
+    let vocab = p.len() / window;
+    let log_softmax = |row: &[f32]| -> Vec<f64> {
+        let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let lse = m + row.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln();
+        row.iter().map(|&v| v as f64 - lse).collect()
+    };
+    let want = p
+        .chunks(vocab)
+        .zip(q.chunks(vocab))
+        .map(|(pr, qr)| {
+            let (lp, lq) = (log_softmax(pr), log_softmax(qr));
+            lq.iter().zip(&lp).map(|(a, b)| a.exp() * (a - b)).sum::<f64>()
+        })
+        .sum::<f64>()
+        / window as f64;
+    assert!(want > 0.01, "base and fine-tune differ: {want}");
+    assert!((kl - want).abs() <= 1e-3 * want, "{kl} vs {want}");
 }
