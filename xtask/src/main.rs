@@ -49,7 +49,7 @@ fn run() -> Result<()> {
                 "usage: cargo xtask <command>\n\n  fixtures [DIR]  build the real fixtures (default $DELTA_FIXTURES, else ~/.cache/delta-fixtures)\n  \
                  demo            compress the SmolLM2 pair, inspect, apply, verify, print a report\n  \
                  ci              fixtures, then cargo test --workspace --release\n  \
-                 report [--limit N | --full]\n                  quality report on the pair: perplexity, zero-shot tasks (first N = 200 documents\n                  each by default), sizes, times -> REPORT.md, report/report.{{json,svg}}\n  \
+                 report [--limit N | --full]\n                  quality report on the pair: perplexity, zero-shot tasks (first N = 50 documents\n                  each by default), sizes, times -> REPORT.md, report/report.{{json,svg}}\n  \
                  bench [pipeline|kernels]\n                  time compress / apply / generation on the pair (pipeline.json) and the Fig. 4\n                  kernel sweep with a bandwidth probe (kernels.json); both by default\n  \
                  tiny-models DIR write the tiny architecture checkpoints (for fixtures/tiny/reference.py)\n  \
                  vendor-finetune BASE FINETUNED\n                  re-encode the fine-tune into fixtures/smollm2/finetuned.ulpdelta (maintainers)"

@@ -48,7 +48,7 @@ fn c4_heldout(fx: &Path, work: &Path) -> Result<PathBuf> {
 }
 
 pub fn report(args: &[String]) -> Result<()> {
-    let mut limit: Option<u64> = Some(200);
+    let mut limit: Option<u64> = Some(50);
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {

@@ -95,8 +95,9 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = SolverArg::Exact)]
     layerwise_solver: SolverArg,
     /// With `--scale auto`: a per-output or per-input fit replaces the scalar fit of a layer only
-    /// if its held-out layer-output MSE is lower by more than this fraction (0: lowest wins).
-    #[arg(long, default_value_t = 0.0)]
+    /// if its held-out layer-output MSE is lower by more than this fraction (0: the lowest wins).
+    /// Vectors that win by a few percent of layer MSE lose perplexity (measured: BENCHMARKS.md).
+    #[arg(long, default_value_t = 0.2)]
     vector_margin: f64,
     /// Learning rate of `--layerwise-solver adamw`.
     #[arg(long, default_value_t = 1e-5)]
