@@ -75,20 +75,27 @@ pub fn report(args: &[String]) -> Result<()> {
             }
             a
         };
-        let ppl = |text: &Path| -> Result<f64> {
-            let a = with(vec!["eval".into(), "ppl".into(), "--model".into(), s(model).into(), "--text".into(), s(text).into()]);
+        let ppl = |text: &Path, teacher: Option<&Path>| -> Result<Value> {
+            let mut a = with(vec!["eval".into(), "ppl".into(), "--model".into(), s(model).into(), "--text".into(), s(text).into()]);
+            if let Some(t) = teacher {
+                a.extend(["--teacher".into(), s(t).into()]);
+            }
             let a: Vec<&str> = a.iter().map(String::as_str).collect();
-            Ok(bitdelta_json(&bin, &a)?.0["ppl"].as_f64().unwrap_or(f64::NAN))
+            Ok(bitdelta_json(&bin, &a)?.0)
         };
-        let (p_tiny, p_c4) = (ppl(&tiny)?, ppl(&c4)?);
-        let mut a = with(vec!["eval".into(), "tasks".into(), "--model".into(), s(model).into(), "--tasks".into()]);
+        // On TinyStories also the KL to the fine-tune: how faithfully a variant reproduces it.
+        let t = ppl(&tiny, Some(&ft))?;
+        let (p_tiny, kl) = (t["ppl"].as_f64().unwrap_or(f64::NAN), t["kl_to_teacher"].as_f64().unwrap_or(f64::NAN));
+        let p_c4 = ppl(&c4, None)?["ppl"].as_f64().unwrap_or(f64::NAN);
+        let mut a = with(vec!["eval".into(), "tasks".into(), "--model".into(), s(model).into()]);
+        a.push("--tasks".into());
         a.extend(task_files.iter().map(|p| s(p).to_string()));
         if let Some(l) = limit {
             a.extend(["--limit".into(), l.to_string()]);
         }
         let a: Vec<&str> = a.iter().map(String::as_str).collect();
         let (tasks, _) = bitdelta_json(&bin, &a)?;
-        Ok(json!({ "tiny_ppl": p_tiny, "c4_ppl": p_c4, "tasks": tasks }))
+        Ok(json!({ "tiny_ppl": p_tiny, "tiny_kl_to_finetune": kl, "c4_ppl": p_c4, "tasks": tasks }))
     };
 
     let mut rows: Vec<Value> = Vec::new();
@@ -151,22 +158,31 @@ fn markdown(r: &Value) -> String {
          acc = argmax of the continuation's summed log-likelihood, ± its standard error); perplexity with the \
          protocol of `results.json` on held-out TinyStories (`text/tiny_heldout.utf8`) and on the last ~60 KB of \
          the C4 sample, which calibration never reads. *Gain kept* = the share of the fine-tune's log-perplexity \
-         gain over the base on TinyStories that the variant keeps.\n",
+         gain over the base on TinyStories that the variant keeps; *KL to fine-tune* = mean KL(fine-tune ‖ model) \
+         of the next-token distributions over the same TinyStories tokens, in nats (`eval ppl --teacher`): how \
+         faithfully the variant reproduces the fine-tune.\n",
         r["machine"].as_str().unwrap_or("?"),
         r["date"].as_str().unwrap_or("?"),
         r["seconds"].as_f64().unwrap_or(0.0) / 60.0
     );
-    let _ = write!(m, "| model | size | compress | TinyStories ppl | gain kept | C4 ppl |");
+    let _ = write!(m, "| model | size | compress | TinyStories ppl | gain kept | KL to fine-tune | C4 ppl |");
     for (_, name) in TASKS {
         let _ = write!(m, " {name} |");
     }
     let _ = writeln!(m, " avg acc |");
-    let _ = writeln!(m, "|---|---|---|---|---|---|{}---|", "---|".repeat(TASKS.len()));
+    let _ = writeln!(m, "|---|---|---|---|---|---|---|{}---|", "---|".repeat(TASKS.len()));
     for row in &rows {
         let size = row["bytes"].as_f64().map_or("269.1 MB (bf16)".to_string(), |v| format!("{:.1} MB", v / 1e6));
         let secs = row["compress_seconds"].as_f64().map_or("–".to_string(), |v| format!("{v:.0} s"));
         let t = ppl(row, "tiny_ppl");
-        let _ = write!(m, "| {} | {size} | {secs} | {t:.3} | {:.1}% | {:.2} |", row["label"].as_str().unwrap_or("?"), share(t, "tiny_ppl"), ppl(row, "c4_ppl"));
+        let _ = write!(
+            m,
+            "| {} | {size} | {secs} | {t:.3} | {:.1}% | {:.5} | {:.2} |",
+            row["label"].as_str().unwrap_or("?"),
+            share(t, "tiny_ppl"),
+            ppl(row, "tiny_kl_to_finetune"),
+            ppl(row, "c4_ppl")
+        );
         let mut accs = Vec::new();
         for (task, _) in TASKS {
             match acc(row, task) {

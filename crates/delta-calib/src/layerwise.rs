@@ -52,8 +52,8 @@ pub struct LayerwiseOptions {
     /// Let the weight-space scales compete too, so a layer never ends worse on held-out data
     /// than it started (the CLI does; tests of the fits themselves turn it off).
     pub keep_initial: bool,
-    /// A vector mode replaces the fitted scalar only if its held-out MSE is lower by more than
-    /// this fraction (0: the lowest MSE wins outright).
+    /// A vector mode (or a non-scalar start) replaces the fitted scalar only if its held-out MSE
+    /// is lower by more than this fraction (0: the lowest MSE wins outright).
     pub vector_margin: f64,
 }
 
@@ -270,7 +270,7 @@ fn fit_layer(d: &mut DeltaLinear<B>, y_t: &Tensor<B, 2>, x_s: &Tensor<B, 2>, tra
     };
     // Prefer the one-scale fit unless a vector clearly pays.
     if let (Some(&scalar_mse), Some((_, sw))) = (scored.get("scalar"), candidates_scalar) {
-        if w.mode != ScaleMode::Scalar && kept != "scalar" && best_mse >= scalar_mse * (1.0 - opts.vector_margin) && opts.vector_margin > 0.0 {
+        if opts.vector_margin > 0.0 && w.mode != ScaleMode::Scalar && best_mse >= scalar_mse * (1.0 - opts.vector_margin) {
             kept = "scalar".to_string();
             w = sw;
         }

@@ -137,3 +137,30 @@ fn exact_fits_are_at_least_as_good_as_adamw() {
         }
     }
 }
+
+/// `vector_margin`: 0 keeps the lowest held-out MSE; a margin keeps the scalar fit unless the
+/// kept vector beats it by more than that fraction.
+#[test]
+fn a_vector_must_beat_the_scalar_fit_by_the_margin() {
+    let p = pair();
+    let modes = vec![ScaleMode::Scalar, ScaleMode::PerOutput, ScaleMode::PerInput];
+    for margin in [0.0, 0.05, 0.999] {
+        let mut c = compress(&p.base, &p.ft, &CompressOptions { scale: ScaleChoice::Auto, ..CompressOptions::default() }, &mut |_, _, _| {}).unwrap();
+        let lw = LayerwiseOptions { solver: Solver::Exact, modes: modes.clone(), heldout: HELDOUT, keep_initial: false, vector_margin: margin };
+        let fits = calibrate_layerwise(&mut c, &p.base, &p.ft, &p.samples, &lw, &mut |_, _, _| {}).unwrap();
+        for f in &fits {
+            let (kept, scalar) = (f.heldout_mse[&f.kept], f.heldout_mse["scalar"]);
+            let lowest = f.heldout_mse.values().cloned().fold(f64::INFINITY, f64::min);
+            if f.kept == "scalar" {
+                assert!(margin > 0.0 || scalar == lowest, "{}: margin 0 kept scalar over a lower candidate", f.name);
+                assert!(lowest >= scalar * (1.0 - margin), "{}: a vector beat scalar by more than {margin} and was dropped", f.name);
+            } else {
+                assert_eq!(kept, lowest, "{}", f.name);
+                assert!(kept < scalar * (1.0 - margin), "{}: kept {} at {kept} vs scalar {scalar}, margin {margin}", f.name, f.kept);
+            }
+        }
+        if margin == 0.999 {
+            assert!(fits.iter().all(|f| f.kept == "scalar"), "nothing beats the scalar fit by 99.9%");
+        }
+    }
+}

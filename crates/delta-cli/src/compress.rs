@@ -13,8 +13,9 @@ use crate::ui;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum ScaleArg {
-    /// Per matrix, the mode below with the smallest weight-space error ‖Δ − Δ̂‖² (until
-    /// calibration lands, when the choice moves to held-out layer outputs).
+    /// Per matrix: without calibration, the mode below with the smallest weight-space error
+    /// ‖Δ − Δ̂‖²; with calibration, scalar, per-output and per-input fits compete on held-out
+    /// layer outputs (a vector must win by --vector-margin).
     Auto,
     /// One scale per matrix (BitDelta).
     Scalar,
@@ -33,7 +34,8 @@ pub enum CalibrateArg {
     /// Then, layer by layer in forward order, least-squares fits of scalar, per-output and
     /// per-input scales to the fine-tune's layer outputs on calibration text (inputs from the
     /// already-calibrated compressed model); per layer the candidate with the lowest held-out
-    /// output MSE is kept (with --scale auto; a fixed --scale fits only that mode).
+    /// output MSE is kept (with --scale auto, subject to --vector-margin; a fixed --scale fits
+    /// only that mode).
     Layerwise,
     /// Layer-wise as above, then end to end: signs frozen, all scales trained jointly (Adam,
     /// cosine schedule) so the compressed model's logits match the fine-tune's on further
