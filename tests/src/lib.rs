@@ -141,3 +141,10 @@ pub fn synthetic_pair(dtype: safetensors::Dtype, layers: usize, seed: u64) -> (V
 
 pub mod fixtures;
 pub mod tiny;
+
+/// log softmax of one row of logits, in f64 on the host: the plain formula tests compare against.
+pub fn log_softmax(row: &[f32]) -> Vec<f64> {
+    let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let lse = m + row.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln();
+    row.iter().map(|&v| v as f64 - lse).collect()
+}

@@ -43,16 +43,11 @@ fn heldout_loss(p: &Pair, c: &Compressed, loss: DistillLoss, samples: &[Vec<u32>
     match loss {
         DistillLoss::Mse => s.iter().zip(&t).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>() / s.len() as f64,
         DistillLoss::Kl => {
-            let log_softmax = |row: &[f32]| -> Vec<f64> {
-                let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-                let lse = m + row.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln();
-                row.iter().map(|&v| v as f64 - lse).collect()
-            };
             let total: f64 = s
                 .chunks(vocab)
                 .zip(t.chunks(vocab))
                 .map(|(sr, tr)| {
-                    let (ls, lt) = (log_softmax(sr), log_softmax(tr));
+                    let (ls, lt) = (delta_tests::log_softmax(sr), delta_tests::log_softmax(tr));
                     lt.iter().zip(&ls).map(|(a, b)| a.exp() * (a - b)).sum::<f64>()
                 })
                 .sum();

@@ -1,12 +1,11 @@
 //! `bitdelta apply`: base + artifact -> a Hugging Face model folder.
 
 use std::borrow::Cow;
-use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use delta_format::atomic::{AtomicDir, AtomicFile};
+use delta_format::atomic::AtomicDir;
 use delta_format::checkpoint::{parse_size, write_model_folder, Checkpoint};
 use delta_format::{DeltaArtifact, TensorPlan};
 use delta_kernels::merge;
@@ -83,13 +82,13 @@ pub fn run(a: Args) -> Result<()> {
         let name = path.file_name().expect("file").to_string_lossy().to_string();
         if !meta.files.contains_key(&name) {
             let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-            write_file(&dir.path().join(&name), &bytes)?;
+            ui::write_atomic(&dir.path().join(&name), &bytes, false)?;
             side.push(name);
         }
     }
     for (name, f) in &meta.files {
         let bytes = f.to_bytes().map_err(anyhow::Error::msg)?;
-        write_file(&dir.path().join(name), &bytes)?;
+        ui::write_atomic(&dir.path().join(name), &bytes, false)?;
         side.push(name.clone());
     }
     side.sort();
@@ -119,12 +118,5 @@ pub fn run(a: Args) -> Result<()> {
             side.len()
         );
     }
-    Ok(())
-}
-
-fn write_file(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
-    let mut f = AtomicFile::create(path, false)?;
-    f.file().write_all(bytes).with_context(|| format!("writing {}", path.display()))?;
-    f.commit()?;
     Ok(())
 }

@@ -245,7 +245,7 @@ pub fn run(a: Args) -> Result<()> {
         let title = format!("{} — --scale {} --calibrate {}", a.output.file_name().unwrap_or_default().to_string_lossy(), scale.name(), c.calibration);
         let svg = delta_calib::picture::calibration_svg(&title, &fits, distilled.as_ref());
         for (path, bytes) in [(side_file(&a.output, "json"), serde_json::to_vec_pretty(report)?), (side_file(&a.output, "svg"), svg.into_bytes())] {
-            ui::write_atomic(&path, &bytes)?;
+            ui::write_atomic(&path, &bytes, true)?;
             side.push(path);
         }
     }

@@ -45,11 +45,13 @@ pub fn check_output(path: &std::path::Path, force: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Writes `bytes` to `path` atomically (temporary sibling, fsync, rename).
-pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
+/// Writes `bytes` to `path` atomically (temporary sibling, fsync, rename); an existing `path`
+/// is replaced only with `overwrite`.
+pub fn write_atomic(path: &std::path::Path, bytes: &[u8], overwrite: bool) -> anyhow::Result<()> {
+    use anyhow::Context;
     use std::io::Write;
-    let mut f = delta_format::atomic::AtomicFile::create(path, true)?;
-    f.file().write_all(bytes).map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
+    let mut f = delta_format::atomic::AtomicFile::create(path, overwrite)?;
+    f.file().write_all(bytes).with_context(|| format!("writing {}", path.display()))?;
     f.commit()?;
     Ok(())
 }

@@ -63,16 +63,11 @@ fn kl_to_a_teacher() {
     let logits = |m: &Llama<CpuBackend>| m.forward(&[ids[..window].to_vec()]).unwrap().into_data().into_vec::<f32>().unwrap();
     let (p, q) = (logits(&b), logits(&f));
     let vocab = p.len() / window;
-    let log_softmax = |row: &[f32]| -> Vec<f64> {
-        let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-        let lse = m + row.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln();
-        row.iter().map(|&v| v as f64 - lse).collect()
-    };
     let want = p
         .chunks(vocab)
         .zip(q.chunks(vocab))
         .map(|(pr, qr)| {
-            let (lp, lq) = (log_softmax(pr), log_softmax(qr));
+            let (lp, lq) = (delta_tests::log_softmax(pr), delta_tests::log_softmax(qr));
             lq.iter().zip(&lp).map(|(a, b)| a.exp() * (a - b)).sum::<f64>()
         })
         .sum::<f64>()

@@ -21,9 +21,7 @@ fn by_hand(model: &Llama<CpuBackend>, c: &EncodedChoice) -> (f64, bool) {
     let (mut sum, mut greedy) = (0f64, true);
     for k in c.context.len()..full.len() {
         let row = &logits[(k - 1) * vocab..k * vocab];
-        let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-        let lse = max + row.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();
-        sum += row[full[k] as usize] as f64 - lse;
+        sum += delta_tests::log_softmax(row)[full[k] as usize];
         greedy &= row.iter().all(|&v| v <= row[full[k] as usize]);
     }
     (sum, greedy)
