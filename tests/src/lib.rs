@@ -2,6 +2,8 @@
 //! model folders written with the reference `safetensors` crate (so our reader is checked
 //! against an independent writer, and our writer against an independent reader).
 
+pub mod http;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 

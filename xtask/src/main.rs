@@ -8,7 +8,9 @@
 //! - `bench [pipeline|kernels]`: `pipeline` times compress, apply (against copying the
 //!   checkpoint) and generation on the pair (`target/bench/pipeline.json`); `kernels` runs the
 //!   criterion Fig. 4 sweep of the delta kernels with a bandwidth probe
-//!   (`target/bench/kernels.json`); both by default.
+//!   (`target/bench/kernels.json`); `serve` compares decoding 8 deltas at once in `bitdelta serve`
+//!   with swapping 8 merged models, and measures memory per resident delta
+//!   (`target/bench/serve.json`, see `serve_bench.rs`); all three by default.
 //! - `tiny-models DIR` (maintainers) writes the tiny checkpoint of every architecture variant,
 //!   for `fixtures/tiny/reference.py` to compute reference logits with `transformers`.
 //! - `vendor-finetune BASE FINETUNED` (maintainers) re-encodes the fine-tune as
@@ -21,6 +23,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 
 mod report;
+mod serve_bench;
 
 fn main() {
     if let Err(e) = run() {
@@ -37,10 +40,11 @@ fn run() -> Result<()> {
         Some("report") => report::report(&args[1..]),
         Some("ci") => ci(),
         Some("bench") => match args.get(1).map(String::as_str) {
-            None => bench().and_then(|_| bench_kernels()),
+            None => bench().and_then(|_| bench_kernels()).and_then(|_| serve_bench::bench_serve()),
             Some("pipeline") => bench(),
             Some("kernels") => bench_kernels(),
-            Some(other) => bail!("unknown bench `{other}` (pipeline, kernels, or nothing for both)"),
+            Some("serve") => serve_bench::bench_serve(),
+            Some(other) => bail!("unknown bench `{other}` (pipeline, kernels, serve, or nothing for all three)"),
         },
         Some("tiny-models") if args.len() == 2 => tiny_models(Path::new(&args[1])),
         Some("vendor-finetune") if args.len() == 3 => vendor_finetune(Path::new(&args[1]), Path::new(&args[2])),
@@ -50,7 +54,7 @@ fn run() -> Result<()> {
                  demo            compress the SmolLM2 pair, inspect, apply, verify, print a report\n  \
                  ci              fixtures, then cargo test --workspace --release\n  \
                  report [--limit N | --full]\n                  quality report on the pair: perplexity, zero-shot tasks (first N = 50 documents\n                  each by default), sizes, times -> REPORT.md, report/report.{{json,svg}}\n  \
-                 bench [pipeline|kernels]\n                  time compress / apply / generation on the pair (pipeline.json) and the Fig. 4\n                  kernel sweep with a bandwidth probe (kernels.json); both by default\n  \
+                 bench [pipeline|kernels|serve]\n                  time compress / apply / generation on the pair (pipeline.json), the Fig. 4\n                  kernel sweep with a bandwidth probe (kernels.json), and multi-tenant serving\n                  against swapping merged models (serve.json); all three by default\n  \
                  tiny-models DIR write the tiny architecture checkpoints (for fixtures/tiny/reference.py)\n  \
                  vendor-finetune BASE FINETUNED\n                  re-encode the fine-tune into fixtures/smollm2/finetuned.ulpdelta (maintainers)"
             );

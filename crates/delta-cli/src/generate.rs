@@ -40,6 +40,9 @@ pub struct Args {
     /// Seed for sampling (the same seed and prompt give the same text).
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Keep generating past end-of-sequence tokens, to exactly --max-new-tokens (for benchmarks).
+    #[arg(long)]
+    ignore_eos: bool,
     /// Print one JSON object on stdout (text, token ids, speeds) instead of streaming.
     #[arg(long)]
     json: bool,
@@ -66,6 +69,9 @@ pub fn run(a: Args) -> Result<()> {
     };
     if prompt.is_empty() {
         bail!("the prompt encodes to no tokens");
+    }
+    if a.ignore_eos {
+        stop.clear();
     }
     let sampling = Sampling { temperature: a.temperature, seed: a.seed };
     let mut stream = TextStream::new(tok);

@@ -10,6 +10,7 @@ mod eval_tasks;
 mod generate;
 mod inspect;
 mod load;
+mod serve;
 mod ui;
 
 use std::process::ExitCode;
@@ -30,7 +31,8 @@ use clap::{Parser, Subcommand};
         bitdelta compress --base BASE_DIR --finetuned FT_DIR -o ft.bitdelta.safetensors\n  \
         bitdelta inspect ft.bitdelta.safetensors\n  \
         bitdelta apply --base BASE_DIR --delta ft.bitdelta.safetensors -o FT_RESTORED_DIR\n  \
-        bitdelta generate --model BASE_DIR --delta ft.bitdelta.safetensors --chat --prompt \"Tell me a story\""
+        bitdelta generate --model BASE_DIR --delta ft.bitdelta.safetensors --chat --prompt \"Tell me a story\"\n  \
+        bitdelta serve --base BASE_DIR --deltas DELTAS_DIR --addr 127.0.0.1:8080"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -43,6 +45,7 @@ enum Command {
     Apply(apply::Args),
     Inspect(inspect::Args),
     Generate(generate::Args),
+    Serve(serve::Args),
     /// Evaluate a model, or a base with a delta applied.
     #[command(subcommand)]
     Eval(eval::Command),
@@ -58,6 +61,7 @@ fn main() -> ExitCode {
         Command::Apply(a) => apply::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Generate(a) => generate::run(a),
+        Command::Serve(a) => serve::run(a),
         Command::Eval(c) => eval::run(c),
     };
     match result {

@@ -6,6 +6,8 @@
 //! (exact), so it is a branch-free dot product that vectorises; signs stay packed, 1 bit each.
 //! [`delta_matmul_add_reference`] builds Δ̂ element by element and sums in f64: the oracle.
 
+use std::borrow::Borrow;
+
 use delta_format::CompressedWeight;
 use rayon::prelude::*;
 
@@ -187,6 +189,11 @@ unsafe fn signed_dot_avx2(words: &[u32], z: &[f32]) -> f32 {
     lanes.iter().sum::<f32>() + signed_dot_portable(&words[full..], &z[full * 32..])
 }
 
+/// How many weight rows ahead the multi-row dense kernel prefetches.
+const PREFETCH_ROWS: usize = 8;
+/// Inputs (weight rows) the multi-row dense kernel takes at a time.
+const INPUT_BLOCK: usize = 64;
+
 /// Most accumulator floats a task of [`dense_matmul_t`] keeps (64 KiB, inside L2).
 const MAX_ACC_FLOATS: usize = 16 << 10;
 
@@ -251,20 +258,94 @@ fn axpy_columns_portable(x: &[f32], wt: &[f32], inp: usize, out: usize, c0: usiz
     }
 }
 
+/// Two rows and more: a register-blocked kernel — 4 rows × 16 columns of sums held in eight
+/// registers over the whole input, so each weight loaded feeds 4 FMAs (the loop above loads and
+/// stores every sum per input and runs at a third of the FMA rate). One row stays on the loop
+/// above, which keeps more sums in flight and is bound by reading the weight anyway. Every sum is
+/// the same chain of FMAs in input order either way, so a row's result does not depend on how
+/// many rows it is computed with (a server's batched rows equal the row alone, bit for bit).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn axpy_columns_avx2(x: &[f32], wt: &[f32], inp: usize, out: usize, c0: usize, c1: usize, acc: &mut [f32]) {
-    axpy_columns_portable(x, wt, inp, out, c0, c1, acc)
+    let width = c1 - c0;
+    let rows = acc.len() / width;
+    if rows < 2 {
+        return axpy_columns_portable(x, wt, inp, out, c0, c1, acc);
+    }
+    let full = width / 16 * 16;
+    // Inputs in blocks: the block's rows of the weight (all task columns) stay in L2 while every
+    // column block reads them; sums carry over between input blocks through `acc`.
+    for i0 in (0..inp).step_by(INPUT_BLOCK) {
+        let ib = i0..(i0 + INPUT_BLOCK).min(inp);
+        for cb in (0..full).step_by(16) {
+            let mut r = 0;
+            while r < rows {
+                let a = &mut acc[r * width + cb..];
+                match rows - r {
+                    1 => column_block::<1>(x, wt, inp, out, ib.clone(), c0 + cb, r, width, a),
+                    2 => column_block::<2>(x, wt, inp, out, ib.clone(), c0 + cb, r, width, a),
+                    3 => column_block::<3>(x, wt, inp, out, ib.clone(), c0 + cb, r, width, a),
+                    _ => column_block::<4>(x, wt, inp, out, ib.clone(), c0 + cb, r, width, a),
+                }
+                r += (rows - r).min(4);
+            }
+        }
+    }
+    for r in 0..rows {
+        for c in c0 + full..c1 {
+            let mut sum = 0f32;
+            for i in 0..inp {
+                sum = x[r * inp + i].mul_add(wt[i * out + c], sum);
+            }
+            acc[r * width + c - c0] = sum;
+        }
+    }
+
+    /// Sums of rows r0..r0+NR over 16 columns from `c` and inputs `ib`, continuing those in
+    /// `acc` unless `ib` starts at 0; row k at `acc[k·width..][..16]`.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn column_block<const NR: usize>(x: &[f32], wt: &[f32], inp: usize, out: usize, ib: std::ops::Range<usize>, c: usize, r0: usize, width: usize, acc: &mut [f32]) {
+        use std::arch::x86_64::*;
+        let mut sums = [[_mm256_setzero_ps(); 2]; NR];
+        assert!(ib.end <= inp && wt.len() >= (inp - 1) * out + c + 16 && x.len() >= (r0 + NR) * inp && acc.len() >= (NR - 1) * width + 16);
+        if ib.start > 0 {
+            for (k, s) in sums.iter_mut().enumerate() {
+                s[0] = _mm256_loadu_ps(acc.as_ptr().add(k * width));
+                s[1] = _mm256_loadu_ps(acc.as_ptr().add(k * width + 8));
+            }
+        }
+        let mut w = wt.as_ptr().add(ib.start * out + c);
+        let xs = x.as_ptr().add(r0 * inp);
+        for i in ib {
+            // The panel is walked down its rows (one cache line per input, `out` floats apart),
+            // a stride the hardware prefetcher does not follow: ask for lines ahead.
+            _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(PREFETCH_ROWS * out) as *const i8);
+            let (w0, w1) = (_mm256_loadu_ps(w), _mm256_loadu_ps(w.add(8)));
+            for (k, s) in sums.iter_mut().enumerate() {
+                let xv = _mm256_set1_ps(*xs.add(k * inp + i));
+                s[0] = _mm256_fmadd_ps(xv, w0, s[0]);
+                s[1] = _mm256_fmadd_ps(xv, w1, s[1]);
+            }
+            w = w.add(out);
+        }
+        for (k, s) in sums.iter().enumerate() {
+            let dst = &mut acc[k * width..k * width + 16];
+            _mm256_storeu_ps(dst.as_mut_ptr(), s[0]);
+            _mm256_storeu_ps(dst.as_mut_ptr().add(8), s[1]);
+        }
+    }
 }
 
 /// Multi-delta batch: `Y[r, :] += Δ̂_{idx[r]} · X[r, :]`. Rows that share a delta are gathered and
-/// processed together, so each delta's signs are read once per batch.
-pub fn batched_delta_matmul_add(deltas: &[CompressedWeight<'_>], idx: &[usize], x: &[f32], y: &mut [f32]) -> Result<(), KernelError> {
-    let Some(first) = deltas.first() else {
+/// processed together, so each delta's signs are read once per batch. `deltas` holds the weights
+/// or references to them (a server keeps them inside its resident models).
+pub fn batched_delta_matmul_add<'w, W: Borrow<CompressedWeight<'w>>>(deltas: &[W], idx: &[usize], x: &[f32], y: &mut [f32]) -> Result<(), KernelError> {
+    let Some(first) = deltas.first().map(Borrow::borrow) else {
         return if idx.is_empty() { Ok(()) } else { Err(KernelError::Batch(format!("{} rows but no deltas", idx.len()))) };
     };
     let (out, inp) = (first.rows(), first.cols());
-    if let Some(d) = deltas.iter().find(|d| (d.rows(), d.cols()) != (out, inp)) {
+    if let Some(d) = deltas.iter().map(Borrow::borrow).find(|d| (d.rows(), d.cols()) != (out, inp)) {
         return Err(KernelError::Batch(format!("delta `{}` is [{}, {}], the first is [{out}, {inp}]", d.name, d.rows(), d.cols())));
     }
     if x.len() != idx.len() * inp || y.len() != idx.len() * out {
@@ -273,16 +354,64 @@ pub fn batched_delta_matmul_add(deltas: &[CompressedWeight<'_>], idx: &[usize], 
     if let Some(&bad) = idx.iter().find(|&&d| d >= deltas.len()) {
         return Err(KernelError::Batch(format!("row delta index {bad} but only {} deltas", deltas.len())));
     }
-    for (d, w) in deltas.iter().enumerate() {
+    // Rows grouped by delta. A delta with prefill-sized groups of rows goes through its own
+    // (tiled) product; decode-sized groups of every delta share one parallel pass, so a step over
+    // many deltas pays one fork-join per weight, not one per delta.
+    let mut decode: Vec<(&CompressedWeight<'_>, Vec<usize>)> = Vec::new();
+    for (d, w) in deltas.iter().map(Borrow::borrow).enumerate() {
         let rows: Vec<usize> = (0..idx.len()).filter(|&r| idx[r] == d).collect();
         if rows.is_empty() {
             continue;
         }
+        if rows.len() < TILE_MIN_ROWS {
+            decode.push((w, rows));
+            continue;
+        }
+        // Gathered rows of Y go in and come back whole, so each row gets exactly what
+        // `delta_matmul_add` would give it alone (the same sums added to the same values).
         let xs: Vec<f32> = rows.iter().flat_map(|&r| x[r * inp..(r + 1) * inp].iter().copied()).collect();
-        let mut ys = vec![0f32; rows.len() * out];
+        let mut ys: Vec<f32> = rows.iter().flat_map(|&r| y[r * out..(r + 1) * out].iter().copied()).collect();
         delta_matmul_add(w, &xs, &mut ys)?;
         for (k, &r) in rows.iter().enumerate() {
-            y[r * out..(r + 1) * out].iter_mut().zip(&ys[k * out..(k + 1) * out]).for_each(|(a, b)| *a += b);
+            y[r * out..(r + 1) * out].copy_from_slice(&ys[k * out..(k + 1) * out]);
+        }
+    }
+    if decode.is_empty() || out == 0 || inp == 0 {
+        return Ok(());
+    }
+    let mut groups = Vec::with_capacity(decode.len());
+    for (w, rows) in decode {
+        let f = ScaleFactors::new(&w.name, w.mode, &w.scales, out, inp)?;
+        let z: Vec<f32> = rows.iter().flat_map(|&r| x[r * inp..(r + 1) * inp].iter().zip(f.cols.iter()).map(|(a, c)| a * c)).collect();
+        groups.push((w, f, rows, z));
+    }
+    // Tasks: (group, block of output rows), about TASKS_PER_THREAD per thread in all.
+    let tasks_per_group = (TASKS_PER_THREAD * rayon::current_num_threads()).div_ceil(groups.len());
+    let block = out.div_ceil(tasks_per_group).next_multiple_of(8);
+    let tasks: Vec<(usize, usize)> = (0..groups.len()).flat_map(|g| (0..out.div_ceil(block)).map(move |t| (g, t * block))).collect();
+    let parts: Vec<Vec<f32>> = tasks
+        .par_iter()
+        .map(|&(g, i0)| {
+            let (w, f, rows, z) = &groups[g];
+            let i1 = (i0 + block).min(out);
+            let mut part = vec![0f32; (i1 - i0) * rows.len()];
+            for (k, acc) in part.chunks_mut(rows.len()).enumerate() {
+                let i = i0 + k;
+                let words = w.signs.row(i);
+                for (r, a) in acc.iter_mut().enumerate() {
+                    *a = f.rows[i] * signed_dot(words, &z[r * inp..(r + 1) * inp]);
+                }
+            }
+            part
+        })
+        .collect();
+    // The same sums added to the same values as `delta_matmul_add` on each row alone.
+    for (&(g, i0), part) in tasks.iter().zip(&parts) {
+        let rows = &groups[g].2;
+        for (k, col) in part.chunks_exact(rows.len()).enumerate() {
+            for (&r, v) in rows.iter().zip(col) {
+                y[r * out + i0 + k] += v;
+            }
         }
     }
     Ok(())
@@ -386,6 +515,13 @@ mod tests {
                 .map(|k| (0..inp).map(|i| x[k / out * inp + i] as f64 * wt[i * out + k % out] as f64).sum::<f64>() as f32)
                 .collect();
             prop_assert!(close(&y, &want).is_ok(), "{:?}", close(&y, &want));
+            // A row's result does not depend on the rows it is computed with (batched serving
+            // relies on it): every row equals the row alone, bit for bit.
+            for r in 0..rows {
+                let mut alone = vec![f32::NAN; out];
+                dense_matmul_t(&x[r * inp..(r + 1) * inp], &wt, inp, out, &mut alone).unwrap();
+                prop_assert!(alone == y[r * out..(r + 1) * out], "row {} of {} differs from the row alone", r, rows);
+            }
         }
     }
 

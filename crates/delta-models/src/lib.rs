@@ -6,6 +6,8 @@
 //! - [`weights`]: `Weights` — a checkpoint, or base + artifact, merged on load or kept packed.
 //! - [`delta_linear`]: `DeltaLinear` — base weight + packed delta, forward without a dense Δ.
 //! - [`llama`]: the model, with a staged forward (embed, block i, head) for calibration.
+//! - [`multi`]: `Tenant` (a fine-tune resident as its packed delta over a shared base) and
+//!   `step_batch` (sequences of different fine-tunes through one forward) — what `serve` runs.
 //! - [`generate`]: greedy / temperature sampling over a KV cache.
 //! - [`tokenizer`] (with streaming detokenisation), [`chat`] (chat templates), [`perplexity`],
 //!   [`tasks`] (zero-shot multiple-choice scoring).
@@ -17,6 +19,7 @@ pub mod error;
 pub mod generate;
 pub mod host;
 pub mod llama;
+pub mod multi;
 pub mod perplexity;
 pub mod tasks;
 pub mod tokenizer;

@@ -56,11 +56,17 @@ impl<B: Backend> RmsNorm<B> {
 
     /// Normalises over the last dimension: `w ⊙ x / sqrt(mean(x²) + eps)`.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        self.normalise(x) * self.weight.clone().unsqueeze::<D>()
+    }
+
+    /// `x / sqrt(mean(x²) + eps)` over the last dimension, before the weight (which a batch of
+    /// several models applies per row).
+    pub fn normalise<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let var = (x.clone() * x.clone()).mean_dim(D - 1);
         // Divide, never `recip()`: Burn 0.21's NdArray backend computes `recip` on larger tensors
         // with the approximate SIMD reciprocal (2.7e-4 relative error, measured), which made
         // logits depend on the sequence length. Division is correctly rounded.
-        x / var.add_scalar(self.eps).sqrt() * self.weight.clone().unsqueeze::<D>()
+        x / var.add_scalar(self.eps).sqrt()
     }
 }
 
@@ -146,8 +152,8 @@ pub type LayerKv<B> = Option<(Tensor<B, 4>, Tensor<B, 4>)>;
 
 /// Keys and values of every layer, so decoding a token costs one position, not the whole prefix.
 pub struct KvCache<B: Backend> {
-    layers: Vec<LayerKv<B>>,
-    len: usize,
+    pub(crate) layers: Vec<LayerKv<B>>,
+    pub(crate) len: usize,
 }
 
 impl<B: Backend> KvCache<B> {

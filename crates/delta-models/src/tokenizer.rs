@@ -35,15 +35,16 @@ impl Tokenizer {
 }
 
 /// Turns generated ids into text as they come: each push returns the text the new id adds, held
-/// back while the text ends inside a multi-byte character.
-pub struct TextStream<'t> {
-    tokenizer: &'t Tokenizer,
+/// back while the text ends inside a multi-byte character. Holds the tokenizer by reference or
+/// shared (`Arc<Tokenizer>`), so a stream can outlive the scope that made it.
+pub struct TextStream<T: std::ops::Deref<Target = Tokenizer>> {
+    tokenizer: T,
     ids: Vec<u32>,
     shown: usize,
 }
 
-impl<'t> TextStream<'t> {
-    pub fn new(tokenizer: &'t Tokenizer) -> Self {
+impl<T: std::ops::Deref<Target = Tokenizer>> TextStream<T> {
+    pub fn new(tokenizer: T) -> Self {
         TextStream { tokenizer, ids: Vec::new(), shown: 0 }
     }
 

@@ -1,0 +1,193 @@
+//! `bitdelta serve` on the real pair, over loopback: greedy outputs equal `bitdelta generate`
+//! for several deltas decoded in the same batch; errors are JSON with the right status; a load
+//! test with a delta hot-added and others evicted while it runs loses and mixes up nothing.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use delta_tests::http::Server;
+use delta_tests::smollm2;
+use serde_json::{json, Value};
+
+const BIN: &str = env!("CARGO_BIN_EXE_bitdelta");
+const MODES: [&str; 3] = ["scalar", "per-output", "per-input"];
+
+fn bitdelta(args: &[&str]) -> String {
+    let out = Command::new(BIN).args(args).output().expect("run bitdelta");
+    assert!(out.status.success(), "bitdelta {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// A deltas folder with one artifact per scale mode (weight-space scales: quick to make, and
+/// three models whose greedy outputs differ).
+fn deltas(dir: &Path) -> PathBuf {
+    let (base, ft) = smollm2();
+    let folder = dir.join("deltas");
+    std::fs::create_dir_all(&folder).unwrap();
+    for mode in MODES {
+        let out = folder.join(format!("{mode}.bitdelta.safetensors"));
+        bitdelta(&["compress", "--base", s(&base), "--finetuned", s(&ft), "-o", s(&out), "--scale", mode, "--calibrate", "none", "--json"]);
+    }
+    folder
+}
+
+fn completion(model: &str, prompt: &str, max_tokens: u32) -> Value {
+    json!({ "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0 })
+}
+
+fn text(r: &delta_tests::http::Response) -> String {
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.json()["choices"][0]["text"].as_str().expect("text").to_string()
+}
+
+const PROMPTS: [&str; 4] = ["Once upon a time", "The little dog", "Tom and Sue went to the park. Tom said", "Why is the sky blue?"];
+
+#[test]
+fn greedy_outputs_equal_generate_for_deltas_in_one_batch_and_errors_are_json() {
+    let (base, ft) = smollm2();
+    let tmp = tempfile::tempdir().unwrap();
+    let folder = deltas(tmp.path());
+    let server = Server::start(Path::new(BIN), &base, &folder, &[]);
+
+    let listed: Vec<String> = server.get("/v1/models").json()["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap().to_string()).collect();
+    assert_eq!(listed, ["base", "per-input", "per-output", "scalar"]);
+
+    // Six requests over three deltas at once, plus a streamed chat request on a fourth model.
+    let jobs: Vec<(&str, &str)> = MODES.iter().flat_map(|m| PROMPTS[..2].iter().map(move |p| (*m, *p))).collect();
+    let chat = json!({ "model": "scalar", "messages": [{"role": "user", "content": "Tell me a story about a cat."}], "max_tokens": 20, "temperature": 0 });
+    let mut streaming = chat.clone();
+    streaming["stream"] = true.into();
+    let (answers, streamed) = std::thread::scope(|scope| {
+        let handles: Vec<_> = jobs.iter().map(|&(m, p)| scope.spawn(|| text(&server.post("/v1/completions", &completion(m, p, 24))))).collect();
+        let streamed = scope.spawn(|| server.post("/v1/chat/completions", &streaming));
+        (handles.into_iter().map(|h| h.join().unwrap()).collect::<Vec<_>>(), streamed.join().unwrap())
+    });
+    let health = server.get("/health").json();
+    assert!(health["max_models_in_a_step"].as_u64().unwrap() >= 2, "no step decoded two deltas together: {health}");
+
+    for ((mode, prompt), answer) in jobs.iter().zip(&answers) {
+        let delta = folder.join(format!("{mode}.bitdelta.safetensors"));
+        let g: Value = serde_json::from_str(&bitdelta(&[
+            "generate", "--model", s(&base), "--delta", s(&delta), "--delta-use", "fused", "--prompt", prompt, "--max-new-tokens", "24", "--json",
+        ]))
+        .unwrap();
+        assert_eq!(answer, g["text"].as_str().unwrap(), "{mode}, `{prompt}`: server and generate differ");
+    }
+    // The deltas are different models: not every answer to a prompt is the same.
+    assert!(answers[0] != answers[2] || answers[2] != answers[4] || answers[1] != answers[3], "all deltas answered alike: {answers:?}");
+    // The base is a model too, and differs from the fine-tunes.
+    let base_answer = text(&server.post("/v1/completions", &completion("base", PROMPTS[0], 24)));
+    assert_ne!(base_answer, answers[0]);
+
+    // Streamed chat: chunks whose pieces make the whole answer, a finish reason, then [DONE].
+    assert_eq!(streamed.status, 200, "{}", streamed.body);
+    assert!(streamed.content_type.starts_with("text/event-stream"), "{}", streamed.content_type);
+    let events = streamed.events();
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    let joined: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    assert!(chunks.last().unwrap()["choices"][0]["finish_reason"].is_string());
+    let whole = server.post("/v1/chat/completions", &chat).json();
+    assert_eq!(joined, whole["choices"][0]["message"]["content"].as_str().unwrap());
+    let g: Value = serde_json::from_str(&bitdelta(&[
+        "generate", "--model", s(&base), "--delta", s(&folder.join("scalar.bitdelta.safetensors")), "--delta-use", "fused",
+        "--chat", "--prompt", "Tell me a story about a cat.", "--max-new-tokens", "20", "--json",
+    ]))
+    .unwrap();
+    assert_eq!(joined, g["text"].as_str().unwrap());
+
+    // Errors: JSON bodies with the right status, and the server keeps serving.
+    let r = server.post("/v1/completions", &completion("no-such-model", "Hi", 2));
+    assert_eq!((r.status, r.json()["error"]["type"].as_str()), (404, Some("model_not_found")), "{}", r.body);
+    let r = delta_tests::http::request(&server.addr, "POST", "/v1/completions", Some("{\"model\": \"scalar\", \"prompt\": ")).unwrap();
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.json()["error"]["message"].as_str().unwrap().contains("not a valid request"), "{}", r.body);
+    let r = server.post("/v1/completions", &json!({ "model": "scalar", "prompt": "Hi", "max_tokens": 0 }));
+    assert_eq!(r.status, 400, "{}", r.body);
+    let r = server.post("/v1/completions", &json!({ "model": "scalar", "prompt": "Hi", "stop": ["\n"] }));
+    assert_eq!(r.status, 400, "{}", r.body);
+    // An artifact made for another base (the fine-tune as base): refused at load, named.
+    let wrong = folder.join("reversed.bitdelta.safetensors");
+    bitdelta(&["compress", "--base", s(&ft), "--finetuned", s(&base), "-o", s(&wrong), "--calibrate", "none", "--json"]);
+    let r = server.post("/v1/completions", &completion("reversed", "Hi", 2));
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert!(r.json()["error"]["message"].as_str().unwrap().contains("wrong base"), "{}", r.body);
+    std::fs::write(folder.join("cut.bitdelta.safetensors"), &std::fs::read(&wrong).unwrap()[..1000]).unwrap();
+    let r = server.post("/v1/completions", &completion("cut", "Hi", 2));
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert!(r.json()["error"]["message"].as_str().unwrap().contains("truncated"), "{}", r.body);
+    assert_eq!(text(&server.post("/v1/completions", &completion("per-output", PROMPTS[1], 24))), answers[3]);
+}
+
+#[test]
+fn load_test_with_hot_load_and_eviction_loses_and_mixes_up_nothing() {
+    let (base, _) = smollm2();
+    let tmp = tempfile::tempdir().unwrap();
+    let folder = deltas(tmp.path());
+    // Two resident at most, while four models are asked for: evictions all through the run.
+    let server = Server::start(Path::new(BIN), &base, &folder, &["--max-resident", "2"]);
+    let models = ["base", "scalar", "per-output", "per-input"];
+    // The expected answers, one request at a time.
+    let mut expected: HashMap<(String, &str), String> = HashMap::new();
+    for m in models {
+        for p in PROMPTS {
+            expected.insert((m.to_string(), p), text(&server.post("/v1/completions", &completion(m, p, 6))));
+        }
+    }
+    // The hot-added delta is a copy of `per-input` under a new name: it must answer as per-input.
+    for p in PROMPTS {
+        expected.insert(("hot".to_string(), p), expected[&("per-input".to_string(), p)].clone());
+    }
+    let distinct: std::collections::HashSet<&String> = expected.values().collect();
+    assert!(distinct.len() >= 8, "too few distinct answers to detect mix-ups: {}", distinct.len());
+
+    const CLIENTS: usize = 8;
+    const PER_CLIENT: usize = 25;
+    let added = AtomicBool::new(false);
+    let done = AtomicUsize::new(0);
+    let failures = Mutex::new(Vec::<String>::new());
+    let served = Arc::new(Mutex::new(HashMap::<String, usize>::new()));
+    std::thread::scope(|scope| {
+        for c in 0..CLIENTS {
+            let (expected, added, done, failures, served, server, folder) = (&expected, &added, &done, &failures, served.clone(), &server, &folder);
+            scope.spawn(move || {
+                for k in 0..PER_CLIENT {
+                    let n = done.fetch_add(1, Ordering::SeqCst);
+                    if n == 40 {
+                        std::fs::copy(folder.join("per-input.bitdelta.safetensors"), folder.join("hot.bitdelta.safetensors")).unwrap();
+                        added.store(true, Ordering::SeqCst);
+                    }
+                    let mut model = models[(c + k) % models.len()].to_string();
+                    if added.load(Ordering::SeqCst) && (c + k) % 3 == 0 {
+                        model = "hot".into();
+                    }
+                    let prompt = PROMPTS[(c * 7 + k) % PROMPTS.len()];
+                    let r = server.post("/v1/completions", &completion(&model, prompt, 6));
+                    let answer = (r.status == 200).then(|| r.json()["choices"][0]["text"].as_str().map(str::to_string)).flatten();
+                    if answer.as_ref() != Some(&expected[&(model.clone(), prompt)]) {
+                        failures.lock().unwrap().push(format!("{model} `{prompt}`: {} {}", r.status, r.body));
+                    }
+                    *served.lock().unwrap().entry(model).or_default() += 1;
+                }
+            });
+        }
+    });
+    let failures = failures.into_inner().unwrap();
+    assert!(failures.is_empty(), "{} of {} requests failed or were mixed up, e.g. {}", failures.len(), CLIENTS * PER_CLIENT, failures[0]);
+    let served = served.lock().unwrap().clone();
+    assert!(served.get("hot").copied().unwrap_or(0) >= 10, "the hot-added delta was hardly used: {served:?}");
+    let health = server.get("/health").json();
+    eprintln!("load test: {served:?}; {health}");
+    assert!(health["delta_evictions"].as_u64().unwrap() >= 3, "{health}");
+    assert!(health["max_sequences_in_a_step"].as_u64().unwrap() >= 4, "{health}");
+    assert!(health["max_models_in_a_step"].as_u64().unwrap() >= 3, "{health}");
+    let listed = server.get("/v1/models").json();
+    assert!(listed["data"].as_array().unwrap().iter().any(|m| m["id"] == "hot"), "{listed}");
+}

@@ -1,0 +1,289 @@
+//! Many fine-tunes on one base, decoded together.
+//!
+//! A [`Tenant`] is a fine-tune held as its packed delta over a base [`Llama`]: a copy of the base
+//! model whose projections are `DeltaLinear`s over the base's own weight tensors (Burn tensors are
+//! reference-counted, so nothing of the base is duplicated) and whose changed small tensors
+//! (norms, biases) are its own. [`step_batch`] runs sequences of *different* tenants (or of the
+//! base) through one forward: per projection, one base product for every row of every sequence,
+//! then each tenant's delta term for its rows through `batched_delta_matmul_add`; attention runs
+//! per sequence against its own KV cache. That is the multi-tenant decode step of `bitdelta serve`.
+
+use burn::tensor::activation::silu;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+use delta_format::{Checkpoint, CompressedWeight, DeltaArtifact};
+use delta_kernels::gemm::batched_delta_matmul_add;
+
+use crate::delta_linear::{DeltaLinear, Projection};
+use crate::error::ModelError;
+use crate::llama::{Block, KvCache, Linear, Llama, RmsNorm};
+use crate::weights::Weights;
+
+/// The projections of a block, in the order [`slot`] numbers them.
+pub const PROJECTIONS: [&str; 7] = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"];
+
+fn slot<B: Backend>(b: &Block<B>, k: usize) -> &Projection<B> {
+    let (a, m) = (&b.self_attn, &b.mlp);
+    [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj][k]
+}
+
+fn slot_mut<B: Backend>(b: &mut Block<B>, k: usize) -> &mut Projection<B> {
+    let (a, m) = (&mut b.self_attn, &mut b.mlp);
+    match k {
+        0 => &mut a.q_proj,
+        1 => &mut a.k_proj,
+        2 => &mut a.v_proj,
+        3 => &mut a.o_proj,
+        4 => &mut m.gate_proj,
+        5 => &mut m.up_proj,
+        _ => &mut m.down_proj,
+    }
+}
+
+/// A fine-tune resident as a packed delta over a shared base model.
+pub struct Tenant<B: Backend> {
+    /// The fine-tune as a model: the base's tensors wherever the delta leaves them unchanged.
+    pub model: Llama<B>,
+    own_head: bool,
+    /// Per block and projection slot: the delta replaced this weight whole (a dense override).
+    own_dense: Vec<[bool; 7]>,
+    /// Bytes this tenant holds beyond the base (signs, scales, its own tensors in f32).
+    pub resident_bytes: usize,
+}
+
+impl<B: Backend> Tenant<B> {
+    /// The fine-tune `delta` over `base` (loaded from `base_ckpt`). The delta's fingerprint is
+    /// checked against `base_ckpt` first; a delta that changes a tensor the model does not have is
+    /// an error, never ignored.
+    pub fn new(base: &Llama<B>, base_ckpt: &Checkpoint, delta: &DeltaArtifact) -> Result<Self, ModelError> {
+        let w = Weights::<B>::new(base_ckpt, Some(delta), base.device.clone())?.fused();
+        let cfg = &base.cfg;
+        let mut model = base.clone();
+        let mut used = std::collections::HashSet::new();
+        let mut bytes = 0usize;
+        let mut own_dense = vec![[false; 7]; model.layers.len()];
+        let whole = |name: &str| delta.whole_tensor(name).is_some();
+        let norm = |norm: &mut RmsNorm<B>, name: String, used: &mut std::collections::HashSet<String>, bytes: &mut usize| -> Result<(), ModelError> {
+            if whole(&name) {
+                let dim = norm.weight.dims()[0];
+                *norm = RmsNorm::load(&w, &name, dim, norm.eps)?;
+                *bytes += dim * 4;
+                used.insert(name);
+            }
+            Ok(())
+        };
+        for (i, block) in model.layers.iter_mut().enumerate() {
+            let p = format!("model.layers.{i}");
+            norm(&mut block.input_layernorm, format!("{p}.input_layernorm.weight"), &mut used, &mut bytes)?;
+            norm(&mut block.post_attention_layernorm, format!("{p}.post_attention_layernorm.weight"), &mut used, &mut bytes)?;
+            if let Some(n) = block.self_attn.q_norm.as_mut() {
+                norm(n, format!("{p}.self_attn.q_norm.weight"), &mut used, &mut bytes)?;
+            }
+            if let Some(n) = block.self_attn.k_norm.as_mut() {
+                norm(n, format!("{p}.self_attn.k_norm.weight"), &mut used, &mut bytes)?;
+            }
+            for (k, proj) in PROJECTIONS.iter().enumerate() {
+                let prefix = format!("{p}.{proj}");
+                let (weight, bias) = (format!("{prefix}.weight"), format!("{prefix}.bias"));
+                let mut linear = slot(block, k).linear().clone();
+                let [inp, out] = linear.weight_t.dims();
+                if linear.bias.is_some() && whole(&bias) {
+                    linear.bias = Some(w.vector(&bias, out)?);
+                    bytes += out * 4;
+                    used.insert(bias);
+                }
+                *slot_mut(block, k) = if let Some(packed) = w.packed_delta(&weight) {
+                    bytes += packed.signs.words().len() * 4 + packed.scales.len() * 4;
+                    used.insert(weight);
+                    Projection::Delta(DeltaLinear::new(linear, packed)?)
+                } else if whole(&weight) {
+                    linear.weight_t = w.matrix_t(&weight, out, inp)?;
+                    bytes += out * inp * 4;
+                    own_dense[i][k] = true;
+                    used.insert(weight);
+                    Projection::Dense(linear)
+                } else {
+                    Projection::Dense(linear)
+                };
+            }
+        }
+        let (vocab, hidden) = (cfg.vocab_size, cfg.hidden_size);
+        norm(&mut model.norm, "model.norm.weight".into(), &mut used, &mut bytes)?;
+        let tied = cfg.tie_word_embeddings && !base_ckpt.contains("lm_head.weight");
+        let own_embed = whole("model.embed_tokens.weight");
+        if own_embed {
+            model.embed_tokens = w.matrix("model.embed_tokens.weight", vocab, hidden)?;
+            bytes += vocab * hidden * 4;
+            used.insert("model.embed_tokens.weight".to_string());
+        }
+        let own_head = if tied { own_embed } else { whole("lm_head.weight") };
+        if own_head {
+            let name = if tied { "model.embed_tokens.weight" } else { "lm_head.weight" };
+            model.lm_head_t = w.matrix_t(name, vocab, hidden)?;
+            bytes += vocab * hidden * 4;
+            used.insert(name.to_string());
+        }
+        let changed = delta.weights().map(|c| c.name.to_string()).chain(delta.whole_tensors().map(|(n, _)| n.to_string()));
+        if let Some(name) = changed.into_iter().find(|n| !used.contains(n)) {
+            return Err(ModelError::Input(format!("the delta changes `{name}`, which this {} model has no place for", cfg.model_type)));
+        }
+        Ok(Tenant { model, own_head, own_dense, resident_bytes: bytes })
+    }
+}
+
+/// One sequence's share of a batched step: its new tokens, fed after those in its cache, through
+/// its tenant's model (`None`: the base itself).
+pub struct SeqStep<'a, B: Backend> {
+    pub tenant: Option<&'a Tenant<B>>,
+    pub ids: &'a [u32],
+    pub cache: &'a mut KvCache<B>,
+}
+
+/// Runs every sequence's new tokens (a prompt chunk or one decoded token) through its own model in
+/// one pass and extends each cache; returns the logits of each sequence's last new position,
+/// `[sequences, vocab]`. Per projection: one base product for all rows, then every tenant's packed
+/// delta term for its rows in one batched call; attention per sequence. Each sequence gets the
+/// logits [`Llama::step`] would give it on its own model (up to the rounding of the row count's
+/// product path: Burn's GEMM above [`crate::host::FEW_ROWS`] rows, the in-place product below).
+pub fn step_batch<B: Backend>(base: &Llama<B>, seqs: &mut [SeqStep<'_, B>]) -> Result<Tensor<B, 2>, ModelError> {
+    if seqs.is_empty() {
+        return Err(ModelError::Input("a batched step needs at least one sequence".into()));
+    }
+    let tenants: Vec<Option<&Tenant<B>>> = seqs.iter().map(|s| s.tenant).collect();
+    let model = |s: usize| tenants[s].map_or(base, |t| &t.model);
+    let mut spans = Vec::with_capacity(seqs.len());
+    let mut rows = 0;
+    for s in seqs.iter() {
+        if s.cache.layers.len() != base.layers.len() {
+            return Err(ModelError::Input(format!("a KV cache for {} layers, the model has {}", s.cache.layers.len(), base.layers.len())));
+        }
+        if let Some(Some((k, _))) = s.cache.layers.first() {
+            if k.dims()[0] != 1 {
+                return Err(ModelError::Input(format!("a batched step takes one-row caches, not {}", k.dims()[0])));
+            }
+        }
+        if let Some(t) = s.tenant {
+            if t.model.layers.len() != base.layers.len() || t.model.cfg.hidden_size != base.cfg.hidden_size {
+                return Err(ModelError::Input("a tenant built on another base".into()));
+            }
+        }
+        spans.push((rows, s.ids.len()));
+        rows += s.ids.len();
+    }
+    let hidden = base.cfg.hidden_size;
+    // RMS norm of every row with its own sequence's weight: normalised once for all rows, then
+    // multiplied by the weights laid out per row (the same arithmetic as `RmsNorm::forward`).
+    let norm_rows = |x: Tensor<B, 2>, norm: &dyn Fn(&Llama<B>) -> &RmsNorm<B>| -> Tensor<B, 2> {
+        let weights = Tensor::cat(spans.iter().enumerate().map(|(s, &(_, n))| norm(model(s)).weight.clone().unsqueeze::<2>().expand([n, hidden])).collect(), 0);
+        norm(base).normalise(x) * weights
+    };
+    let embedded: Result<Vec<Tensor<B, 2>>, ModelError> =
+        seqs.iter().enumerate().map(|(s, q)| Ok(model(s).embed(&[q.ids.to_vec()])?.reshape([q.ids.len(), hidden]))).collect();
+    let mut x = Tensor::cat(embedded?, 0);
+    let tables: Vec<_> = seqs.iter().map(|s| base.rope.tables::<B>(s.cache.len, s.ids.len(), &base.device)).collect();
+    for i in 0..base.layers.len() {
+        let n = norm_rows(x.clone(), &|m| &m.layers[i].input_layernorm);
+        let project = |k: usize, x: Tensor<B, 2>| project(base, &tenants, &spans, i, k, x);
+        let (q, k, v) = (project(0, n.clone()), project(1, n.clone()), project(2, n));
+        let mut contexts = Vec::with_capacity(seqs.len());
+        for (s, seq) in seqs.iter_mut().enumerate() {
+            let (at, len) = spans[s];
+            let (cos, sin) = &tables[s];
+            let rows = |t: &Tensor<B, 2>| t.clone().narrow(0, at, len);
+            contexts.push(model(s).layers[i].self_attn.attend(rows(&q), rows(&k), rows(&v), 1, cos, sin, Some(&mut seq.cache.layers[i])));
+        }
+        let h = x + project(3, Tensor::cat(contexts, 0));
+        let n = norm_rows(h.clone(), &|m| &m.layers[i].post_attention_layernorm);
+        let m = project(6, silu(project(4, n.clone())) * project(5, n));
+        x = h + m;
+    }
+    for s in seqs.iter_mut() {
+        s.cache.len += s.ids.len();
+    }
+    let last: Vec<Tensor<B, 2>> = spans.iter().enumerate().map(|(s, &(at, n))| model(s).norm.forward(x.clone().narrow(0, at + n - 1, 1))).collect();
+    // One head product for every sequence on the base's head; a tenant with its own head alone.
+    let shared: Vec<usize> = (0..seqs.len()).filter(|&s| !tenants[s].is_some_and(|t| t.own_head)).collect();
+    let mut logits: Vec<Option<Tensor<B, 2>>> = vec![None; seqs.len()];
+    if !shared.is_empty() {
+        let rows = Tensor::cat(shared.iter().map(|&s| last[s].clone()).collect(), 0);
+        let y = crate::host::matmul(rows, &base.lm_head_t);
+        for (r, &s) in shared.iter().enumerate() {
+            logits[s] = Some(y.clone().narrow(0, r, 1));
+        }
+    }
+    for (s, l) in logits.iter_mut().enumerate() {
+        if l.is_none() {
+            *l = Some(crate::host::matmul(last[s].clone(), &model(s).lm_head_t));
+        }
+    }
+    Ok(Tensor::cat(logits.into_iter().flatten().collect(), 0))
+}
+
+/// Projection `k` of block `i` for every row: `x·W_baseᵀ` for all rows at once, then per sequence
+/// its tenant's part — the packed delta term (all tenants in one batched call), or a whole
+/// replacement weight — and its bias.
+fn project<B: Backend>(base: &Llama<B>, tenants: &[Option<&Tenant<B>>], spans: &[(usize, usize)], i: usize, k: usize, x: Tensor<B, 2>) -> Tensor<B, 2> {
+    let base_linear = slot(&base.layers[i], k).linear();
+    let [rows, inp] = x.dims();
+    let out = base_linear.weight_t.dims()[1];
+    let y = crate::host::matmul(x.clone(), &base_linear.weight_t);
+    let projection = |s: usize| tenants[s].map(|t| (t, slot(&t.model.layers[i], k)));
+    let plain = (0..spans.len()).all(|s| match projection(s) {
+        None => true,
+        Some((t, p)) => !t.own_dense[i][k] && matches!(p, Projection::Dense(_)),
+    });
+    if plain {
+        return base_linear.add_bias(y);
+    }
+    let device = x.device();
+    let mut yv = crate::host::with_values(&y, |v| v.to_vec());
+    let mut deltas: Vec<&CompressedWeight<'static>> = Vec::new();
+    let (mut delta_rows, mut idx) = (Vec::new(), Vec::new());
+    let mut dense: Vec<(usize, &Linear<B>)> = Vec::new();
+    for (s, &(at, n)) in spans.iter().enumerate() {
+        match projection(s) {
+            Some((_, Projection::Delta(d))) => {
+                let d_idx = match deltas.iter().position(|w| std::ptr::eq(*w, &d.delta)) {
+                    Some(p) => p,
+                    None => {
+                        deltas.push(&d.delta);
+                        deltas.len() - 1
+                    }
+                };
+                delta_rows.extend(at..at + n);
+                idx.extend(std::iter::repeat_n(d_idx, n));
+            }
+            Some((t, Projection::Dense(l))) if t.own_dense[i][k] => dense.push((s, l)),
+            Some((_, Projection::Scaled(_))) => unreachable!("Tenant::new builds no ScaledDelta"),
+            _ => {}
+        }
+    }
+    if !deltas.is_empty() {
+        crate::host::with_values(&x, |xv| {
+            let xs: Vec<f32> = delta_rows.iter().flat_map(|&r| xv[r * inp..(r + 1) * inp].iter().copied()).collect();
+            let mut ys: Vec<f32> = delta_rows.iter().flat_map(|&r| yv[r * out..(r + 1) * out].iter().copied()).collect();
+            batched_delta_matmul_add(&deltas, &idx, &xs, &mut ys).expect("shapes checked when the tenants were built");
+            for (j, &r) in delta_rows.iter().enumerate() {
+                yv[r * out..(r + 1) * out].copy_from_slice(&ys[j * out..(j + 1) * out]);
+            }
+        });
+    }
+    let mut y = Tensor::<B, 2>::from_data(TensorData::new(yv, [rows, out]), &device);
+    for (s, l) in dense {
+        let (at, n) = spans[s];
+        y = y.slice_assign([at..at + n, 0..out], crate::host::matmul(x.clone().narrow(0, at, n), &l.weight_t));
+    }
+    // Biases: the tenant's own where it has one (the base's otherwise), per sequence.
+    let any_bias = (0..spans.len()).any(|s| projection(s).map_or(base_linear, |(_, p)| p.linear()).bias.is_some());
+    if !any_bias {
+        return y;
+    }
+    Tensor::cat(
+        spans
+            .iter()
+            .enumerate()
+            .map(|(s, &(at, n))| projection(s).map_or(base_linear, |(_, p)| p.linear()).add_bias(y.clone().narrow(0, at, n)))
+            .collect(),
+        0,
+    )
+}

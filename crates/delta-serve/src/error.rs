@@ -1,0 +1,51 @@
+use axum::http::StatusCode;
+
+/// Why a request was not served; each maps to an HTTP status and an OpenAI-style error body.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The body is not JSON or not the request's shape (400).
+    #[error("{0}")]
+    BadRequest(String),
+    /// No base and no artifact of that name (404).
+    #[error("model `{0}` does not exist (GET /v1/models lists the models)")]
+    UnknownModel(String),
+    /// The artifact exists but cannot be served on this base: wrong base, damaged file (409).
+    #[error("model `{model}` cannot be loaded: {reason}")]
+    Unavailable { model: String, reason: String },
+    /// The server's own failure (500).
+    #[error("{0}")]
+    Io(String),
+    #[error("the model failed: {0}")]
+    Engine(String),
+}
+
+impl ServeError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ServeError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ServeError::UnknownModel(_) => StatusCode::NOT_FOUND,
+            ServeError::Unavailable { .. } => StatusCode::CONFLICT,
+            ServeError::Io(_) | ServeError::Engine(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The `type` field of the error body.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ServeError::BadRequest(_) => "invalid_request_error",
+            ServeError::UnknownModel(_) => "model_not_found",
+            ServeError::Unavailable { .. } => "model_unavailable",
+            ServeError::Io(_) | ServeError::Engine(_) => "server_error",
+        }
+    }
+
+    pub fn body(&self) -> serde_json::Value {
+        serde_json::json!({ "error": { "message": self.to_string(), "type": self.kind(), "code": self.status().as_u16() } })
+    }
+}
+
+impl axum::response::IntoResponse for ServeError {
+    fn into_response(self) -> axum::response::Response {
+        (self.status(), axum::Json(self.body())).into_response()
+    }
+}

@@ -1,0 +1,89 @@
+//! `delta-serve`: many fine-tunes on one base model, served over an OpenAI-compatible HTTP API.
+//!
+//! - [`registry`]: the base and the deltas folder; deltas load on first use (fingerprint checked),
+//!   least recently used ones are dropped beyond a limit, new files are picked up while running.
+//! - [`engine`]: the continuous-batching decode loop — sequences of different deltas share every
+//!   step (`delta_models::multi::step_batch`).
+//! - [`api`]: the axum routes and the OpenAI request / response shapes.
+
+pub mod api;
+pub mod engine;
+pub mod error;
+pub mod registry;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use delta_format::Checkpoint;
+use delta_models::chat::ChatTemplate;
+use delta_models::{CpuBackend, Llama, ModelConfig, Tokenizer, Weights};
+
+pub use engine::EngineOptions;
+pub use error::ServeError;
+
+pub struct ServeOptions {
+    pub base: PathBuf,
+    pub deltas: PathBuf,
+    /// The base's model name; default: the base folder's name.
+    pub base_name: Option<String>,
+    pub max_resident: usize,
+    pub max_context: usize,
+    pub engine: EngineOptions,
+}
+
+/// Loads the base, starts the engine and returns the app, ready to be served.
+pub fn build(o: &ServeOptions) -> Result<axum::Router, String> {
+    if !o.deltas.is_dir() {
+        return Err(format!("--deltas {} is not a folder", o.deltas.display()));
+    }
+    let ckpt = Checkpoint::open(&o.base).map_err(|e| format!("reading the base: {e}"))?;
+    let cfg = ModelConfig::load(&o.base).map_err(|e| e.to_string())?;
+    let tokenizer = Tokenizer::load(&o.base).map_err(|e| e.to_string())?;
+    let template = ChatTemplate::load(&o.base).ok();
+    let weights = Weights::<CpuBackend>::new(&ckpt, None, Default::default()).map_err(|e| e.to_string())?;
+    let base = Arc::new(Llama::load(cfg, &weights).map_err(|e| format!("loading the base: {e}"))?);
+    ckpt.release_pages();
+    let base_name = o.base_name.clone().unwrap_or_else(|| o.base.canonicalize().unwrap_or(o.base.clone()).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "base".into()));
+    let eos = base.cfg.eos_token_ids();
+    let registry = Arc::new(registry::Registry::new(base_name, base.clone(), ckpt, o.deltas.clone(), o.max_resident));
+    let engine = engine::Engine::start(base, o.engine);
+    let state = api::AppState {
+        registry,
+        engine,
+        tokenizer: Arc::new(tokenizer),
+        template,
+        eos,
+        max_context: o.max_context,
+        requests: Default::default(),
+    };
+    Ok(api::router(Arc::new(state)))
+}
+
+/// Serves on `addr` until Ctrl-C (or SIGTERM), calling `ready` with the bound address once the
+/// base is loaded and the port is open (port 0 picks a free one).
+pub fn run(o: &ServeOptions, addr: &str, ready: impl FnOnce(std::net::SocketAddr)) -> Result<(), String> {
+    let app = build(o)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| format!("starting the async runtime: {e}"))?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("binding {addr}: {e}"))?;
+        ready(listener.local_addr().map_err(|e| e.to_string())?);
+        axum::serve(listener, app).with_graceful_shutdown(shutdown()).await.map_err(|e| format!("serving: {e}"))
+    })
+}
+
+async fn shutdown() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => return std::future::pending().await,
+        };
+        tokio::select! {
+            _ = interrupt => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+}

@@ -1,0 +1,174 @@
+//! The models a server offers: the base, and every `NAME.bitdelta.safetensors` in the deltas
+//! folder (read afresh on every lookup, so a file added while running is served without a
+//! restart). Deltas load on first use, checked against the base's fingerprint; beyond
+//! `max_resident`, the least recently used one is dropped. Requests already running on a dropped
+//! delta keep it alive (`Arc`) until they finish.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use delta_format::{Checkpoint, DeltaArtifact};
+use delta_models::multi::Tenant;
+use delta_models::{CpuBackend, Llama};
+
+use crate::error::ServeError;
+
+/// The file name suffix of a delta artifact; the model name is what comes before it.
+pub const DELTA_SUFFIX: &str = ".bitdelta.safetensors";
+
+pub type Model = Tenant<CpuBackend>;
+
+struct Resident {
+    tenant: Arc<Model>,
+    last_used: u64,
+}
+
+#[derive(Default)]
+struct State {
+    resident: HashMap<String, Resident>,
+    /// One lock per name being loaded, so a model loads once however many ask for it at once.
+    loading: HashMap<String, Arc<Mutex<()>>>,
+    clock: u64,
+    loads: u64,
+    evictions: u64,
+}
+
+/// What `/v1/models` lists.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Listing {
+    pub id: String,
+    /// "base" or "delta".
+    pub kind: &'static str,
+    pub resident: bool,
+}
+
+pub struct Registry {
+    pub base_name: String,
+    pub base: Arc<Llama<CpuBackend>>,
+    base_ckpt: Checkpoint,
+    deltas_dir: PathBuf,
+    max_resident: usize,
+    state: Mutex<State>,
+}
+
+/// The model a request asked for, ready to run.
+#[derive(Clone)]
+pub enum Resolved {
+    Base,
+    Delta(Arc<Model>),
+}
+
+impl Registry {
+    pub fn new(base_name: String, base: Arc<Llama<CpuBackend>>, base_ckpt: Checkpoint, deltas_dir: PathBuf, max_resident: usize) -> Self {
+        Registry { base_name, base, base_ckpt, deltas_dir, max_resident: max_resident.max(1), state: Mutex::default() }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding the lock leaves plain bookkeeping behind; keep serving.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Delta names in the folder, sorted.
+    pub fn delta_names(&self) -> Result<Vec<String>, ServeError> {
+        let entries = std::fs::read_dir(&self.deltas_dir).map_err(|e| ServeError::Io(format!("reading {}: {e}", self.deltas_dir.display())))?;
+        let mut names: Vec<String> = entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix(DELTA_SUFFIX)).map(str::to_string))
+            .filter(|n| !n.is_empty() && !n.starts_with('.'))
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    pub fn list(&self) -> Result<Vec<Listing>, ServeError> {
+        let names = self.delta_names()?;
+        let state = self.state();
+        let mut out = vec![Listing { id: self.base_name.clone(), kind: "base", resident: true }];
+        out.extend(names.into_iter().filter(|n| *n != self.base_name).map(|id| Listing { resident: state.resident.contains_key(&id), id, kind: "delta" }));
+        Ok(out)
+    }
+
+    fn touch(&self, name: &str) -> Option<Arc<Model>> {
+        let mut state = self.state();
+        state.clock += 1;
+        let now = state.clock;
+        state.resident.get_mut(name).map(|r| {
+            r.last_used = now;
+            r.tenant.clone()
+        })
+    }
+
+    /// The model `name` names, loading its delta if it is not resident. Blocking (reads and
+    /// checks the artifact): call it off the async threads.
+    pub fn resolve(&self, name: &str) -> Result<Resolved, ServeError> {
+        if name == self.base_name {
+            return Ok(Resolved::Base);
+        }
+        if let Some(t) = self.touch(name) {
+            return Ok(Resolved::Delta(t));
+        }
+        let path = self.path_of(name)?;
+        let lock = self.state().loading.entry(name.to_string()).or_default().clone();
+        let _loading = lock.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = self.touch(name) {
+            return Ok(Resolved::Delta(t));
+        }
+        let started = Instant::now();
+        let loaded = self.load(&path);
+        self.state().loading.remove(name);
+        let tenant = Arc::new(loaded.map_err(|e| ServeError::Unavailable { model: name.to_string(), reason: e })?);
+        let evicted = self.admit(name, tenant.clone());
+        eprintln!(
+            "loaded delta `{name}` in {:.2} s ({:.1} MB resident){}",
+            started.elapsed().as_secs_f64(),
+            tenant.resident_bytes as f64 / 1e6,
+            if evicted.is_empty() { String::new() } else { format!("; evicted {}", evicted.join(", ")) }
+        );
+        Ok(Resolved::Delta(tenant))
+    }
+
+    fn path_of(&self, name: &str) -> Result<PathBuf, ServeError> {
+        let valid = !name.is_empty() && !name.contains(['/', '\\']) && !name.starts_with('.');
+        let path = self.deltas_dir.join(format!("{name}{DELTA_SUFFIX}"));
+        if valid && path.is_file() {
+            Ok(path)
+        } else {
+            Err(ServeError::UnknownModel(name.to_string()))
+        }
+    }
+
+    fn load(&self, path: &Path) -> Result<Model, String> {
+        let artifact = DeltaArtifact::open(path).map_err(|e| e.to_string())?;
+        let tenant = Tenant::new(&self.base, &self.base_ckpt, &artifact).map_err(|e| e.to_string());
+        // Checking the fingerprint read the base file's pages; the model holds its own copy.
+        self.base_ckpt.release_pages();
+        tenant
+    }
+
+    /// Makes `tenant` resident and drops the least recently used beyond the limit; returns
+    /// the names dropped.
+    fn admit(&self, name: &str, tenant: Arc<Model>) -> Vec<String> {
+        let mut state = self.state();
+        state.clock += 1;
+        let now = state.clock;
+        state.resident.insert(name.to_string(), Resident { tenant, last_used: now });
+        state.loads += 1;
+        let mut evicted = Vec::new();
+        while state.resident.len() > self.max_resident {
+            let oldest = state.resident.iter().filter(|(n, _)| n.as_str() != name).min_by_key(|(_, r)| r.last_used).map(|(n, _)| n.clone());
+            let Some(oldest) = oldest else { break };
+            state.resident.remove(&oldest);
+            state.evictions += 1;
+            evicted.push(oldest);
+        }
+        evicted
+    }
+
+    /// (resident deltas, loads so far, evictions so far).
+    pub fn counts(&self) -> (usize, u64, u64) {
+        let state = self.state();
+        (state.resident.len(), state.loads, state.evictions)
+    }
+}
