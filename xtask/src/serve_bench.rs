@@ -4,6 +4,7 @@
 //!   together (one base product per layer for all rows plus each delta's 1-bit term);
 //! - swapping: one merged model after another (`bitdelta generate --delta`, which merges the
 //!   delta into the base on load), as a server holding one full model at a time would.
+//!
 //! Also the server's memory per extra resident delta (VmRSS after each first use) against the
 //! artifact's size. Results to `target/bench/serve.json`, tables on stdout.
 

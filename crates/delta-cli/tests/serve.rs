@@ -106,6 +106,8 @@ fn greedy_outputs_equal_generate_for_deltas_in_one_batch_and_errors_are_json() {
     // Errors: JSON bodies with the right status, and the server keeps serving.
     let r = server.post("/v1/completions", &completion("no-such-model", "Hi", 2));
     assert_eq!((r.status, r.json()["error"]["type"].as_str()), (404, Some("model_not_found")), "{}", r.body);
+    let r = server.get("/v1/nothing");
+    assert_eq!((r.status, r.json()["error"]["type"].as_str()), (404, Some("not_found")), "{}", r.body);
     let r = delta_tests::http::request(&server.addr, "POST", "/v1/completions", Some("{\"model\": \"scalar\", \"prompt\": ")).unwrap();
     assert_eq!(r.status, 400, "{}", r.body);
     assert!(r.json()["error"]["message"].as_str().unwrap().contains("not a valid request"), "{}", r.body);

@@ -170,6 +170,10 @@ pub fn step_batch<B: Backend>(base: &Llama<B>, seqs: &mut [SeqStep<'_, B>]) -> R
         spans.push((rows, s.ids.len()));
         rows += s.ids.len();
     }
+    if let [only] = seqs {
+        // One sequence: its own model's step is the same product without the batching's copies.
+        return only.tenant.map_or(base, |t| &t.model).step(&[only.ids.to_vec()], only.cache);
+    }
     let hidden = base.cfg.hidden_size;
     // RMS norm of every row with its own sequence's weight: normalised once for all rows, then
     // multiplied by the weights laid out per row (the same arithmetic as `RmsNorm::forward`).

@@ -45,16 +45,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/models", get(models))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
-        .fallback(|| async { ServeError::BadRequest("no such endpoint (GET /v1/models, POST /v1/completions, POST /v1/chat/completions)".into()).with_status(404) })
+        .fallback(|method: axum::http::Method, uri: axum::http::Uri| async move { ServeError::NoRoute(format!("{method} {}", uri.path())) })
         .with_state(state)
-}
-
-impl ServeError {
-    fn with_status(self, status: u16) -> Response {
-        let mut body = self.body();
-        body["error"]["code"] = status.into();
-        (axum::http::StatusCode::from_u16(status).expect("valid status"), Json(body)).into_response()
-    }
 }
 
 async fn health(State(s): State<Arc<AppState>>) -> Json<Value> {

@@ -9,6 +9,9 @@ pub enum ServeError {
     /// No base and no artifact of that name (404).
     #[error("model `{0}` does not exist (GET /v1/models lists the models)")]
     UnknownModel(String),
+    /// No such endpoint (404).
+    #[error("no endpoint {0} (GET /v1/models, POST /v1/completions, POST /v1/chat/completions, GET /health)")]
+    NoRoute(String),
     /// The artifact exists but cannot be served on this base: wrong base, damaged file (409).
     #[error("model `{model}` cannot be loaded: {reason}")]
     Unavailable { model: String, reason: String },
@@ -23,7 +26,7 @@ impl ServeError {
     pub fn status(&self) -> StatusCode {
         match self {
             ServeError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            ServeError::UnknownModel(_) => StatusCode::NOT_FOUND,
+            ServeError::UnknownModel(_) | ServeError::NoRoute(_) => StatusCode::NOT_FOUND,
             ServeError::Unavailable { .. } => StatusCode::CONFLICT,
             ServeError::Io(_) | ServeError::Engine(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -34,6 +37,7 @@ impl ServeError {
         match self {
             ServeError::BadRequest(_) => "invalid_request_error",
             ServeError::UnknownModel(_) => "model_not_found",
+            ServeError::NoRoute(_) => "not_found",
             ServeError::Unavailable { .. } => "model_unavailable",
             ServeError::Io(_) | ServeError::Engine(_) => "server_error",
         }
