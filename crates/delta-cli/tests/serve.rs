@@ -113,8 +113,23 @@ fn greedy_outputs_equal_generate_for_deltas_in_one_batch_and_errors_are_json() {
     assert!(r.json()["error"]["message"].as_str().unwrap().contains("not a valid request"), "{}", r.body);
     let r = server.post("/v1/completions", &json!({ "model": "scalar", "prompt": "Hi", "max_tokens": 0 }));
     assert_eq!(r.status, 400, "{}", r.body);
-    let r = server.post("/v1/completions", &json!({ "model": "scalar", "prompt": "Hi", "stop": ["\n"] }));
+    let r = server.post("/v1/completions", &json!({ "model": "scalar", "prompt": "Hi", "stop": ["a", "b", "c", "d", "e"] }));
     assert_eq!(r.status, 400, "{}", r.body);
+
+    // Stop strings: the text ends just before the first one, whole or streamed.
+    let answer: Vec<char> = answers[0].chars().collect();
+    let stop: String = answer[12..16].iter().collect();
+    let want = &answers[0][..answers[0].find(&stop).unwrap()];
+    let mut req = completion(MODES[0], PROMPTS[0], 24);
+    req["stop"] = json!(["never appears in this story", stop]);
+    let r = server.post("/v1/completions", &req).json();
+    assert_eq!((r["choices"][0]["text"].as_str().unwrap(), r["choices"][0]["finish_reason"].as_str()), (want, Some("stop")), "stop `{stop}`");
+    req["stream"] = true.into();
+    let events = server.post("/v1/completions", &req).events();
+    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    let joined: String = chunks.iter().filter_map(|c| c["choices"][0]["text"].as_str()).collect();
+    assert_eq!(joined, want);
+    assert_eq!(chunks.last().unwrap()["choices"][0]["finish_reason"], "stop");
     // An artifact made for another base (the fine-tune as base): refused at load, named.
     let wrong = folder.join("reversed.bitdelta.safetensors");
     bitdelta(&["compress", "--base", s(&ft), "--finetuned", s(&base), "-o", s(&wrong), "--calibrate", "none", "--json"]);

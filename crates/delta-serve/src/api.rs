@@ -2,9 +2,9 @@
 //! `POST /v1/chat/completions` (`stream: true` as server-sent events), `GET /health`.
 //!
 //! Bodies are parsed here (not by an extractor) so that malformed JSON gets the same JSON error
-//! body as every other refusal. Fields the server does not honour (`n` > 1, `top_p` < 1, `stop`
-//! strings, `logprobs`) are refused with 400 rather than silently ignored; other unknown fields
-//! are ignored as OpenAI's own server does.
+//! body as every other refusal. Fields the server does not honour (`n` > 1, `top_p` < 1,
+//! `logprobs`) are refused with 400 rather than silently ignored; other unknown fields are
+//! ignored as OpenAI's own server does.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,6 +26,7 @@ use tokio::sync::mpsc;
 use crate::engine::{Engine, Event, Finish, Job};
 use crate::error::ServeError;
 use crate::registry::Registry;
+use crate::stop::StopScan;
 
 pub struct AppState {
     pub registry: Arc<Registry>,
@@ -128,9 +129,6 @@ impl Params {
         if self.top_p.is_some_and(|p| p != 1.0) {
             return bad("`top_p` other than 1 is not supported (use `temperature`)");
         }
-        if self.stop.as_ref().is_some_and(|s| !(s.is_null() || s.as_array().is_some_and(|a| a.is_empty()))) {
-            return bad("`stop` strings are not supported (generation ends at the model's end-of-sequence token or `max_tokens`)");
-        }
         if self.logprobs.as_ref().is_some_and(|l| !(l.is_null() || *l == Value::Bool(false))) {
             return bad("`logprobs` is not supported");
         }
@@ -196,6 +194,10 @@ async fn generate(s: Arc<AppState>, params: Params, prompt: Vec<u32>, stop: Vec<
             return e.into_response();
         }
     };
+    let stops = match crate::stop::parse(params.stop.as_ref()) {
+        Ok(stops) => stops,
+        Err(e) => return e.into_response(),
+    };
     let prompt_tokens = job.prompt.len();
     if let Err(e) = s.engine.submit(job) {
         return ServeError::Engine(e).into_response();
@@ -212,9 +214,9 @@ async fn generate(s: Arc<AppState>, params: Params, prompt: Vec<u32>, stop: Vec<
         eprintln!("#{number} {path} model={model} prompt={prompt_tokens} generated={tokens} {how} {:.2} s", started.elapsed().as_secs_f64())
     };
     if params.stream {
-        stream(s.tokenizer.clone(), events, meta, log).into_response()
+        stream(s.tokenizer.clone(), events, StopScan::new(stops), meta, log).into_response()
     } else {
-        whole(&s.tokenizer, events, meta, log).await
+        whole(&s.tokenizer, events, stops, meta, log).await
     }
 }
 
@@ -297,65 +299,88 @@ impl ResponseMeta {
     }
 }
 
-async fn whole(tokenizer: &Tokenizer, mut events: mpsc::UnboundedReceiver<Event>, meta: ResponseMeta, log: impl Fn(usize, &str)) -> Response {
+/// The whole answer at once. With stop strings the text is scanned as it comes and the request
+/// ends (its channel dropped, so the engine drops the sequence) at the first one.
+async fn whole(tokenizer: &Tokenizer, mut events: mpsc::UnboundedReceiver<Event>, stops: Vec<String>, meta: ResponseMeta, log: impl Fn(usize, &str)) -> Response {
+    let scanning = !stops.is_empty();
+    let (mut scan, mut text, mut stream) = (StopScan::new(stops), String::new(), TextStream::new(tokenizer));
     let mut tokens = Vec::new();
-    loop {
+    let finish = loop {
         match events.recv().await {
-            Some(Event::Token(t)) => tokens.push(t),
-            Some(Event::Done(finish)) => {
-                let text = match tokenizer.decode(&tokens) {
-                    Ok(t) => t,
-                    Err(e) => return ServeError::Engine(e.to_string()).into_response(),
-                };
-                log(tokens.len(), finish.name());
-                let mut body = meta.body(meta.choice(&text, Some(finish), false, false), false);
-                body["usage"] = meta.usage(tokens.len());
-                return Json(body).into_response();
+            Some(Event::Token(t)) => {
+                tokens.push(t);
+                if scanning {
+                    match stream.push(t) {
+                        Ok(piece) => text.push_str(&scan.push(&piece)),
+                        Err(e) => return ServeError::Engine(e.to_string()).into_response(),
+                    }
+                    if scan.stopped() {
+                        break Finish::Stop;
+                    }
+                }
             }
+            Some(Event::Done(finish)) => break finish,
             Some(Event::Failed(e)) => {
                 log(tokens.len(), "failed");
                 return ServeError::Engine(e).into_response();
             }
             None => return ServeError::Engine("the engine dropped the request".into()).into_response(),
         }
-    }
+    };
+    let text = if scanning {
+        text + &scan.finish()
+    } else {
+        match tokenizer.decode(&tokens) {
+            Ok(t) => t,
+            Err(e) => return ServeError::Engine(e.to_string()).into_response(),
+        }
+    };
+    log(tokens.len(), finish.name());
+    let mut body = meta.body(meta.choice(&text, Some(finish), false, false), false);
+    body["usage"] = meta.usage(tokens.len());
+    Json(body).into_response()
 }
 
 /// Server-sent events: one chunk per piece of text, a last chunk with the finish reason and the
 /// usage, then `data: [DONE]`. A forwarding task turns engine events into SSE events; when the
 /// client goes away its channel closes, and so does the engine's, which drops the sequence.
-fn stream(tokenizer: Arc<Tokenizer>, mut events: mpsc::UnboundedReceiver<Event>, meta: ResponseMeta, log: impl Fn(usize, &str) + Send + 'static) -> impl IntoResponse {
+fn stream(tokenizer: Arc<Tokenizer>, mut events: mpsc::UnboundedReceiver<Event>, mut scan: StopScan, meta: ResponseMeta, log: impl Fn(usize, &str) + Send + 'static) -> impl IntoResponse {
     let (tx, rx) = mpsc::channel::<SseEvent>(64);
     tokio::spawn(async move {
         let mut text = TextStream::new(tokenizer);
         let (mut count, mut first) = (0usize, true);
         let send = |v: Value| SseEvent::default().data(v.to_string());
         while let Some(event) = events.recv().await {
-            let out = match event {
+            let (piece, done) = match event {
                 Event::Token(t) => {
                     count += 1;
                     match text.push(t) {
-                        Ok(piece) if piece.is_empty() => continue,
-                        Ok(piece) => send(meta.body(meta.choice(&piece, None, true, std::mem::take(&mut first)), true)),
-                        Err(e) => send(ServeError::Engine(e.to_string()).body()),
+                        Ok(piece) => (scan.push(&piece), scan.stopped().then_some(Finish::Stop)),
+                        Err(e) => {
+                            log(count, "failed");
+                            let _ = tx.send(send(ServeError::Engine(e.to_string()).body())).await;
+                            return;
+                        }
                     }
                 }
-                Event::Done(finish) => {
-                    let mut body = meta.body(meta.choice("", Some(finish), true, false), true);
-                    body["usage"] = meta.usage(count);
-                    log(count, finish.name());
-                    let _ = tx.send(send(body)).await;
-                    let _ = tx.send(SseEvent::default().data("[DONE]")).await;
-                    return;
-                }
+                Event::Done(finish) => (scan.finish(), Some(finish)),
                 Event::Failed(e) => {
                     log(count, "failed");
                     let _ = tx.send(send(ServeError::Engine(e).body())).await;
                     return;
                 }
             };
-            if tx.send(out).await.is_err() {
+            if !piece.is_empty() && tx.send(send(meta.body(meta.choice(&piece, None, true, std::mem::take(&mut first)), true))).await.is_err() {
                 log(count, "abandoned by the client");
+                return;
+            }
+            if let Some(finish) = done {
+                // Ending here drops `events`, so the engine drops the sequence (a stop string).
+                let mut body = meta.body(meta.choice("", Some(finish), true, false), true);
+                body["usage"] = meta.usage(count);
+                log(count, finish.name());
+                let _ = tx.send(send(body)).await;
+                let _ = tx.send(SseEvent::default().data("[DONE]")).await;
                 return;
             }
         }

@@ -4,12 +4,13 @@
 //!   least recently used ones are dropped beyond a limit, new files are picked up while running.
 //! - [`engine`]: the continuous-batching decode loop — sequences of different deltas share every
 //!   step (`delta_models::multi::step_batch`).
-//! - [`api`]: the axum routes and the OpenAI request / response shapes.
+//! - [`api`]: the axum routes and the OpenAI request / response shapes; [`stop`]: stop strings.
 
 pub mod api;
 pub mod engine;
 pub mod error;
 pub mod registry;
+pub mod stop;
 
 use std::path::PathBuf;
 use std::sync::Arc;
