@@ -7,10 +7,12 @@
 //!   rows each pick a resident delta (fast path + f64 reference oracle).
 //! - [`convert`]: bf16 / f16 / f32 conversions (round to nearest even).
 //!
-//! The CubeCL kernels for CUDA and wgpu come with the kernels issue (#7); this crate stays free
-//! of Burn until then.
+//! - [`cube`] (feature `cube`, with `wgpu` or `cuda`): the batched delta product as a CubeCL
+//!   kernel, for any CubeCL runtime, tested against the same oracle.
 
 pub mod convert;
+#[cfg(feature = "cube")]
+pub mod cube;
 pub mod delta;
 pub mod error;
 pub mod gemm;

@@ -1,0 +1,77 @@
+//! The CubeCL kernel on the wgpu runtime (in CI: Mesa's lavapipe Vulkan driver on the CPU,
+//! packages mesa-vulkan-drivers + libvulkan1) against the f64 oracle, on the cases the CPU path
+//! is tested on: every scale mode, widths that are not multiples of 32, several deltas with a
+//! per-row index, with and without the base term.
+#![cfg(feature = "wgpu")]
+
+use std::borrow::Cow;
+
+use cubecl::wgpu::{WgpuDevice, WgpuRuntime};
+use cubecl::Runtime;
+use delta_format::{CompressedWeight, ScaleMode, SignMask};
+use delta_kernels::cube::batched_delta_product;
+use delta_kernels::gemm::delta_matmul_add_reference;
+use proptest::prelude::*;
+
+fn random(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
+fn weight(out: usize, inp: usize, mode: ScaleMode, seed: u64) -> CompressedWeight<'static> {
+    let deltas = random(out * inp, seed);
+    let scales: Vec<f32> = random(mode.scale_len(out, inp).unwrap(), seed ^ 5).iter().map(|v| 0.01 + v.abs()).collect();
+    CompressedWeight { name: Cow::Owned(format!("w{seed}")), mode, signs: SignMask::from_deltas(out, inp, &deltas), scales: Cow::Owned(scales) }
+}
+
+fn client() -> cubecl::prelude::ComputeClient<WgpuRuntime> {
+    WgpuRuntime::client(&WgpuDevice::default())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+    #[test]
+    fn cube_kernel_equals_the_oracle(
+        rows in 1usize..6, inp in 1usize..100, out in 1usize..40, ndeltas in 1usize..4,
+        with_base in any::<bool>(), seed in any::<u64>(),
+    ) {
+        let deltas: Vec<CompressedWeight<'static>> =
+            (0..ndeltas).map(|d| weight(out, inp, ScaleMode::ALL[(seed as usize + d) % ScaleMode::ALL.len()], seed ^ (d as u64 + 1))).collect();
+        let refs: Vec<&CompressedWeight<'_>> = deltas.iter().collect();
+        let idx: Vec<usize> = (0..rows).map(|r| (seed as usize >> (2 * r)) % ndeltas).collect();
+        let x = random(rows * inp, seed ^ 11);
+        let wt = random(inp * out, seed ^ 13);
+        let got = batched_delta_product(&client(), with_base.then_some(&wt[..]), &refs, &idx, &x).unwrap();
+        for r in 0..rows {
+            let mut want = vec![0f32; out];
+            if with_base {
+                for (i, w) in want.iter_mut().enumerate() {
+                    *w = (0..inp).map(|j| x[r * inp + j] as f64 * wt[j * out + i] as f64).sum::<f64>() as f32;
+                }
+            }
+            delta_matmul_add_reference(&deltas[idx[r]], &x[r * inp..(r + 1) * inp], &mut want).unwrap();
+            for i in 0..out {
+                let (g, w) = (got[r * out + i], want[i]);
+                prop_assert!((g - w).abs() <= 1e-4 * w.abs().max(1.0), "row {} output {}: {} vs {} (inp {}, mode {})", r, i, g, w, inp, deltas[idx[r]].mode);
+            }
+        }
+    }
+}
+
+#[test]
+fn bad_shapes_and_indices_are_errors() {
+    let w = weight(3, 33, ScaleMode::PerOutput, 1);
+    let other = weight(4, 33, ScaleMode::Scalar, 2);
+    let c = client();
+    assert!(batched_delta_product(&c, None, &[&w, &other], &[0], &[0.0; 33]).is_err());
+    assert!(batched_delta_product(&c, None, &[&w], &[1], &[0.0; 33]).is_err());
+    assert!(batched_delta_product(&c, None, &[&w], &[0], &[0.0; 32]).is_err());
+    assert!(batched_delta_product(&c, Some(&[0.0; 5]), &[&w], &[0], &[0.0; 33]).is_err());
+}
