@@ -1,12 +1,12 @@
-//! The CubeCL kernel on the wgpu runtime (in CI: Mesa's lavapipe Vulkan driver on the CPU,
-//! packages mesa-vulkan-drivers + libvulkan1) against the f64 oracle, on the cases the CPU path
-//! is tested on: every scale mode, widths that are not multiples of 32, several deltas with a
-//! per-row index, with and without the base term.
-#![cfg(feature = "wgpu")]
+//! The CubeCL kernel against the f64 oracle, on the cases the CPU path is tested on: every scale
+//! mode, widths that are not multiples of 32, several deltas with a per-row index, with and
+//! without the base term. Runs on the wgpu runtime with `--features wgpu` (in CI: Mesa's lavapipe
+//! Vulkan driver on the CPU, packages mesa-vulkan-drivers + libvulkan1), on CUDA with
+//! `--features cuda` alone.
+#![cfg(any(feature = "wgpu", feature = "cuda"))]
 
 use std::borrow::Cow;
 
-use cubecl::wgpu::{WgpuDevice, WgpuRuntime};
 use cubecl::Runtime;
 use delta_format::{CompressedWeight, ScaleMode, SignMask};
 use delta_kernels::cube::batched_delta_product;
@@ -31,8 +31,15 @@ fn weight(out: usize, inp: usize, mode: ScaleMode, seed: u64) -> CompressedWeigh
     CompressedWeight { name: Cow::Owned(format!("w{seed}")), mode, signs: SignMask::from_deltas(out, inp, &deltas), scales: Cow::Owned(scales) }
 }
 
-fn client() -> cubecl::prelude::ComputeClient<WgpuRuntime> {
-    WgpuRuntime::client(&WgpuDevice::default())
+#[cfg(feature = "wgpu")]
+type R = cubecl::wgpu::WgpuRuntime;
+#[cfg(not(feature = "wgpu"))]
+type R = cubecl::cuda::CudaRuntime;
+
+fn client() -> cubecl::prelude::ComputeClient<R> {
+    let client = R::client(&Default::default());
+    eprintln!("runtime: {}", R::name(&client));
+    client
 }
 
 proptest! {
