@@ -134,9 +134,12 @@ fn run(base: &Llama<CpuBackend>, options: EngineOptions, queue: mpsc::Receiver<J
         }
         let inputs: Vec<Vec<u32>> = running
             .iter()
-            .map(|r| match r.fed < r.job.prompt.len() {
-                true => r.job.prompt[r.fed..(r.fed + options.prefill_chunk.max(1)).min(r.job.prompt.len())].to_vec(),
-                false => vec![r.last],
+            .map(|r| {
+                if r.fed < r.job.prompt.len() {
+                    r.job.prompt[r.fed..(r.fed + options.prefill_chunk.max(1)).min(r.job.prompt.len())].to_vec()
+                } else {
+                    vec![r.last]
+                }
             })
             .collect();
         let logits = {
