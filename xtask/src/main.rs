@@ -9,7 +9,7 @@
 //! - `bench [pipeline|kernels]`: `pipeline` times compress, apply (against copying the
 //!   checkpoint) and generation on the pair (`target/bench/pipeline.json`); `kernels` runs the
 //!   criterion Fig. 4 sweep of the delta kernels with a bandwidth probe
-//!   (`target/bench/kernels.json`); `serve` compares decoding 8 deltas at once in `bitdelta serve`
+//!   (`target/bench/kernels.json`, plotted to `kernels.png`; `bench plot` redraws it); `serve` compares decoding 8 deltas at once in `bitdelta serve`
 //!   with swapping 8 merged models, and measures memory per resident delta
 //!   (`target/bench/serve.json`, see `serve_bench.rs`); all three by default.
 //! - `tiny-models DIR` (maintainers) writes the tiny checkpoint of every architecture variant,
@@ -23,6 +23,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 
+mod plot;
 mod report;
 mod serve_bench;
 
@@ -45,7 +46,8 @@ fn run() -> Result<()> {
             Some("pipeline") => bench(),
             Some("kernels") => bench_kernels(),
             Some("serve") => serve_bench::bench_serve(),
-            Some(other) => bail!("unknown bench `{other}` (pipeline, kernels, serve, or nothing for all three)"),
+            Some("plot") => plot_kernels(),
+            Some(other) => bail!("unknown bench `{other}` (pipeline, kernels, serve, plot, or nothing for the first three)"),
         },
         Some("tiny-models") if args.len() == 2 => tiny_models(Path::new(&args[1])),
         Some("vendor-finetune") if args.len() == 3 => vendor_finetune(Path::new(&args[1]), Path::new(&args[2])),
@@ -55,7 +57,7 @@ fn run() -> Result<()> {
                  demo            compress the SmolLM2 pair, inspect, apply, verify, print a report\n  \
                  ci              fixtures, cargo test --workspace --release, then the CubeCL kernels on wgpu\n  \
                  report [--limit N | --full]\n                  quality report on the pair: perplexity, zero-shot tasks (first N = 50 documents\n                  each by default), sizes, times -> REPORT.md, report/report.{{json,svg}}\n  \
-                 bench [pipeline|kernels|serve]\n                  time compress / apply / generation on the pair (pipeline.json), the Fig. 4\n                  kernel sweep with a bandwidth probe (kernels.json), and multi-tenant serving\n                  against swapping merged models (serve.json); all three by default\n  \
+                 bench [pipeline|kernels|serve|plot]\n                  time compress / apply / generation on the pair (pipeline.json), the Fig. 4\n                  kernel sweep with a bandwidth probe (kernels.json + kernels.png), and multi-tenant\n                  serving against swapping merged models (serve.json); the first three by default;\n                  `plot` redraws kernels.png from kernels.json\n  \
                  tiny-models DIR write the tiny architecture checkpoints (for fixtures/tiny/reference.py)\n  \
                  vendor-finetune BASE FINETUNED\n                  re-encode the fine-tune into fixtures/smollm2/finetuned.ulpdelta (maintainers)"
             );
@@ -309,6 +311,18 @@ fn bench_kernels() -> Result<()> {
     std::fs::create_dir_all(&out)?;
     std::fs::write(out.join("kernels.json"), serde_json::to_string_pretty(&json)?)?;
     println!("wrote {}", out.join("kernels.json").display());
+    plot_kernels()
+}
+
+/// `target/bench/kernels.json` -> `kernels.svg` and `kernels.png` beside it.
+fn plot_kernels() -> Result<()> {
+    let out = target_dir().join("bench");
+    let path = out.join("kernels.json");
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).with_context(|| format!("{} (run `cargo xtask bench kernels`)", path.display()))?)?;
+    let svg = plot::kernels_svg(&json);
+    std::fs::write(out.join("kernels.svg"), &svg)?;
+    plot::write_png(&svg, &out.join("kernels.png"))?;
+    println!("wrote {}", out.join("kernels.png").display());
     Ok(())
 }
 
