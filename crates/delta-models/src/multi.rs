@@ -154,6 +154,9 @@ pub fn step_batch<B: Backend>(base: &Llama<B>, seqs: &mut [SeqStep<'_, B>]) -> R
     let mut spans = Vec::with_capacity(seqs.len());
     let mut rows = 0;
     for s in seqs.iter() {
+        if s.ids.is_empty() {
+            return Err(ModelError::Input("a sequence in a batched step has no new tokens".into()));
+        }
         if s.cache.layers.len() != base.layers.len() {
             return Err(ModelError::Input(format!("a KV cache for {} layers, the model has {}", s.cache.layers.len(), base.layers.len())));
         }

@@ -116,10 +116,11 @@ impl Registry {
             return Ok(Resolved::Delta(t));
         }
         let started = Instant::now();
-        let loaded = self.load(&path);
+        let loaded = self.load(&path).map(Arc::new);
+        // Resident before the load lock goes, so a request arriving now finds it (no second load).
+        let evicted = loaded.as_ref().map(|t| self.admit(name, t.clone())).unwrap_or_default();
         self.state().loading.remove(name);
-        let tenant = Arc::new(loaded.map_err(|e| ServeError::Unavailable { model: name.to_string(), reason: e })?);
-        let evicted = self.admit(name, tenant.clone());
+        let tenant = loaded.map_err(|e| ServeError::Unavailable { model: name.to_string(), reason: e })?;
         eprintln!(
             "loaded delta `{name}` in {:.2} s ({:.1} MB resident){}",
             started.elapsed().as_secs_f64(),
