@@ -10,19 +10,12 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use delta_format::{CompressedWeight, ScaleMode, SignMask};
 use delta_kernels::gemm::{batched_delta_matmul_add, dense_matmul_t};
 
-const BATCHES: [usize; 6] = [1, 2, 4, 8, 16, 32];
+#[path = "../tests/support/mod.rs"]
+mod support;
 
-fn random(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        })
-        .collect()
-}
+use support::random;
+
+const BATCHES: [usize; 6] = [1, 2, 4, 8, 16, 32];
 
 fn delta(n: usize, seed: u64) -> CompressedWeight<'static> {
     let words = n * n.div_ceil(32);

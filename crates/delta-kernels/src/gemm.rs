@@ -432,29 +432,15 @@ pub fn delta_matmul_add_reference(w: &CompressedWeight<'_>, x: &[f32], y: &mut [
 }
 
 #[cfg(test)]
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+#[cfg(test)]
 mod tests {
+    use super::support::{random, weight};
     use super::*;
-    use delta_format::{ScaleMode, SignMask};
+    use delta_format::ScaleMode;
     use proptest::prelude::*;
-
-    fn random(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-            })
-            .collect()
-    }
-
-    fn weight(out: usize, inp: usize, mode: ScaleMode, seed: u64) -> CompressedWeight<'static> {
-        let signs = SignMask::from_deltas(out, inp, &random(out * inp, seed));
-        let n = mode.scale_len(out, inp).unwrap();
-        let scales: Vec<f32> = random(n, seed ^ 7).iter().map(|v| v.abs() + 0.01).collect();
-        CompressedWeight { name: "w".into(), mode, signs, scales: scales.into() }
-    }
 
     fn close(a: &[f32], b: &[f32]) -> Result<(), String> {
         for (k, (x, y)) in a.iter().zip(b).enumerate() {

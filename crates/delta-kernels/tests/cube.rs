@@ -5,31 +5,14 @@
 //! `--features cuda` alone.
 #![cfg(any(feature = "wgpu", feature = "cuda"))]
 
-use std::borrow::Cow;
+mod support;
 
 use cubecl::Runtime;
-use delta_format::{CompressedWeight, ScaleMode, SignMask};
+use delta_format::{CompressedWeight, ScaleMode};
 use delta_kernels::cube::batched_delta_product;
 use delta_kernels::gemm::delta_matmul_add_reference;
 use proptest::prelude::*;
-
-fn random(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        })
-        .collect()
-}
-
-fn weight(out: usize, inp: usize, mode: ScaleMode, seed: u64) -> CompressedWeight<'static> {
-    let deltas = random(out * inp, seed);
-    let scales: Vec<f32> = random(mode.scale_len(out, inp).unwrap(), seed ^ 5).iter().map(|v| 0.01 + v.abs()).collect();
-    CompressedWeight { name: Cow::Owned(format!("w{seed}")), mode, signs: SignMask::from_deltas(out, inp, &deltas), scales: Cow::Owned(scales) }
-}
+use support::{random, weight};
 
 #[cfg(feature = "wgpu")]
 type R = cubecl::wgpu::WgpuRuntime;
