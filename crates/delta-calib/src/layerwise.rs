@@ -172,17 +172,7 @@ pub fn calibrate_layerwise(
 pub(crate) fn projection_mut<'m, X: Backend>(model: &'m mut Llama<X>, name: &str) -> Option<&'m mut Projection<X>> {
     let rest = name.strip_prefix("model.layers.")?;
     let (i, rest) = rest.split_once('.')?;
-    let layer = model.layers.get_mut(i.parse::<usize>().ok()?)?;
-    Some(match rest.strip_suffix(".weight")? {
-        "self_attn.q_proj" => &mut layer.self_attn.q_proj,
-        "self_attn.k_proj" => &mut layer.self_attn.k_proj,
-        "self_attn.v_proj" => &mut layer.self_attn.v_proj,
-        "self_attn.o_proj" => &mut layer.self_attn.o_proj,
-        "mlp.gate_proj" => &mut layer.mlp.gate_proj,
-        "mlp.up_proj" => &mut layer.mlp.up_proj,
-        "mlp.down_proj" => &mut layer.mlp.down_proj,
-        _ => return None,
-    })
+    model.layers.get_mut(i.parse::<usize>().ok()?)?.projection_mut(rest.strip_suffix(".weight")?)
 }
 
 fn host(x: &Tensor<B, 2>) -> Vec<f32> {

@@ -192,6 +192,29 @@ pub struct Block<B: Backend> {
     pub mlp: Mlp<B>,
 }
 
+/// A block's projections, by their names under `model.layers.N.`, in the order
+/// [`Block::projections`] gives them.
+pub const PROJECTIONS: [&str; 7] = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"];
+
+impl<B: Backend> Block<B> {
+    /// The seven projections, in [`PROJECTIONS`] order.
+    pub fn projections(&self) -> [&Projection<B>; 7] {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj]
+    }
+
+    pub fn projections_mut(&mut self) -> [&mut Projection<B>; 7] {
+        let (a, m) = (&mut self.self_attn, &mut self.mlp);
+        [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj, &mut m.gate_proj, &mut m.up_proj, &mut m.down_proj]
+    }
+
+    /// The projection named `name` (e.g. `mlp.up_proj`).
+    pub fn projection_mut(&mut self, name: &str) -> Option<&mut Projection<B>> {
+        let k = PROJECTIONS.iter().position(|p| *p == name)?;
+        self.projections_mut().into_iter().nth(k)
+    }
+}
+
 #[derive(Clone)]
 pub struct Llama<B: Backend> {
     pub cfg: ModelConfig,

@@ -16,29 +16,8 @@ use delta_kernels::gemm::batched_delta_matmul_add;
 
 use crate::delta_linear::{DeltaLinear, Projection};
 use crate::error::ModelError;
-use crate::llama::{Block, KvCache, Linear, Llama, RmsNorm};
+use crate::llama::{KvCache, Linear, Llama, RmsNorm, PROJECTIONS};
 use crate::weights::Weights;
-
-/// The projections of a block, in the order [`slot`] numbers them.
-pub const PROJECTIONS: [&str; 7] = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"];
-
-fn slot<B: Backend>(b: &Block<B>, k: usize) -> &Projection<B> {
-    let (a, m) = (&b.self_attn, &b.mlp);
-    [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj][k]
-}
-
-fn slot_mut<B: Backend>(b: &mut Block<B>, k: usize) -> &mut Projection<B> {
-    let (a, m) = (&mut b.self_attn, &mut b.mlp);
-    match k {
-        0 => &mut a.q_proj,
-        1 => &mut a.k_proj,
-        2 => &mut a.v_proj,
-        3 => &mut a.o_proj,
-        4 => &mut m.gate_proj,
-        5 => &mut m.up_proj,
-        _ => &mut m.down_proj,
-    }
-}
 
 /// A fine-tune resident as a packed delta over a shared base model.
 pub struct Tenant<B: Backend> {
@@ -85,14 +64,14 @@ impl<B: Backend> Tenant<B> {
             for (k, proj) in PROJECTIONS.iter().enumerate() {
                 let prefix = format!("{p}.{proj}");
                 let (weight, bias) = (format!("{prefix}.weight"), format!("{prefix}.bias"));
-                let mut linear = slot(block, k).linear().clone();
+                let mut linear = block.projections()[k].linear().clone();
                 let [inp, out] = linear.weight_t.dims();
                 if linear.bias.is_some() && whole(&bias) {
                     linear.bias = Some(w.vector(&bias, out)?);
                     bytes += out * 4;
                     used.insert(bias);
                 }
-                *slot_mut(block, k) = if let Some(packed) = w.packed_delta(&weight) {
+                *block.projections_mut()[k] = if let Some(packed) = w.packed_delta(&weight) {
                     bytes += packed.signs.words().len() * 4 + packed.scales.len() * 4;
                     used.insert(weight);
                     Projection::Delta(DeltaLinear::new(linear, packed)?)
@@ -230,11 +209,11 @@ pub fn step_batch<B: Backend>(base: &Llama<B>, seqs: &mut [SeqStep<'_, B>]) -> R
 /// its tenant's part — the packed delta term (all tenants in one batched call), or a whole
 /// replacement weight — and its bias.
 fn project<B: Backend>(base: &Llama<B>, tenants: &[Option<&Tenant<B>>], spans: &[(usize, usize)], i: usize, k: usize, x: Tensor<B, 2>) -> Tensor<B, 2> {
-    let base_linear = slot(&base.layers[i], k).linear();
+    let base_linear = base.layers[i].projections()[k].linear();
     let [rows, inp] = x.dims();
     let out = base_linear.weight_t.dims()[1];
     let y = crate::host::matmul(x.clone(), &base_linear.weight_t);
-    let projection = |s: usize| tenants[s].map(|t| (t, slot(&t.model.layers[i], k)));
+    let projection = |s: usize| tenants[s].map(|t| (t, t.model.layers[i].projections()[k]));
     let plain = (0..spans.len()).all(|s| match projection(s) {
         None => true,
         Some((t, p)) => !t.own_dense[i][k] && matches!(p, Projection::Dense(_)),

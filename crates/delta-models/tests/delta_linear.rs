@@ -18,10 +18,7 @@ fn densify(model: &mut Llama<B>) -> usize {
         }
     };
     for l in &mut model.layers {
-        let (a, m) = (&mut l.self_attn, &mut l.mlp);
-        for p in [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj, &mut m.gate_proj, &mut m.up_proj, &mut m.down_proj] {
-            fix(p);
-        }
+        l.projections_mut().into_iter().for_each(&mut fix);
     }
     n
 }
