@@ -187,16 +187,12 @@ async fn generate(s: Arc<AppState>, params: Params, prompt: Vec<u32>, stop: Vec<
     let started = Instant::now();
     let number = s.requests.fetch_add(1, Ordering::Relaxed) + 1;
     let prepared = prepare(&s, &params, prompt, stop, kind).await;
-    let (job, events) = match prepared {
+    let (job, events, stops) = match prepared {
         Ok(p) => p,
         Err(e) => {
             eprintln!("#{number} {path} model={} -> {} {e}", params.model, e.status().as_u16());
             return e.into_response();
         }
-    };
-    let stops = match crate::stop::parse(params.stop.as_ref()) {
-        Ok(stops) => stops,
-        Err(e) => return e.into_response(),
     };
     let prompt_tokens = job.prompt.len();
     if let Err(e) = s.engine.submit(job) {
@@ -220,8 +216,11 @@ async fn generate(s: Arc<AppState>, params: Params, prompt: Vec<u32>, stop: Vec<
     }
 }
 
-async fn prepare(s: &Arc<AppState>, params: &Params, prompt: Vec<u32>, stop: Vec<u32>, kind: Kind) -> Result<(Job, mpsc::UnboundedReceiver<Event>), ServeError> {
+/// Checks the request, then resolves (loads if need be) its model: the job, its events and the
+/// stop strings.
+async fn prepare(s: &Arc<AppState>, params: &Params, prompt: Vec<u32>, stop: Vec<u32>, kind: Kind) -> Result<(Job, mpsc::UnboundedReceiver<Event>, Vec<String>), ServeError> {
     params.check()?;
+    let stops = crate::stop::parse(params.stop.as_ref())?;
     if prompt.is_empty() {
         return Err(ServeError::BadRequest("the prompt encodes to no tokens".into()));
     }
@@ -258,7 +257,7 @@ async fn prepare(s: &Arc<AppState>, params: &Params, prompt: Vec<u32>, stop: Vec
         stop: if params.ignore_eos { Vec::new() } else { stop },
         events: tx,
     };
-    Ok((job, rx))
+    Ok((job, rx, stops))
 }
 
 struct ResponseMeta {
