@@ -22,8 +22,6 @@ const TASKS_PER_THREAD: usize = 2;
 fn per_task(out: usize, min: usize) -> usize {
     out.div_ceil(TASKS_PER_THREAD * rayon::current_num_threads()).next_multiple_of(8).max(min)
 }
-/// Bytes of scaled input rows processed together (kept in the L2 cache).
-const TOKEN_BLOCK_BYTES: usize = 128 << 10;
 
 fn check(w: &CompressedWeight<'_>, x: &[f32], y: &[f32]) -> Result<usize, KernelError> {
     let (out, inp) = (w.rows(), w.cols());
@@ -50,31 +48,51 @@ pub fn delta_matmul_add(w: &CompressedWeight<'_>, x: &[f32], y: &mut [f32]) -> R
         tiled_delta_matmul_add(w, &f, rows, x, y);
         return Ok(());
     }
-    // z = c ⊙ x, once per input row.
-    let z: Vec<f32> = x.chunks_exact(inp).flat_map(|xr| xr.iter().zip(f.cols.iter()).map(|(a, c)| a * c)).collect();
-    // Input rows go in blocks small enough to stay in cache while every output row reads them;
-    // results land transposed ([out, block]) so that tasks own disjoint output rows.
-    let block_rows = (TOKEN_BLOCK_BYTES / (inp * 4)).clamp(1, rows);
-    let mut yt = vec![0f32; out * block_rows];
-    let rows_per_task = per_task(out, 8);
-    for (b, zb) in z.chunks(block_rows * inp).enumerate() {
-        let n = zb.len() / inp;
-        yt[..out * n].par_chunks_mut(rows_per_task * n).enumerate().for_each(|(t, block)| {
-            for (k, acc) in block.chunks_mut(n).enumerate() {
-                let i = t * rows_per_task + k;
+    decode_delta_add(vec![(w, f, (0..rows).collect())], x, y, out, inp);
+    Ok(())
+}
+
+/// Decode-sized groups of rows (fewer than [`TILE_MIN_ROWS`] each), every group with its own
+/// delta: `Y[r, :] += Δ̂ · X[r, :]` for each of its rows, as `(Δ̂ x)[i] = r[i] · Σ_j S[i, j]·z[j]`
+/// with `z = c ⊙ x` once per row. One parallel pass over (group, block of output rows) tasks,
+/// about TASKS_PER_THREAD per thread in all; each row gets the same sums whatever it is grouped
+/// with.
+fn decode_delta_add(groups: Vec<(&CompressedWeight<'_>, ScaleFactors<'_>, Vec<usize>)>, x: &[f32], y: &mut [f32], out: usize, inp: usize) {
+    let groups: Vec<_> = groups
+        .into_iter()
+        .map(|(w, f, rows)| {
+            let z: Vec<f32> = rows.iter().flat_map(|&r| x[r * inp..(r + 1) * inp].iter().zip(f.cols.iter()).map(|(a, c)| a * c)).collect();
+            (w, f, rows, z)
+        })
+        .collect();
+    let tasks_per_group = (TASKS_PER_THREAD * rayon::current_num_threads()).div_ceil(groups.len());
+    let block = out.div_ceil(tasks_per_group).next_multiple_of(8);
+    let tasks: Vec<(usize, usize)> = (0..groups.len()).flat_map(|g| (0..out.div_ceil(block)).map(move |t| (g, t * block))).collect();
+    // Results land transposed ([outputs, rows] per task) so that tasks own disjoint outputs.
+    let parts: Vec<Vec<f32>> = tasks
+        .par_iter()
+        .map(|&(g, i0)| {
+            let (w, f, rows, z) = &groups[g];
+            let i1 = (i0 + block).min(out);
+            let mut part = vec![0f32; (i1 - i0) * rows.len()];
+            for (k, acc) in part.chunks_mut(rows.len()).enumerate() {
+                let i = i0 + k;
                 let words = w.signs.row(i);
                 for (r, a) in acc.iter_mut().enumerate() {
-                    *a = f.rows[i] * signed_dot(words, &zb[r * inp..(r + 1) * inp]);
+                    *a = f.rows[i] * signed_dot(words, &z[r * inp..(r + 1) * inp]);
                 }
             }
-        });
-        for (i, col) in yt[..out * n].chunks_exact(n).enumerate() {
-            for (r, v) in col.iter().enumerate() {
-                y[(b * block_rows + r) * out + i] += v;
+            part
+        })
+        .collect();
+    for (&(g, i0), part) in tasks.iter().zip(&parts) {
+        let rows = &groups[g].2;
+        for (k, col) in part.chunks_exact(rows.len()).enumerate() {
+            for (&r, v) in rows.iter().zip(col) {
+                y[r * out + i0 + k] += v;
             }
         }
     }
-    Ok(())
 }
 
 /// From this many rows on, a tile of Δ̂ is unpacked and multiplied as a dense GEMM: unpacking
@@ -379,41 +397,11 @@ pub fn batched_delta_matmul_add<'w, W: Borrow<CompressedWeight<'w>>>(deltas: &[W
     if decode.is_empty() || out == 0 || inp == 0 {
         return Ok(());
     }
-    let mut groups = Vec::with_capacity(decode.len());
-    for (w, rows) in decode {
-        let f = ScaleFactors::new(&w.name, w.mode, &w.scales, out, inp)?;
-        let z: Vec<f32> = rows.iter().flat_map(|&r| x[r * inp..(r + 1) * inp].iter().zip(f.cols.iter()).map(|(a, c)| a * c)).collect();
-        groups.push((w, f, rows, z));
-    }
-    // Tasks: (group, block of output rows), about TASKS_PER_THREAD per thread in all.
-    let tasks_per_group = (TASKS_PER_THREAD * rayon::current_num_threads()).div_ceil(groups.len());
-    let block = out.div_ceil(tasks_per_group).next_multiple_of(8);
-    let tasks: Vec<(usize, usize)> = (0..groups.len()).flat_map(|g| (0..out.div_ceil(block)).map(move |t| (g, t * block))).collect();
-    let parts: Vec<Vec<f32>> = tasks
-        .par_iter()
-        .map(|&(g, i0)| {
-            let (w, f, rows, z) = &groups[g];
-            let i1 = (i0 + block).min(out);
-            let mut part = vec![0f32; (i1 - i0) * rows.len()];
-            for (k, acc) in part.chunks_mut(rows.len()).enumerate() {
-                let i = i0 + k;
-                let words = w.signs.row(i);
-                for (r, a) in acc.iter_mut().enumerate() {
-                    *a = f.rows[i] * signed_dot(words, &z[r * inp..(r + 1) * inp]);
-                }
-            }
-            part
-        })
-        .collect();
-    // The same sums added to the same values as `delta_matmul_add` on each row alone.
-    for (&(g, i0), part) in tasks.iter().zip(&parts) {
-        let rows = &groups[g].2;
-        for (k, col) in part.chunks_exact(rows.len()).enumerate() {
-            for (&r, v) in rows.iter().zip(col) {
-                y[r * out + i0 + k] += v;
-            }
-        }
-    }
+    let groups = decode
+        .into_iter()
+        .map(|(w, rows)| Ok((w, ScaleFactors::new(&w.name, w.mode, &w.scales, out, inp)?, rows)))
+        .collect::<Result<Vec<_>, KernelError>>()?;
+    decode_delta_add(groups, x, y, out, inp);
     Ok(())
 }
 
