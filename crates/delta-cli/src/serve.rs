@@ -3,7 +3,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use delta_serve::{EngineOptions, ServeOptions};
 
 /// Serve a base model and every delta in a folder over an OpenAI-compatible HTTP API.
@@ -51,9 +51,6 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    if !a.base.is_dir() {
-        bail!("--base {} is not a folder", a.base.display());
-    }
     let options = ServeOptions {
         base: a.base,
         deltas: a.deltas,

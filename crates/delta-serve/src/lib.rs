@@ -34,8 +34,10 @@ pub struct ServeOptions {
 
 /// Loads the base, starts the engine and returns the app, ready to be served.
 pub fn build(o: &ServeOptions) -> Result<axum::Router, String> {
-    if !o.deltas.is_dir() {
-        return Err(format!("--deltas {} is not a folder", o.deltas.display()));
+    for (flag, dir) in [("--base", &o.base), ("--deltas", &o.deltas)] {
+        if !dir.is_dir() {
+            return Err(format!("{flag} {} is not a folder", dir.display()));
+        }
     }
     let ckpt = Checkpoint::open(&o.base).map_err(|e| format!("reading the base: {e}"))?;
     let cfg = ModelConfig::load(&o.base).map_err(|e| e.to_string())?;
