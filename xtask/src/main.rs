@@ -277,36 +277,40 @@ fn bench_kernels() -> Result<()> {
     };
     let copy_bytes = 2.0 * (64u64 << 20) as f64 * 4.0;
     let copy_gbs = copy_bytes / seconds(&["bandwidth".into(), "copy_256MiB".into()])? / 1e9;
+    let read_gbs = (64u64 << 20) as f64 * 4.0 / seconds(&["bandwidth".into(), "read_256MiB".into()])? / 1e9;
     let sizes: Vec<usize> = std::env::var("FIG4_SIZES")
         .ok()
         .map(|s| s.split(',').filter_map(|v| v.trim().parse().ok()).collect())
         .unwrap_or_else(|| vec![1024, 2048, 4096, 8192]);
     let mut rows = Vec::new();
-    println!("machine: {}; copy bandwidth (read + write) {copy_gbs:.1} GB/s", machine());
-    println!("| N = M | B | batched delta | B dense GEMVs (merged) | speed-up | batched GB/s | % of copy bandwidth |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("machine: {}; copy bandwidth (read + write) {copy_gbs:.1} GB/s, read bandwidth {read_gbs:.1} GB/s", machine());
+    println!("| N = M | B | batched delta | its base product alone | B dense GEMVs (merged) | speed-up | batched GB/s | % of copy / read bandwidth |");
+    println!("|---|---|---|---|---|---|---|---|");
     for n in sizes {
         for b in [1usize, 2, 4, 8, 16, 32] {
             let group = format!("fig4_n{n}");
             let t_delta = seconds(&[group.clone(), "batched_delta".into(), b.to_string()])?;
+            let t_base = seconds(&[group.clone(), "base_product".into(), b.to_string()])?;
             let t_dense = seconds(&[group, "dense_gemv_each".into(), b.to_string()])?;
             let bytes = (n * n * 4 + b * (n * n / 8 + n * 4)) as f64;
             let gbs = bytes / t_delta / 1e9;
             println!(
-                "| {n} | {b} | {:.3} ms | {:.3} ms | {:.2}x | {gbs:.1} | {:.0}% |",
+                "| {n} | {b} | {:.3} ms | {:.3} ms | {:.3} ms | {:.2}x | {gbs:.1} | {:.0}% / {:.0}% |",
                 t_delta * 1e3,
+                t_base * 1e3,
                 t_dense * 1e3,
                 t_dense / t_delta,
-                100.0 * gbs / copy_gbs
+                100.0 * gbs / copy_gbs,
+                100.0 * gbs / read_gbs
             );
             rows.push(serde_json::json!({
-                "n": n, "b": b, "batched_delta_s": t_delta, "dense_gemv_each_s": t_dense,
+                "n": n, "b": b, "batched_delta_s": t_delta, "base_product_s": t_base, "dense_gemv_each_s": t_dense,
                 "speedup": t_dense / t_delta, "batched_bytes": bytes, "batched_gb_s": gbs,
-                "fraction_of_copy_bandwidth": gbs / copy_gbs,
+                "fraction_of_copy_bandwidth": gbs / copy_gbs, "fraction_of_read_bandwidth": gbs / read_gbs,
             }));
         }
     }
-    let json = serde_json::json!({ "machine": machine(), "copy_gb_s": copy_gbs, "sweep": rows });
+    let json = serde_json::json!({ "machine": machine(), "copy_gb_s": copy_gbs, "read_gb_s": read_gbs, "sweep": rows });
     let out = target_dir().join("bench");
     std::fs::create_dir_all(&out)?;
     std::fs::write(out.join("kernels.json"), serde_json::to_string_pretty(&json)?)?;

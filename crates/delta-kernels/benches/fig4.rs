@@ -8,7 +8,8 @@ use std::borrow::Cow;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use delta_format::{CompressedWeight, ScaleMode, SignMask};
-use delta_kernels::gemm::{batched_delta_matmul_add, dense_matmul_t};
+use delta_kernels::dense::dense_matmul_t;
+use delta_kernels::gemm::batched_delta_matmul_add;
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -65,6 +66,9 @@ fn fig4(c: &mut Criterion) {
                     batched_delta_matmul_add(&deltas[..b], &idx, &x, &mut y).unwrap();
                 })
             });
+            // The batched path's first half alone: how its time splits between base and deltas.
+            group.throughput(Throughput::Bytes((n * n * 4) as u64));
+            group.bench_with_input(BenchmarkId::new("base_product", b), &b, |bench, _| bench.iter(|| dense_matmul_t(&x, &wt, n, n, &mut y).unwrap()));
             group.throughput(Throughput::Bytes((b * n * n * 4) as u64));
             group.bench_with_input(BenchmarkId::new("dense_gemv_each", b), &b, |bench, _| {
                 bench.iter(|| {
@@ -86,6 +90,27 @@ fn fig4(c: &mut Criterion) {
     group.bench_function("copy_256MiB", |bench| {
         use rayon::prelude::*;
         bench.iter(|| dst.par_chunks_mut(1 << 20).zip(src.par_chunks(1 << 20)).for_each(|(d, s)| d.copy_from_slice(s)))
+    });
+    // Reads alone (what the products mostly do): a parallel sum in 64 independent lanes.
+    group.throughput(Throughput::Bytes((len * 4) as u64));
+    group.bench_function("read_256MiB", |bench| {
+        use rayon::prelude::*;
+        bench.iter(|| {
+            let lanes = src
+                .par_chunks(1 << 20)
+                .map(|c| {
+                    let mut acc = [0f32; 64];
+                    for v in c.chunks_exact(64) {
+                        acc.iter_mut().zip(v).for_each(|(a, b)| *a += b);
+                    }
+                    acc
+                })
+                .reduce(|| [0f32; 64], |mut a, b| {
+                    a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+                    a
+                });
+            std::hint::black_box(lanes)
+        })
     });
     group.finish();
 }

@@ -12,16 +12,9 @@ use delta_format::CompressedWeight;
 use rayon::prelude::*;
 
 use crate::error::KernelError;
+use crate::{per_task, TASKS_PER_THREAD};
 use crate::merge::{with_sign, ScaleFactors};
-
-/// Tasks per thread a product is split into: enough to balance, few enough that scheduling
-/// stays negligible next to the work (a decode step runs ~200 small products).
-const TASKS_PER_THREAD: usize = 2;
-
-/// Output rows (or columns) per task for `out` of them: at least `min`, a multiple of 8.
-fn per_task(out: usize, min: usize) -> usize {
-    out.div_ceil(TASKS_PER_THREAD * rayon::current_num_threads()).next_multiple_of(8).max(min)
-}
+use crate::subset_sums::{self, SumTables};
 
 fn check(w: &CompressedWeight<'_>, x: &[f32], y: &[f32]) -> Result<usize, KernelError> {
     let (out, inp) = (w.rows(), w.cols());
@@ -54,27 +47,41 @@ pub fn delta_matmul_add(w: &CompressedWeight<'_>, x: &[f32], y: &mut [f32]) -> R
 
 /// Decode-sized groups of rows (fewer than [`TILE_MIN_ROWS`] each), every group with its own
 /// delta: `Y[r, :] += Δ̂ · X[r, :]` for each of its rows, as `(Δ̂ x)[i] = r[i] · Σ_j S[i, j]·z[j]`
-/// with `z = c ⊙ x` once per row. One parallel pass over (group, block of output rows) tasks,
-/// about TASKS_PER_THREAD per thread in all; each row gets the same sums whatever it is grouped
-/// with.
+/// with `z = c ⊙ x` once per row. The signed sums come from [`subset_sums`] where the CPU has
+/// AVX-512 (16 output rows per register), else from [`signed_dot`] row by row. One parallel pass
+/// over (group, block of output rows) tasks, about TASKS_PER_THREAD per thread in all; each row
+/// gets the same sums whatever it is grouped with.
 fn decode_delta_add(groups: Vec<(&CompressedWeight<'_>, ScaleFactors<'_>, Vec<usize>)>, x: &[f32], y: &mut [f32], out: usize, inp: usize) {
+    let tabled = subset_sums::available();
     let groups: Vec<_> = groups
-        .into_iter()
+        .into_par_iter()
         .map(|(w, f, rows)| {
             let z: Vec<f32> = rows.iter().flat_map(|&r| x[r * inp..(r + 1) * inp].iter().zip(f.cols.iter()).map(|(a, c)| a * c)).collect();
-            (w, f, rows, z)
+            let tables: Vec<SumTables> = if tabled { z.chunks_exact(inp).map(|zr| SumTables::new(zr, w.signs.words_per_row())).collect() } else { Vec::new() };
+            (w, f, rows, z, tables)
         })
         .collect();
     let tasks_per_group = (TASKS_PER_THREAD * rayon::current_num_threads()).div_ceil(groups.len());
-    let block = out.div_ceil(tasks_per_group).next_multiple_of(8);
+    let block = out.div_ceil(tasks_per_group).next_multiple_of(subset_sums::LANES);
     let tasks: Vec<(usize, usize)> = (0..groups.len()).flat_map(|g| (0..out.div_ceil(block)).map(move |t| (g, t * block))).collect();
     // Results land transposed ([outputs, rows] per task) so that tasks own disjoint outputs.
     let parts: Vec<Vec<f32>> = tasks
         .par_iter()
         .map(|&(g, i0)| {
-            let (w, f, rows, z) = &groups[g];
+            let (w, f, rows, z, tables) = &groups[g];
             let i1 = (i0 + block).min(out);
             let mut part = vec![0f32; (i1 - i0) * rows.len()];
+            if tabled {
+                let mut sums = vec![0f32; (i1 - i0).next_multiple_of(subset_sums::LANES)];
+                for (r, t) in tables.iter().enumerate() {
+                    sums.fill(0.0);
+                    subset_sums::add_sums(w.signs.words(), w.signs.words_per_row(), i0, i1, t, &mut sums);
+                    for (k, s) in sums[..i1 - i0].iter().enumerate() {
+                        part[k * rows.len() + r] = f.rows[i0 + k] * s;
+                    }
+                }
+                return part;
+            }
             for (k, acc) in part.chunks_mut(rows.len()).enumerate() {
                 let i = i0 + k;
                 let words = w.signs.row(i);
@@ -207,154 +214,6 @@ unsafe fn signed_dot_avx2(words: &[u32], z: &[f32]) -> f32 {
     lanes.iter().sum::<f32>() + signed_dot_portable(&words[full..], &z[full * 32..])
 }
 
-/// How many weight rows ahead the multi-row dense kernel prefetches.
-const PREFETCH_ROWS: usize = 8;
-/// Inputs (weight rows) the multi-row dense kernel takes at a time.
-const INPUT_BLOCK: usize = 64;
-
-/// Most accumulator floats a task of [`dense_matmul_t`] keeps (64 KiB, inside L2).
-const MAX_ACC_FLOATS: usize = 16 << 10;
-
-/// `Y = X · W` for a weight given as `wt` (`[in, out]`, row-major — the transposed layout the
-/// models keep): the decode-shaped product. Each weight is read once for all `rows` of X, output
-/// columns are split across threads, and nothing is packed or copied (a general GEMM packs the
-/// whole weight on every call, which at one row costs more than the product).
-pub fn dense_matmul_t(x: &[f32], wt: &[f32], inp: usize, out: usize, y: &mut [f32]) -> Result<(), KernelError> {
-    let rows = if inp == 0 { 0 } else { x.len() / inp };
-    if x.len() != rows * inp || wt.len() != inp * out || y.len() != rows * out {
-        return Err(KernelError::Batch(format!(
-            "dense product: x has {} values, W [{inp}, {out}] has {}, y has {} (rows {rows})",
-            x.len(),
-            wt.len(),
-            y.len()
-        )));
-    }
-    if rows == 0 || out == 0 {
-        return Ok(());
-    }
-    let width = per_task(out, 8).min((MAX_ACC_FLOATS / rows).max(8));
-    let tasks = out.div_ceil(width);
-    let parts: Vec<Vec<f32>> = (0..tasks)
-        .into_par_iter()
-        .map(|t| {
-            let (c0, c1) = (t * width, ((t + 1) * width).min(out));
-            let mut acc = vec![0f32; rows * (c1 - c0)];
-            axpy_columns(x, wt, inp, out, c0, c1, &mut acc);
-            acc
-        })
-        .collect();
-    for (t, acc) in parts.iter().enumerate() {
-        let (c0, w) = (t * width, acc.len() / rows);
-        for (r, part) in acc.chunks_exact(w).enumerate() {
-            y[r * out + c0..r * out + c0 + w].copy_from_slice(part);
-        }
-    }
-    Ok(())
-}
-
-/// `acc[r, c - c0] = Σ_i x[r, i] · wt[i, c]` for c in c0..c1.
-fn axpy_columns(x: &[f32], wt: &[f32], inp: usize, out: usize, c0: usize, c1: usize, acc: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU supports AVX2 and FMA (checked just above).
-        return unsafe { axpy_columns_avx2(x, wt, inp, out, c0, c1, acc) };
-    }
-    axpy_columns_portable(x, wt, inp, out, c0, c1, acc)
-}
-
-#[inline(always)]
-fn axpy_columns_portable(x: &[f32], wt: &[f32], inp: usize, out: usize, c0: usize, c1: usize, acc: &mut [f32]) {
-    let width = c1 - c0;
-    for i in 0..inp {
-        let w = &wt[i * out + c0..i * out + c1];
-        for (r, acc_r) in acc.chunks_exact_mut(width).enumerate() {
-            let a = x[r * inp + i];
-            for (s, &v) in acc_r.iter_mut().zip(w) {
-                *s = a.mul_add(v, *s);
-            }
-        }
-    }
-}
-
-/// Two rows and more: a register-blocked kernel — 4 rows × 16 columns of sums held in eight
-/// registers over the whole input, so each weight loaded feeds 4 FMAs (the loop above loads and
-/// stores every sum per input and runs at a third of the FMA rate). One row stays on the loop
-/// above, which keeps more sums in flight and is bound by reading the weight anyway. Every sum is
-/// the same chain of FMAs in input order either way, so a row's result does not depend on how
-/// many rows it is computed with (a server's batched rows equal the row alone, bit for bit).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn axpy_columns_avx2(x: &[f32], wt: &[f32], inp: usize, out: usize, c0: usize, c1: usize, acc: &mut [f32]) {
-    let width = c1 - c0;
-    let rows = acc.len() / width;
-    if rows < 2 {
-        return axpy_columns_portable(x, wt, inp, out, c0, c1, acc);
-    }
-    let full = width / 16 * 16;
-    // Inputs in blocks: the block's rows of the weight (all task columns) stay in L2 while every
-    // column block reads them; sums carry over between input blocks through `acc`.
-    for i0 in (0..inp).step_by(INPUT_BLOCK) {
-        let ib = i0..(i0 + INPUT_BLOCK).min(inp);
-        for cb in (0..full).step_by(16) {
-            let mut r = 0;
-            while r < rows {
-                let a = &mut acc[r * width + cb..];
-                match rows - r {
-                    1 => column_block::<1>(x, wt, inp, out, ib.clone(), c0 + cb, r, width, a),
-                    2 => column_block::<2>(x, wt, inp, out, ib.clone(), c0 + cb, r, width, a),
-                    3 => column_block::<3>(x, wt, inp, out, ib.clone(), c0 + cb, r, width, a),
-                    _ => column_block::<4>(x, wt, inp, out, ib.clone(), c0 + cb, r, width, a),
-                }
-                r += (rows - r).min(4);
-            }
-        }
-    }
-    for r in 0..rows {
-        for c in c0 + full..c1 {
-            let mut sum = 0f32;
-            for i in 0..inp {
-                sum = x[r * inp + i].mul_add(wt[i * out + c], sum);
-            }
-            acc[r * width + c - c0] = sum;
-        }
-    }
-
-    /// Sums of rows r0..r0+NR over 16 columns from `c` and inputs `ib`, continuing those in
-    /// `acc` unless `ib` starts at 0; row k at `acc[k·width..][..16]`.
-    #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn column_block<const NR: usize>(x: &[f32], wt: &[f32], inp: usize, out: usize, ib: std::ops::Range<usize>, c: usize, r0: usize, width: usize, acc: &mut [f32]) {
-        use std::arch::x86_64::*;
-        let mut sums = [[_mm256_setzero_ps(); 2]; NR];
-        assert!(ib.end <= inp && wt.len() >= (inp - 1) * out + c + 16 && x.len() >= (r0 + NR) * inp && acc.len() >= (NR - 1) * width + 16);
-        if ib.start > 0 {
-            for (k, s) in sums.iter_mut().enumerate() {
-                s[0] = _mm256_loadu_ps(acc.as_ptr().add(k * width));
-                s[1] = _mm256_loadu_ps(acc.as_ptr().add(k * width + 8));
-            }
-        }
-        let mut w = wt.as_ptr().add(ib.start * out + c);
-        let xs = x.as_ptr().add(r0 * inp);
-        for i in ib {
-            // The panel is walked down its rows (one cache line per input, `out` floats apart),
-            // a stride the hardware prefetcher does not follow: ask for lines ahead.
-            _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(PREFETCH_ROWS * out) as *const i8);
-            let (w0, w1) = (_mm256_loadu_ps(w), _mm256_loadu_ps(w.add(8)));
-            for (k, s) in sums.iter_mut().enumerate() {
-                let xv = _mm256_set1_ps(*xs.add(k * inp + i));
-                s[0] = _mm256_fmadd_ps(xv, w0, s[0]);
-                s[1] = _mm256_fmadd_ps(xv, w1, s[1]);
-            }
-            w = w.add(out);
-        }
-        for (k, s) in sums.iter().enumerate() {
-            let dst = &mut acc[k * width..k * width + 16];
-            _mm256_storeu_ps(dst.as_mut_ptr(), s[0]);
-            _mm256_storeu_ps(dst.as_mut_ptr().add(8), s[1]);
-        }
-    }
-}
-
 /// Multi-delta batch: `Y[r, :] += Δ̂_{idx[r]} · X[r, :]`. Rows that share a delta are gathered and
 /// processed together, so each delta's signs are read once per batch. `deltas` holds the weights
 /// or references to them (a server keeps them inside its resident models).
@@ -420,12 +279,8 @@ pub fn delta_matmul_add_reference(w: &CompressedWeight<'_>, x: &[f32], y: &mut [
 }
 
 #[cfg(test)]
-#[path = "../tests/support/mod.rs"]
-mod support;
-
-#[cfg(test)]
 mod tests {
-    use super::support::{random, weight};
+    use crate::test_support::{random, weight};
     use super::*;
     use delta_format::ScaleMode;
     use proptest::prelude::*;
@@ -477,32 +332,8 @@ mod tests {
         }
     }
 
-    proptest! {
-        #![proptest_config(ProptestConfig::with_cases(60))]
-        #[test]
-        fn dense_product_equals_f64_sum(rows in 1usize..20, inp in 1usize..70, out in 1usize..700, seed in any::<u64>()) {
-            let x = random(rows * inp, seed);
-            let wt = random(inp * out, seed ^ 7);
-            let mut y = vec![f32::NAN; rows * out];
-            dense_matmul_t(&x, &wt, inp, out, &mut y).unwrap();
-            let want: Vec<f32> = (0..rows * out)
-                .map(|k| (0..inp).map(|i| x[k / out * inp + i] as f64 * wt[i * out + k % out] as f64).sum::<f64>() as f32)
-                .collect();
-            prop_assert!(close(&y, &want).is_ok(), "{:?}", close(&y, &want));
-            // A row's result does not depend on the rows it is computed with (batched serving
-            // relies on it): every row equals the row alone, bit for bit.
-            for r in 0..rows {
-                let mut alone = vec![f32::NAN; out];
-                dense_matmul_t(&x[r * inp..(r + 1) * inp], &wt, inp, out, &mut alone).unwrap();
-                prop_assert!(alone == y[r * out..(r + 1) * out], "row {} of {} differs from the row alone", r, rows);
-            }
-        }
-    }
-
     #[test]
     fn bad_shapes_and_indices_are_errors() {
-        assert!(dense_matmul_t(&[0.0; 6], &[0.0; 6], 3, 2, &mut [0.0; 3]).is_err());
-        assert!(dense_matmul_t(&[0.0; 6], &[0.0; 5], 3, 2, &mut [0.0; 4]).is_err());
         let w = weight(3, 33, ScaleMode::Scalar, 1);
         assert!(delta_matmul_add(&w, &[0.0; 32], &mut [0.0; 3]).is_err());
         assert!(delta_matmul_add(&w, &[0.0; 33], &mut [0.0; 4]).is_err());

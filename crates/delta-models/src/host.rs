@@ -1,7 +1,7 @@
 //! The CPU fast path for decode-shaped products. Burn's NdArray matmul hands every product to a
 //! general GEMM that packs the whole weight first, which at one or a few rows costs more than
 //! the product itself (measured: 4.7 tokens/s decode on SmolLM2-135M). On the CPU backend, few-row
-//! products read the weight in place (`delta_kernels::gemm::dense_matmul_t`); everything else —
+//! products read the weight in place (`delta_kernels::dense::dense_matmul_t`); everything else —
 //! and every other backend — goes through Burn.
 
 use std::any::Any;
@@ -33,7 +33,7 @@ pub fn few_rows<B: Backend>(x: &Tensor<B, 2>, wt: &Tensor<B, 2>, epilogue: &mut 
     in_place(wt, |w| {
         let y = with_values(x, |xs| {
             let mut y = vec![0f32; rows * out];
-            delta_kernels::gemm::dense_matmul_t(xs, w, inp, out, &mut y).expect("shapes from the tensors");
+            delta_kernels::dense::dense_matmul_t(xs, w, inp, out, &mut y).expect("shapes from the tensors");
             epilogue(xs, &mut y);
             y
         });
