@@ -9,11 +9,18 @@
 //! 3e-4 and one of 3e-2 move by the same fraction, which is what lets vector scales train at the
 //! learning rate that suits a scalar.
 //!
+//! The teacher is needed only for its logits: they are computed once for every sample, before
+//! training, into an unnamed scratch file ([`DistillOptions::scratch_dir`]; 4 bytes per logit,
+//! ≈ 25 MB per 128-token sample of SmolLM2), and the teacher's projection weights are freed before
+//! the student's base and Δ̂₀ are built — so one model's worth of weights is in memory, not two.
 //! The student shares every tensor the compression does not touch (embeddings, norms, biases,
-//! head) with the teacher; only the compressed weights' base and Δ̂₀ are extra.
+//! head) with the teacher.
 
 use burn::backend::Autodiff;
 use burn::tensor::activation::log_softmax;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::PathBuf;
+
 use burn::tensor::{Tensor, TensorData};
 use delta_format::checkpoint::Checkpoint;
 use delta_format::ScaleMode;
@@ -49,6 +56,18 @@ pub struct DistillOptions {
     pub epochs: usize,
     /// Samples (from the end) kept out of training, on which the loss is reported before and after.
     pub heldout: usize,
+    /// Where the teacher's logits are kept during the stage (an unnamed file, gone when the stage
+    /// ends or the process dies; samples × tokens × vocabulary × 4 bytes).
+    pub scratch_dir: PathBuf,
+}
+
+/// Where stage 2 is.
+#[derive(Clone, Copy, Debug)]
+pub enum DistillProgress {
+    /// The teacher's logits for `done` of `total` samples are computed.
+    Teacher { done: usize, total: usize },
+    /// Training step `step` of `steps` is done; its batch's loss before the update.
+    Step { step: usize, steps: usize, loss: f64 },
 }
 
 /// What stage 2 did.
@@ -136,15 +155,16 @@ impl Trainable {
 }
 
 /// Runs stage 2 over every compressed weight of `c` (updating its scales) on `samples` (token id
-/// rows of equal length; the last `opts.heldout` are only evaluated). `progress(step, steps, loss)`
-/// after each step. A non-finite loss or gradient stops with an error and leaves `c` unchanged.
+/// rows of equal length; the last `opts.heldout` are only evaluated), reporting progress after
+/// each teacher batch and each step. A non-finite loss or gradient stops with an error and leaves
+/// `c` unchanged.
 pub fn distill(
     c: &mut Compressed,
     base: &Checkpoint,
     finetuned: &Checkpoint,
     samples: &[Vec<u32>],
     opts: &DistillOptions,
-    progress: &mut dyn FnMut(usize, usize, f64),
+    progress: &mut dyn FnMut(DistillProgress),
 ) -> Result<DistillReport, CompressError> {
     let started = std::time::Instant::now();
     let n = samples.len();
@@ -158,10 +178,17 @@ pub fn distill(
     if !(opts.lr.is_finite() && opts.lr > 0.0) {
         return Err(CompressError::Calibration(format!("the learning rate must be a positive number, not {}", opts.lr)));
     }
+    if samples.iter().any(|s| s.len() != t) {
+        return Err(CompressError::Calibration("stage 2 needs samples of equal length".into()));
+    }
     let cfg = ModelConfig::load(finetuned.dir())?;
     let device = Default::default();
     let teacher = Llama::<B>::load(cfg.clone(), &Weights::<B>::new(finetuned, None, device)?)?;
+    let targets = TeacherLogits::compute(&teacher, samples, opts, &mut |done| progress(DistillProgress::Teacher { done, total: n }))?;
+    // The student starts as the teacher (sharing its tensors); each projection it trains replaces
+    // the teacher's weight as soon as it is built, so that weight is freed before the next.
     let mut student = lift(&teacher);
+    drop(teacher);
     let base_weights = Weights::<B>::new(base, None, device)?;
     let mut trainables = Vec::with_capacity(c.weights.len());
     for w in &c.weights {
@@ -180,7 +207,9 @@ pub fn distill(
             ScaleMode::PerInput => (None, Some(Adam::ones(inp))),
             ScaleMode::TwoSided => (Some(Adam::ones(out)), Some(Adam::ones(inp))),
         };
-        trainables.push(Trainable { name: w.name.to_string(), mode: w.mode, base, delta_t, rows, cols });
+        let tr = Trainable { name: w.name.to_string(), mode: w.mode, base, delta_t, rows, cols };
+        *proj = tr.layer(false).0;
+        trainables.push(tr);
     }
     drop(base_weights);
     // Everything needed is in f32 tensors now; the mapped checkpoint pages need not stay resident.
@@ -193,8 +222,9 @@ pub fn distill(
     let evaluate = |student: &mut Llama<AB>, trainables: &[Trainable]| -> Result<f64, CompressError> {
         install(student, trainables, false);
         let mut total = 0.0;
-        for chunk in heldout.chunks(opts.batch) {
-            let l = loss(opts.loss, student.forward(chunk)?, teacher.forward(chunk)?);
+        for (k, chunk) in heldout.chunks(opts.batch).enumerate() {
+            let first = n - opts.heldout + k * opts.batch;
+            let l = loss(opts.loss, student.forward(chunk)?, targets.get(first..first + chunk.len())?);
             total += l.into_scalar() as f64 * chunk.len() as f64;
         }
         Ok(total / heldout.len() as f64)
@@ -202,15 +232,17 @@ pub fn distill(
     let heldout_before = evaluate(&mut student, &trainables)?;
     let mut train_losses = Vec::with_capacity(steps);
     for step in 0..steps {
-        let batch = batches[step % batches.len()];
+        let b = step % batches.len();
+        let batch = batches[b];
         // One sample at a time, gradients summed: the batch's mean loss without holding the
         // activations and logits of the whole batch at once.
         let mut grads: Vec<(Vec<f64>, Vec<f64>)> = trainables.iter().map(|tr| (zeros(&tr.rows), zeros(&tr.cols))).collect();
         let mut value = 0.0;
-        for sample in batch {
+        for (k, sample) in batch.iter().enumerate() {
             let thetas = install(&mut student, &trainables, true);
             let one = std::slice::from_ref(sample);
-            let l = loss(opts.loss, student.forward(one)?, teacher.forward(one)?).div_scalar(batch.len() as f64);
+            let index = b * opts.batch + k;
+            let l = loss(opts.loss, student.forward(one)?, targets.get(index..index + 1)?).div_scalar(batch.len() as f64);
             let v = l.clone().into_scalar() as f64;
             if !v.is_finite() {
                 return Err(CompressError::Calibration(format!("stage 2 diverged at step {} of {steps}: the loss is {v}", step + 1)));
@@ -238,7 +270,7 @@ pub fn distill(
             }
         }
         train_losses.push(value);
-        progress(step + 1, steps, value);
+        progress(DistillProgress::Step { step: step + 1, steps, loss: value });
     }
     let heldout_after = evaluate(&mut student, &trainables)?;
     if !heldout_after.is_finite() {
@@ -263,6 +295,63 @@ pub fn distill(
         train_losses,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// Floats per read or write of the scratch file (1 MiB).
+const IO_FLOATS: usize = 1 << 18;
+
+/// The teacher's logits (`[t, vocab]` f32 per sample, samples in order) in an unnamed file.
+struct TeacherLogits {
+    file: std::fs::File,
+    dims: [usize; 2],
+}
+
+impl TeacherLogits {
+    /// Runs the teacher over `samples` (`opts.batch` at a time) into a new scratch file in
+    /// `opts.scratch_dir`; `progress(samples done)` after each batch.
+    fn compute(teacher: &Llama<B>, samples: &[Vec<u32>], opts: &DistillOptions, progress: &mut dyn FnMut(usize)) -> Result<Self, CompressError> {
+        let dir = &opts.scratch_dir;
+        let need = samples.len() * samples[0].len() * teacher.cfg.vocab_size * 4;
+        let failed = |e: std::io::Error| {
+            CompressError::Calibration(format!("keeping the fine-tune's logits in {} ({:.1} GB for {} samples): {e}", dir.display(), need as f64 / 1e9, samples.len()))
+        };
+        let mut file = tempfile::tempfile_in(dir).map_err(failed)?;
+        let mut dims = [0; 2];
+        let mut bytes = Vec::new();
+        let mut done = 0;
+        for chunk in samples.chunks(opts.batch) {
+            let logits = teacher.forward(chunk)?;
+            let [_, t, vocab] = logits.dims();
+            dims = [t, vocab];
+            let values = logits.into_data().into_vec::<f32>().map_err(|e| CompressError::Calibration(format!("teacher logits: {e:?}")))?;
+            // In pieces of 1 MiB, so the bytes never cost a second copy of the logits.
+            for piece in values.chunks(IO_FLOATS) {
+                bytes.clear();
+                bytes.extend(piece.iter().flat_map(|v| v.to_le_bytes()));
+                file.write_all(&bytes).map_err(failed)?;
+            }
+            done += chunk.len();
+            progress(done);
+        }
+        Ok(TeacherLogits { file, dims })
+    }
+
+    /// The logits of samples `range`, `[range.len(), t, vocab]`.
+    fn get(&self, range: std::ops::Range<usize>) -> Result<Tensor<B, 3>, CompressError> {
+        let [t, vocab] = self.dims;
+        let per_sample = t * vocab * 4;
+        let failed = |e: std::io::Error| CompressError::Calibration(format!("reading back the fine-tune's logits: {e}"));
+        let mut file = &self.file;
+        file.seek(SeekFrom::Start((range.start * per_sample) as u64)).map_err(failed)?;
+        let mut values = vec![0f32; range.len() * t * vocab];
+        let mut bytes = vec![0u8; IO_FLOATS * 4];
+        for piece in values.chunks_mut(IO_FLOATS) {
+            let b = &mut bytes[..piece.len() * 4];
+            file.read_exact(b).map_err(failed)?;
+            piece.iter_mut().zip(b.chunks_exact(4)).for_each(|(v, b)| *v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+        }
+        Ok(Tensor::from_data(TensorData::new(values, [range.len(), t, vocab]), &Default::default()))
+    }
 }
 
 fn zeros(a: &Option<Adam>) -> Vec<f64> {

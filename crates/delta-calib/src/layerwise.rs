@@ -15,6 +15,9 @@
 //! The candidates are the fitted modes (plus, with `keep_initial`, the layer's weight-space
 //! scales); the one with the lowest output MSE on the held-out samples (never the training ones)
 //! is kept.
+//!
+//! Streaming: one block of teacher and student is in memory at a time (loaded when the walk gets
+//! to it, dropped after), plus the two activation streams of all samples.
 
 use std::collections::BTreeMap;
 
@@ -25,7 +28,7 @@ use delta_format::checkpoint::Checkpoint;
 use delta_format::{CompressedWeight, ScaleMode};
 use delta_kernels::gemm::delta_matmul_add;
 use delta_models::host::with_values;
-use delta_models::llama::Linear;
+use delta_models::llama::{Block, Linear};
 use delta_models::{CpuBackend, DeltaLinear, Llama, ModelConfig, ModelError, Projection, Weights};
 use serde::Serialize;
 
@@ -96,21 +99,14 @@ pub fn calibrate_layerwise(
     }
     let cfg = ModelConfig::load(finetuned.dir())?;
     let device = Default::default();
-    let ft_weights = Weights::<B>::new(finetuned, None, device)?;
-    let teacher = Llama::load(cfg, &ft_weights)?;
-    // The student shares every tensor with the teacher until its projections are replaced.
-    let mut student = teacher.clone();
-    let base_weights = Weights::<B>::new(base, None, device)?;
-    for w in &c.weights {
-        let proj = projection_mut(&mut student, &w.name).ok_or_else(|| CompressError::Calibration(format!("{}: not a projection of the model", w.name)))?;
-        let bias = proj.linear().bias.clone();
-        let linear = Linear { weight_t: base_weights.matrix_t(&w.name, w.rows(), w.cols())?, bias };
-        *proj = Projection::Delta(DeltaLinear::new(linear, w.clone())?);
+    if let Some(w) = c.weights.iter().find(|w| block_projection(&w.name).is_none_or(|(i, _)| i >= cfg.num_hidden_layers)) {
+        return Err(CompressError::Calibration(format!("{}: not a projection of the model", w.name)));
     }
-    drop(base_weights);
-    // Everything needed is in f32 tensors now; the mapped checkpoint pages need not stay resident.
-    base.release_pages();
-    finetuned.release_pages();
+    let ft_weights = Weights::<B>::new(finetuned, None, device)?;
+    let base_weights = Weights::<B>::new(base, None, device)?;
+    // One block of teacher and student at a time: the model without blocks embeds the samples,
+    // each block is loaded when the walk gets to it and dropped after.
+    let embedder = Llama::load_first_blocks(cfg.clone(), &ft_weights, 0)?;
 
     let train_rows = (n - opts.heldout) * t;
     let total = c.weights.len();
@@ -124,11 +120,27 @@ pub fn calibrate_layerwise(
         Ok(())
     };
 
-    let (mut x_t, mut x_s) = (teacher.embed(samples)?, student.embed(samples)?);
-    let hidden = teacher.cfg.hidden_size;
-    let (cos, sin) = teacher.rope_tables(t);
-    for i in 0..teacher.layers.len() {
-        let (lt, ls) = (&teacher.layers[i], &mut student.layers[i]);
+    // The student's embeddings are the fine-tune's, as `apply` gives them.
+    let mut x_t = embedder.embed(samples)?;
+    let mut x_s = x_t.clone();
+    let hidden = cfg.hidden_size;
+    let (cos, sin) = embedder.rope_tables(t);
+    drop(embedder);
+    for i in 0..cfg.num_hidden_layers {
+        let lt = Block::load(&ft_weights, &cfg, i)?;
+        // The student block shares the teacher's tensors except for its compressed projections.
+        let mut student_block = lt.clone();
+        let ls = &mut student_block;
+        for w in c.weights.iter().filter(|w| block_projection(&w.name).is_some_and(|(b, _)| b == i)) {
+            let proj = block_projection(&w.name).and_then(|(_, p)| ls.projection_mut(p)).expect("checked above");
+            let bias = proj.linear().bias.clone();
+            let linear = Linear { weight_t: base_weights.matrix_t(&w.name, w.rows(), w.cols())?, bias };
+            *proj = Projection::Delta(DeltaLinear::new(linear, w.clone())?);
+        }
+        // Everything of this block is in f32 tensors now; the mapped pages need not stay resident.
+        base.release_pages();
+        finetuned.release_pages();
+        let lt = &lt;
         let (at, mt) = (&lt.self_attn, &lt.mlp);
         let flat = |x: Tensor<B, 3>| x.reshape([n * t, hidden]);
         // Each teacher output is computed once: as a fit's target and for the teacher's forward.
@@ -157,22 +169,27 @@ pub fn calibrate_layerwise(
         fit_one(&down_t, &mut ls.mlp.down_proj, &act_s)?;
         x_t = a_t + down_t.reshape([n, t, hidden]);
         x_s = a_s + ls.mlp.down_proj.forward(act_s).reshape([n, t, hidden]);
-    }
-    // Carry the kept modes and scales back into the artifact.
-    for w in c.weights.iter_mut() {
-        if let Some(Projection::Delta(d)) = projection_mut(&mut student, &w.name) {
-            w.mode = d.delta.mode;
-            w.scales = d.delta.scales.clone();
+        // Carry the kept modes and scales of this block back into the artifact.
+        for w in c.weights.iter_mut() {
+            if let Some(Projection::Delta(d)) = block_projection(&w.name).filter(|&(b, _)| b == i).and_then(|(_, p)| ls.projection_mut(p)) {
+                w.mode = d.delta.mode;
+                w.scales = d.delta.scales.clone();
+            }
         }
     }
     Ok(fits)
 }
 
+/// `model.layers.N.{self_attn,mlp}.P.weight` -> (N, `{self_attn,mlp}.P`).
+fn block_projection(name: &str) -> Option<(usize, &str)> {
+    let (i, rest) = name.strip_prefix("model.layers.")?.split_once('.')?;
+    Some((i.parse().ok()?, rest.strip_suffix(".weight")?))
+}
+
 /// `model.layers.N.{self_attn,mlp}.P.weight` -> that projection.
 pub(crate) fn projection_mut<'m, X: Backend>(model: &'m mut Llama<X>, name: &str) -> Option<&'m mut Projection<X>> {
-    let rest = name.strip_prefix("model.layers.")?;
-    let (i, rest) = rest.split_once('.')?;
-    model.layers.get_mut(i.parse::<usize>().ok()?)?.projection_mut(rest.strip_suffix(".weight")?)
+    let (i, p) = block_projection(name)?;
+    model.layers.get_mut(i)?.projection_mut(p)
 }
 
 fn host(x: &Tensor<B, 2>) -> Vec<f32> {

@@ -14,6 +14,6 @@ pub mod distill;
 pub mod layerwise;
 pub mod picture;
 
-pub use distill::{distill, DistillLoss, DistillOptions, DistillReport};
+pub use distill::{distill, DistillLoss, DistillOptions, DistillProgress, DistillReport};
 pub use layerwise::{calibrate_layerwise, LayerFit, LayerwiseOptions, Solver};
 pub use compress::{compress, is_block_linear, CompressError, CompressOptions, Compressed, ScaleChoice, WeightReport};

@@ -3,7 +3,7 @@
 //! written artifact through an independent forward), and a run that diverges stops with an error
 //! and leaves the scales alone.
 
-use delta_calib::{compress, distill, CompressOptions, Compressed, DistillLoss, DistillOptions, ScaleChoice};
+use delta_calib::{compress, distill, CompressOptions, Compressed, DistillLoss, DistillOptions, DistillProgress, ScaleChoice};
 use delta_format::{DeltaArtifact, ScaleMode};
 use delta_models::{CpuBackend, Llama, ModelConfig, Weights};
 use delta_tests::tiny::VOCAB;
@@ -57,7 +57,7 @@ fn heldout_loss(p: &Pair, c: &Compressed, loss: DistillLoss, samples: &[Vec<u32>
 }
 
 fn options(loss: DistillLoss, lr: f64) -> DistillOptions {
-    DistillOptions { loss, lr, batch: 4, epochs: 4, heldout: HELDOUT }
+    DistillOptions { loss, lr, batch: 4, epochs: 4, heldout: HELDOUT, scratch_dir: std::env::temp_dir() }
 }
 
 #[test]
@@ -73,7 +73,15 @@ fn distillation_lowers_the_heldout_loss_in_every_mode() {
     ] {
         let mut c = compressed(&p, mode);
         let start = heldout_loss(&p, &c, loss, &samples);
-        let r = distill(&mut c, &p.base, &p.ft, &samples, &options(loss, 0.05), &mut |_, _, _| {}).unwrap();
+        let scratch = tempfile::tempdir().unwrap();
+        let opts = DistillOptions { scratch_dir: scratch.path().to_path_buf(), ..options(loss, 0.05) };
+        let mut teacher_done = 0;
+        let r = distill(&mut c, &p.base, &p.ft, &samples, &opts, &mut |p| {
+            if let DistillProgress::Teacher { done, .. } = p {
+                teacher_done = done;
+            }
+        })
+        .unwrap();
         let what = format!("{} / {loss:?}", mode.name());
         assert_eq!(r.steps, 12, "{what}: 3 batches of 4 training samples, 4 epochs");
         assert_eq!(r.train_losses.len(), 12);
@@ -85,6 +93,9 @@ fn distillation_lowers_the_heldout_loss_in_every_mode() {
         // 12 steps); a gradient of the wrong sign or size would raise it.
         assert!(end < start, "{what}: held-out loss {start} -> {end}");
         assert!(c.weights.iter().all(|w| w.mode == mode), "{what}: modes are frozen");
+        // The teacher's logits were computed for every sample, and their scratch file is gone.
+        assert_eq!(teacher_done, samples.len(), "{what}");
+        assert_eq!(std::fs::read_dir(scratch.path()).unwrap().count(), 0, "{what}: the scratch directory is left empty");
     }
 }
 
@@ -93,11 +104,16 @@ fn a_diverging_run_stops_with_an_error_and_changes_nothing() {
     let p = pair();
     let mut c = compressed(&p, ScaleMode::PerOutput);
     let before: Vec<Vec<f32>> = c.weights.iter().map(|w| w.scales.to_vec()).collect();
-    let err = distill(&mut c, &p.base, &p.ft, &samples(), &options(DistillLoss::Mse, 1e30), &mut |_, _, _| {}).unwrap_err();
+    let err = distill(&mut c, &p.base, &p.ft, &samples(), &options(DistillLoss::Mse, 1e30), &mut |_| {}).unwrap_err();
     assert!(err.to_string().contains("diverged"), "{err}");
     let after: Vec<Vec<f32>> = c.weights.iter().map(|w| w.scales.to_vec()).collect();
     assert_eq!(before, after);
     for bad in [DistillOptions { heldout: 0, ..options(DistillLoss::Mse, 0.01) }, options(DistillLoss::Mse, f64::NAN)] {
-        assert!(distill(&mut c, &p.base, &p.ft, &samples(), &bad, &mut |_, _, _| {}).is_err());
+        assert!(distill(&mut c, &p.base, &p.ft, &samples(), &bad, &mut |_| {}).is_err());
     }
+    // Nowhere to keep the teacher's logits: a clear error naming the place and the size.
+    let nowhere = DistillOptions { scratch_dir: "/nonexistent/bitdelta-scratch".into(), ..options(DistillLoss::Mse, 0.01) };
+    let err = distill(&mut c, &p.base, &p.ft, &samples(), &nowhere, &mut |_| {}).unwrap_err().to_string();
+    assert!(err.contains("/nonexistent/bitdelta-scratch") && err.contains("GB"), "{err}");
+    assert_eq!(before, c.weights.iter().map(|w| w.scales.to_vec()).collect::<Vec<_>>());
 }

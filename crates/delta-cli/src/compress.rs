@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::ValueEnum;
-use delta_calib::{calibrate_layerwise, compress, distill, CompressOptions, DistillLoss, DistillOptions, DistillReport, LayerwiseOptions, ScaleChoice, Solver};
+use delta_calib::{calibrate_layerwise, compress, distill, CompressOptions, DistillLoss, DistillOptions, DistillProgress, DistillReport, LayerwiseOptions, ScaleChoice, Solver};
 use delta_format::checkpoint::Checkpoint;
 use delta_format::ScaleMode;
 
@@ -105,7 +105,9 @@ pub struct Args {
     #[arg(long, default_value_t = 1e-5)]
     adamw_lr: f64,
     /// End-to-end samples (`--calibrate full`): the token windows after the layer-wise ones; the
-    /// last 10% are held out and only scored.
+    /// last 10% are held out and only scored. The fine-tune's logits for them are computed once
+    /// and kept in a temporary file beside the output (samples × tokens × vocabulary × 4 bytes:
+    /// 3.8 GB for SmolLM2 at the defaults), so only one model is in memory while training.
     #[arg(long, default_value_t = 150, value_parser = clap::value_parser!(u32).range(2..=100_000))]
     distill_samples: u32,
     /// End-to-end samples per Adam step.
@@ -223,13 +225,20 @@ pub fn run(a: Args) -> Result<()> {
                 batch: a.distill_batch as usize,
                 epochs: a.distill_epochs as usize,
                 heldout: n2.div_ceil(10),
+                // Beside the output: a temporary directory may be memory (tmpfs), this is disk.
+                scratch_dir: match a.output.parent() {
+                    Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+                    _ => ".".into(),
+                },
             };
             let steps = (n2 - opts.heldout).div_ceil(opts.batch) * opts.epochs;
             let bar = ui::progress(steps as u64, "end-to-end", false, a.json);
-            bar.set_message("scoring the held-out samples");
-            let r = distill(&mut c, &base, &finetuned, distill_samples, &opts, &mut |step, _, loss| {
-                bar.set_position(step as u64);
-                bar.set_message(format!("loss {loss:.4}"));
+            let r = distill(&mut c, &base, &finetuned, distill_samples, &opts, &mut |p| match p {
+                DistillProgress::Teacher { done, total } => bar.set_message(format!("fine-tune logits {done}/{total}")),
+                DistillProgress::Step { step, loss, .. } => {
+                    bar.set_position(step as u64);
+                    bar.set_message(format!("loss {loss:.4}"));
+                }
             })?;
             bar.finish_and_clear();
             c.calibration = "full".into();

@@ -197,6 +197,22 @@ pub struct Block<B: Backend> {
 pub const PROJECTIONS: [&str; 7] = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"];
 
 impl<B: Backend> Block<B> {
+    /// Block `i` (`model.layers.i.*`) of a checkpoint.
+    pub fn load(w: &Weights<'_, B>, cfg: &ModelConfig, i: usize) -> Result<Self, ModelError> {
+        let (hidden, ffn) = (cfg.hidden_size, cfg.intermediate_size);
+        let p = format!("model.layers.{i}");
+        Ok(Block {
+            input_layernorm: RmsNorm::load(w, &format!("{p}.input_layernorm.weight"), hidden, cfg.rms_norm_eps)?,
+            self_attn: Attention::load(w, &format!("{p}.self_attn"), cfg)?,
+            post_attention_layernorm: RmsNorm::load(w, &format!("{p}.post_attention_layernorm.weight"), hidden, cfg.rms_norm_eps)?,
+            mlp: Mlp {
+                gate_proj: Projection::load(w, &format!("{p}.mlp.gate_proj"), ffn, hidden, cfg.mlp_bias)?,
+                up_proj: Projection::load(w, &format!("{p}.mlp.up_proj"), ffn, hidden, cfg.mlp_bias)?,
+                down_proj: Projection::load(w, &format!("{p}.mlp.down_proj"), hidden, ffn, cfg.mlp_bias)?,
+            },
+        })
+    }
+
     /// The seven projections, in [`PROJECTIONS`] order.
     pub fn projections(&self) -> [&Projection<B>; 7] {
         let (a, m) = (&self.self_attn, &self.mlp);
@@ -335,21 +351,15 @@ impl<B: Backend> Mlp<B> {
 impl<B: Backend> Llama<B> {
     /// Builds the model from a checkpoint's weights (see [`Weights`]).
     pub fn load(cfg: ModelConfig, w: &Weights<'_, B>) -> Result<Self, ModelError> {
-        let (hidden, ffn, vocab) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
-        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
-        for i in 0..cfg.num_hidden_layers {
-            let p = format!("model.layers.{i}");
-            layers.push(Block {
-                input_layernorm: RmsNorm::load(w, &format!("{p}.input_layernorm.weight"), hidden, cfg.rms_norm_eps)?,
-                self_attn: Attention::load(w, &format!("{p}.self_attn"), &cfg)?,
-                post_attention_layernorm: RmsNorm::load(w, &format!("{p}.post_attention_layernorm.weight"), hidden, cfg.rms_norm_eps)?,
-                mlp: Mlp {
-                    gate_proj: Projection::load(w, &format!("{p}.mlp.gate_proj"), ffn, hidden, cfg.mlp_bias)?,
-                    up_proj: Projection::load(w, &format!("{p}.mlp.up_proj"), ffn, hidden, cfg.mlp_bias)?,
-                    down_proj: Projection::load(w, &format!("{p}.mlp.down_proj"), hidden, ffn, cfg.mlp_bias)?,
-                },
-            });
-        }
+        let blocks = cfg.num_hidden_layers;
+        Self::load_first_blocks(cfg, w, blocks)
+    }
+
+    /// The model with only its first `blocks` blocks (0: embeddings, final norm and head), for
+    /// code that walks the blocks itself and loads each with [`Block::load`] when it gets there.
+    pub fn load_first_blocks(cfg: ModelConfig, w: &Weights<'_, B>, blocks: usize) -> Result<Self, ModelError> {
+        let (hidden, vocab) = (cfg.hidden_size, cfg.vocab_size);
+        let layers = (0..blocks.min(cfg.num_hidden_layers)).map(|i| Block::load(w, &cfg, i)).collect::<Result<Vec<_>, _>>()?;
         let embed_tokens = w.matrix("model.embed_tokens.weight", vocab, hidden)?;
         let lm_head_t = if cfg.tie_word_embeddings && !w.has("lm_head.weight") {
             w.matrix_t("model.embed_tokens.weight", vocab, hidden)?
