@@ -226,10 +226,7 @@ pub fn run(a: Args) -> Result<()> {
                 epochs: a.distill_epochs as usize,
                 heldout: n2.div_ceil(10),
                 // Beside the output: a temporary directory may be memory (tmpfs), this is disk.
-                scratch_dir: match a.output.parent() {
-                    Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-                    _ => ".".into(),
-                },
+                scratch_dir: ui::output_dir(&a.output).to_path_buf(),
             };
             let steps = (n2 - opts.heldout).div_ceil(opts.batch) * opts.epochs;
             let bar = ui::progress(steps as u64, "end-to-end", false, a.json);

@@ -38,11 +38,16 @@ pub fn check_output(path: &std::path::Path, force: bool) -> anyhow::Result<()> {
     if !force && std::fs::symlink_metadata(path).is_ok() {
         anyhow::bail!("{} already exists (use --force to replace it)", path.display());
     }
-    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    let parent = output_dir(path);
     if !parent.is_dir() {
         anyhow::bail!("{}: output folder {} does not exist", path.display(), parent.display());
     }
     Ok(())
+}
+
+/// The folder an output path goes in (`.` for a bare file name).
+pub fn output_dir(path: &std::path::Path) -> &std::path::Path {
+    path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."))
 }
 
 /// Writes `bytes` to `path` atomically (temporary sibling, fsync, rename); an existing `path`
