@@ -11,16 +11,17 @@
 //!
 //! The teacher is needed only for its logits: they are computed once for every sample, before
 //! training, into an unnamed scratch file ([`DistillOptions::scratch_dir`]; 4 bytes per logit,
-//! ≈ 25 MB per 128-token sample of SmolLM2), and the teacher's projection weights are freed before
-//! the student's base and Δ̂₀ are built — so one model's worth of weights is in memory, not two.
+//! ≈ 25 MB per 128-token sample of SmolLM2), and the teacher's projection weights are freed one by
+//! one as the student's replacements (base and Δ̂₀) are built — one model's weights in memory,
+//! not two.
 //! The student shares every tensor the compression does not touch (embeddings, norms, biases,
 //! head) with the teacher.
 
-use burn::backend::Autodiff;
-use burn::tensor::activation::log_softmax;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::PathBuf;
 
+use burn::backend::Autodiff;
+use burn::tensor::activation::log_softmax;
 use burn::tensor::{Tensor, TensorData};
 use delta_format::checkpoint::Checkpoint;
 use delta_format::ScaleMode;

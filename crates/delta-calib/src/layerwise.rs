@@ -28,7 +28,7 @@ use delta_format::checkpoint::Checkpoint;
 use delta_format::{CompressedWeight, ScaleMode};
 use delta_kernels::gemm::delta_matmul_add;
 use delta_models::host::with_values;
-use delta_models::llama::{Block, Linear};
+use delta_models::llama::{Block, Linear, PROJECTIONS};
 use delta_models::{CpuBackend, DeltaLinear, Llama, ModelConfig, ModelError, Projection, Weights};
 use serde::Serialize;
 
@@ -99,7 +99,7 @@ pub fn calibrate_layerwise(
     }
     let cfg = ModelConfig::load(finetuned.dir())?;
     let device = Default::default();
-    if let Some(w) = c.weights.iter().find(|w| block_projection(&w.name).is_none_or(|(i, _)| i >= cfg.num_hidden_layers)) {
+    if let Some(w) = c.weights.iter().find(|w| block_projection(&w.name).is_none_or(|(i, p)| i >= cfg.num_hidden_layers || !PROJECTIONS.contains(&p))) {
         return Err(CompressError::Calibration(format!("{}: not a projection of the model", w.name)));
     }
     let ft_weights = Weights::<B>::new(finetuned, None, device)?;

@@ -41,18 +41,17 @@ pub fn delta_matmul_add(w: &CompressedWeight<'_>, x: &[f32], y: &mut [f32]) -> R
         tiled_delta_matmul_add(w, &f, rows, x, y);
         return Ok(());
     }
-    decode_delta_add(vec![(w, f, (0..rows).collect())], x, y, out, inp);
+    decode_delta_add(vec![(w, f, (0..rows).collect())], x, y, out, inp, subset_sums::available());
     Ok(())
 }
 
 /// Decode-sized groups of rows (fewer than [`TILE_MIN_ROWS`] each), every group with its own
 /// delta: `Y[r, :] += Δ̂ · X[r, :]` for each of its rows, as `(Δ̂ x)[i] = r[i] · Σ_j S[i, j]·z[j]`
-/// with `z = c ⊙ x` once per row. The signed sums come from [`subset_sums`] where the CPU has
-/// AVX-512 (16 output rows per register), else from [`signed_dot`] row by row. One parallel pass
+/// with `z = c ⊙ x` once per row. The signed sums come from [`subset_sums`] when `tabled` (the
+/// CPU has AVX-512: 16 output rows per register), else from [`signed_dot`] row by row. One parallel pass
 /// over (group, block of output rows) tasks, about TASKS_PER_THREAD per thread in all; each row
 /// gets the same sums whatever it is grouped with.
-fn decode_delta_add(groups: Vec<(&CompressedWeight<'_>, ScaleFactors<'_>, Vec<usize>)>, x: &[f32], y: &mut [f32], out: usize, inp: usize) {
-    let tabled = subset_sums::available();
+fn decode_delta_add(groups: Vec<(&CompressedWeight<'_>, ScaleFactors<'_>, Vec<usize>)>, x: &[f32], y: &mut [f32], out: usize, inp: usize, tabled: bool) {
     let groups: Vec<_> = groups
         .into_par_iter()
         .map(|(w, f, rows)| {
@@ -260,7 +259,7 @@ pub fn batched_delta_matmul_add<'w, W: Borrow<CompressedWeight<'w>>>(deltas: &[W
         .into_iter()
         .map(|(w, rows)| Ok((w, ScaleFactors::new(&w.name, w.mode, &w.scales, out, inp)?, rows)))
         .collect::<Result<Vec<_>, KernelError>>()?;
-    decode_delta_add(groups, x, y, out, inp);
+    decode_delta_add(groups, x, y, out, inp, subset_sums::available());
     Ok(())
 }
 
@@ -309,6 +308,15 @@ mod tests {
             delta_matmul_add(&w, &x, &mut fast).unwrap();
             delta_matmul_add_reference(&w, &x, &mut slow).unwrap();
             prop_assert!(close(&fast, &slow).is_ok(), "{:?}", close(&fast, &slow));
+            // Both decode paths (the dispatch above takes one of them on this CPU).
+            if rows < TILE_MIN_ROWS {
+                for tabled in [false, subset_sums::available()] {
+                    let mut y = y0.clone();
+                    let f = ScaleFactors::new(&w.name, w.mode, &w.scales, out, inp).unwrap();
+                    decode_delta_add(vec![(&w, f, (0..rows).collect())], &x, &mut y, out, inp, tabled);
+                    prop_assert!(close(&y, &slow).is_ok(), "tabled {}: {:?}", tabled, close(&y, &slow));
+                }
+            }
             // The portable inner loop agrees with the dispatched one.
             let z: Vec<f32> = x[..inp].to_vec();
             prop_assert!((signed_dot(w.signs.row(0), &z) - signed_dot_portable(w.signs.row(0), &z)).abs() <= 1e-5 * inp as f32);
