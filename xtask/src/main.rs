@@ -268,16 +268,19 @@ fn demo() -> Result<()> {
 fn bench_kernels() -> Result<()> {
     sh(cargo().current_dir(root()).args(["bench", "-p", "delta-kernels", "--bench", "fig4"]))?;
     let crit = target_dir().join("criterion");
-    let seconds = |parts: &[String]| -> Result<f64> {
+    // One of criterion's files for a benchmark (`group/function[/parameter]`).
+    let read = |parts: &[String], file: &str| -> Result<serde_json::Value> {
         let mut path = crit.clone();
         parts.iter().for_each(|p| path.push(p));
-        let path = path.join("new/estimates.json");
-        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).with_context(|| path.display().to_string())?)?;
-        Ok(v["mean"]["point_estimate"].as_f64().context("estimates.json without mean")? * 1e-9)
+        let path = path.join("new").join(file);
+        Ok(serde_json::from_str(&std::fs::read_to_string(&path).with_context(|| path.display().to_string())?)?)
     };
-    let copy_bytes = 2.0 * (64u64 << 20) as f64 * 4.0;
-    let copy_gbs = copy_bytes / seconds(&["bandwidth".into(), "copy_256MiB".into()])? / 1e9;
-    let read_gbs = (64u64 << 20) as f64 * 4.0 / seconds(&["bandwidth".into(), "read_256MiB".into()])? / 1e9;
+    let seconds = |parts: &[String]| -> Result<f64> { Ok(read(parts, "estimates.json")?["mean"]["point_estimate"].as_f64().context("estimates.json without mean")? * 1e-9) };
+    // The bytes a benchmark counts, as the bench declared them (its criterion throughput).
+    let bytes = |parts: &[String]| -> Result<f64> { read(parts, "benchmark.json")?["throughput"]["Bytes"].as_f64().context("benchmark.json without a byte throughput") };
+    let gb_s = |parts: &[String]| -> Result<f64> { Ok(bytes(parts)? / seconds(parts)? / 1e9) };
+    let copy_gbs = gb_s(&["bandwidth".into(), "copy_256MiB".into()])?;
+    let read_gbs = gb_s(&["bandwidth".into(), "read_256MiB".into()])?;
     let sizes: Vec<usize> = std::env::var("FIG4_SIZES")
         .ok()
         .map(|s| s.split(',').filter_map(|v| v.trim().parse().ok()).collect())
@@ -289,11 +292,11 @@ fn bench_kernels() -> Result<()> {
     for n in sizes {
         for b in [1usize, 2, 4, 8, 16, 32] {
             let group = format!("fig4_n{n}");
-            let t_delta = seconds(&[group.clone(), "batched_delta".into(), b.to_string()])?;
+            let batched = [group.clone(), "batched_delta".into(), b.to_string()];
+            let t_delta = seconds(&batched)?;
             let t_base = seconds(&[group.clone(), "base_product".into(), b.to_string()])?;
             let t_dense = seconds(&[group, "dense_gemv_each".into(), b.to_string()])?;
-            let bytes = (n * n * 4 + b * (n * n / 8 + n * 4)) as f64;
-            let gbs = bytes / t_delta / 1e9;
+            let (bytes, gbs) = (bytes(&batched)?, gb_s(&batched)?);
             println!(
                 "| {n} | {b} | {:.3} ms | {:.3} ms | {:.3} ms | {:.2}x | {gbs:.1} | {:.0}% / {:.0}% |",
                 t_delta * 1e3,

@@ -131,8 +131,16 @@ pub fn calibrate_layerwise(
         // The student block shares the teacher's tensors except for its compressed projections.
         let mut student_block = lt.clone();
         let ls = &mut student_block;
-        for w in c.weights.iter().filter(|w| block_projection(&w.name).is_some_and(|(b, _)| b == i)) {
-            let proj = block_projection(&w.name).and_then(|(_, p)| ls.projection_mut(p)).expect("checked above");
+        // This block's compressed weights: (index in `c.weights`, projection name in the block).
+        let mine: Vec<(usize, &'static str)> = c
+            .weights
+            .iter()
+            .enumerate()
+            .filter_map(|(k, w)| block_projection(&w.name).filter(|&(b, _)| b == i).and_then(|(_, p)| PROJECTIONS.iter().find(|&&q| q == p)).map(|&p| (k, p)))
+            .collect();
+        for &(k, p) in &mine {
+            let w = &c.weights[k];
+            let proj = ls.projection_mut(p).expect("checked above");
             let bias = proj.linear().bias.clone();
             let linear = Linear { weight_t: base_weights.matrix_t(&w.name, w.rows(), w.cols())?, bias };
             *proj = Projection::Delta(DeltaLinear::new(linear, w.clone())?);
@@ -170,10 +178,10 @@ pub fn calibrate_layerwise(
         x_t = a_t + down_t.reshape([n, t, hidden]);
         x_s = a_s + ls.mlp.down_proj.forward(act_s).reshape([n, t, hidden]);
         // Carry the kept modes and scales of this block back into the artifact.
-        for w in c.weights.iter_mut() {
-            if let Some(Projection::Delta(d)) = block_projection(&w.name).filter(|&(b, _)| b == i).and_then(|(_, p)| ls.projection_mut(p)) {
-                w.mode = d.delta.mode;
-                w.scales = d.delta.scales.clone();
+        for (k, p) in mine {
+            if let Some(Projection::Delta(d)) = ls.projection_mut(p) {
+                c.weights[k].mode = d.delta.mode;
+                c.weights[k].scales = d.delta.scales.clone();
             }
         }
     }

@@ -70,22 +70,19 @@ fn decode_delta_add(groups: Vec<(&CompressedWeight<'_>, ScaleFactors<'_>, Vec<us
             let (w, f, rows, z, tables) = &groups[g];
             let i1 = (i0 + block).min(out);
             let mut part = vec![0f32; (i1 - i0) * rows.len()];
-            if tabled {
-                let mut sums = vec![0f32; (i1 - i0).next_multiple_of(subset_sums::LANES)];
-                for (r, t) in tables.iter().enumerate() {
+            // Σ_j S[i, j]·z[j] for the task's outputs, one row of the group at a time.
+            let mut sums = vec![0f32; (i1 - i0).next_multiple_of(subset_sums::LANES)];
+            for r in 0..rows.len() {
+                if tabled {
                     sums.fill(0.0);
-                    subset_sums::add_sums(w.signs.words(), w.signs.words_per_row(), i0, i1, t, &mut sums);
-                    for (k, s) in sums[..i1 - i0].iter().enumerate() {
-                        part[k * rows.len() + r] = f.rows[i0 + k] * s;
+                    subset_sums::add_sums(w.signs.words(), w.signs.words_per_row(), i0, i1, &tables[r], &mut sums);
+                } else {
+                    for (i, s) in (i0..i1).zip(sums.iter_mut()) {
+                        *s = signed_dot(w.signs.row(i), &z[r * inp..(r + 1) * inp]);
                     }
                 }
-                return part;
-            }
-            for (k, acc) in part.chunks_mut(rows.len()).enumerate() {
-                let i = i0 + k;
-                let words = w.signs.row(i);
-                for (r, a) in acc.iter_mut().enumerate() {
-                    *a = f.rows[i] * signed_dot(words, &z[r * inp..(r + 1) * inp]);
+                for (k, s) in sums[..i1 - i0].iter().enumerate() {
+                    part[k * rows.len() + r] = f.rows[i0 + k] * s;
                 }
             }
             part

@@ -18,9 +18,10 @@ pub(crate) const LANES: usize = 16;
 /// block) stay in L1/L2 while every row tile of a task reads them, and each row's signs are read
 /// in runs of 512 bytes (64 or 256 words measured slower at 4096 inputs: 3.3 / 3.2 against 3.1 ms).
 const BLOCK_WORDS: usize = 128;
-/// How many tiles ahead the sign words are prefetched (into L2: the tables own L1). Measured at
-/// 4096², 8 deltas: 2 tiles into L1 2.7 ms, 8 into L2 2.6–3.0 ms, 16 into L2 3.1 ms — within the
-/// host's run-to-run noise of each other, all well ahead of no prefetch (3.3 ms).
+/// How many tiles ahead the sign words are prefetched (into L2: the tables own L1). Measured for
+/// the whole B = 8 product at 4096²: prefetching steadily 2 tiles ahead instead of a burst for the
+/// next tile took it from 4.6 to 4.1 ms (with the older base product); later 2 tiles into L1 gave
+/// 2.7 ms, 8 into L2 2.6–3.0 ms, 16 into L2 3.1 ms — within the host's run-to-run noise.
 const PREFETCH_TILES: usize = 8;
 
 /// Whether this CPU runs the table path (AVX-512F).
@@ -73,7 +74,7 @@ pub(crate) fn add_sums(words: &[u32], wpr: usize, i0: usize, i1: usize, tables: 
 /// One tile: `sums[l] += Σ_{w0 ≤ w < w1} Σ_k T[w, k][(S[l, w] >> 4k) & 15]` for lanes l < `lanes`,
 /// in four accumulators (group k goes to accumulator k mod 4), summed as (a0 + a1) + (a2 + a3).
 /// The sign words come 16 per row with plain loads and are transposed in registers (a gather of
-/// one word per row waits on 16 loads each time).
+/// one word per row measured the same; the transpose needs no gather unit).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn tile_avx512(rows: *const u32, wpr: usize, lanes: usize, w0: usize, w1: usize, tables: *const f32, sums: *mut f32) {
