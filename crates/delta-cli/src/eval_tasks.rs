@@ -1,11 +1,12 @@
 //! `bitdelta eval tasks`: zero-shot multiple-choice accuracy over loglikelihood request files.
 
+use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use delta_models::tasks::{encode_request, score_choices, EncodedChoice};
+use delta_models::tasks::{encode_request, score_documents, EncodedChoice};
 use serde::{Deserialize, Serialize};
 
 use crate::load::ModelArgs;
@@ -21,6 +22,12 @@ use crate::ui;
 /// continuation; its tokens are those of context + continuation after the context's). `acc`
 /// counts documents whose right choice has the highest sum; `acc_norm` divides each sum by the
 /// continuation's length in UTF-8 bytes first.
+///
+/// A document whose `doc_id` is 1,000,000 + k and whose continuations are those of document k is
+/// k's *unconditioned twin* (OLMo's evaluation files: the same choices after the bare context
+/// `Answer:`), not a document of its own. Twins are skipped unless `--uncond` is given; then they
+/// are scored too and `acc_uncond` picks the choice with the highest log-likelihood gain over its
+/// twin (log p(choice | context) − log p(choice | Answer:)).
 #[derive(clap::Args)]
 pub struct TasksArgs {
     #[command(flatten)]
@@ -31,6 +38,10 @@ pub struct TasksArgs {
     /// Score only the first N documents of each file.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     limit: Option<u64>,
+    /// Also score each document's unconditioned twin, where the file has them, and report
+    /// `acc_uncond` (costs a second, shorter pass over every choice).
+    #[arg(long)]
+    uncond: bool,
     /// Print one JSON object on stdout instead of the table.
     #[arg(long)]
     json: bool,
@@ -51,11 +62,17 @@ struct Request {
     continuation: String,
 }
 
-/// One document: its choices (context, continuation) in `idx` order and the right one.
+/// One document: its choices (context, continuation) in `idx` order, the right one, and the
+/// choices of its unconditioned twin when the file has one.
 struct Doc {
+    id: u64,
     choices: Vec<(String, String)>,
     label: usize,
+    twin: Option<Vec<(String, String)>>,
 }
+
+/// `doc_id` offset of unconditioned twins (see [`TasksArgs`]).
+const TWIN_OFFSET: u64 = 1_000_000;
 
 #[derive(Serialize)]
 struct TaskResult {
@@ -66,17 +83,22 @@ struct TaskResult {
     acc_stderr: f64,
     acc_norm: f64,
     acc_norm_stderr: f64,
+    /// Documents whose unconditioned twin the file holds (scored only with `--uncond`).
+    twins: usize,
+    /// With `--uncond`, over the documents that have a twin.
+    acc_uncond: Option<f64>,
+    acc_uncond_stderr: Option<f64>,
     request_tokens: usize,
     seconds: f64,
 }
 
-/// Reads a request file into (task name, documents), at most `limit` documents.
+/// Reads a request file into (task name, documents): every document in file order, twins
+/// attached to theirs, at most `limit` of them.
 fn read_docs(path: &Path, limit: Option<u64>) -> Result<(String, Vec<Doc>)> {
     let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let reader: Box<dyn Read> = if path.extension().is_some_and(|e| e == "gz") { Box::new(flate2::read::GzDecoder::new(file)) } else { Box::new(file) };
     let mut task = None;
     let mut docs: Vec<Doc> = Vec::new();
-    let mut current: Option<u64> = None;
     for (n, line) in BufReader::new(reader).lines().enumerate() {
         let at = || format!("{}:{}", path.display(), n + 1);
         let line = line.with_context(|| format!("reading {}", at()))?;
@@ -89,12 +111,8 @@ fn read_docs(path: &Path, limit: Option<u64>) -> Result<(String, Vec<Doc>)> {
             Some(t) if *t != l.task_name => bail!("{}: task {} in a file of task {t}", at(), l.task_name),
             _ => {}
         }
-        if current != Some(l.doc_id) {
-            if limit.is_some_and(|k| docs.len() as u64 >= k) {
-                break;
-            }
-            docs.push(Doc { choices: Vec::new(), label: l.label });
-            current = Some(l.doc_id);
+        if docs.last().is_none_or(|d| d.id != l.doc_id) {
+            docs.push(Doc { id: l.doc_id, choices: Vec::new(), label: l.label, twin: None });
         }
         let doc = docs.last_mut().expect("pushed above");
         if l.idx != doc.choices.len() || l.label != doc.label {
@@ -103,10 +121,66 @@ fn read_docs(path: &Path, limit: Option<u64>) -> Result<(String, Vec<Doc>)> {
         doc.choices.push((l.request.context, l.request.continuation));
     }
     let task = task.with_context(|| format!("{} holds no requests", path.display()))?;
-    if let Some(bad) = docs.iter().position(|d| d.label >= d.choices.len()) {
-        bail!("{}: document {bad} has label {} but {} choices", path.display(), docs[bad].label, docs[bad].choices.len());
+    if let Some(bad) = docs.iter().find(|d| d.label >= d.choices.len()) {
+        bail!("{}: document {} has label {} but {} choices", path.display(), bad.id, bad.label, bad.choices.len());
     }
-    Ok((task, docs))
+    // Attach each twin to its document: same label, same continuations in the same order.
+    let mut ids = HashSet::new();
+    if let Some(d) = docs.iter().find(|d| !ids.insert(d.id)) {
+        bail!("{}: the lines of document {} are not consecutive", path.display(), d.id);
+    }
+    let is_twin = |d: &Doc| d.id.checked_sub(TWIN_OFFSET).is_some_and(|k| ids.contains(&k));
+    let (twins, mut kept): (Vec<Doc>, Vec<Doc>) = docs.into_iter().partition(is_twin);
+    let position: HashMap<u64, usize> = kept.iter().enumerate().map(|(i, d)| (d.id, i)).collect();
+    for twin in twins {
+        let target = twin.id - TWIN_OFFSET;
+        let Some(doc) = position.get(&target).map(|&i| &mut kept[i]) else {
+            bail!("{}: document {} is numbered as the unconditioned twin of document {target}, itself a twin", path.display(), twin.id);
+        };
+        let same = twin.label == doc.label && twin.choices.len() == doc.choices.len() && twin.choices.iter().zip(&doc.choices).all(|(a, b)| a.1 == b.1);
+        if !same {
+            bail!("{}: document {} is numbered as the unconditioned twin of document {target} but its label or continuations differ", path.display(), twin.id);
+        }
+        doc.twin = Some(twin.choices);
+    }
+    if let Some(k) = limit {
+        kept.truncate(k as usize);
+    }
+    Ok((task, kept))
+}
+
+/// Documents go through the model in packed batches of about this many request tokens (context +
+/// continuation of every choice): products large enough to run near the GEMM's speed, logits of
+/// a batch (one row per continuation token) around 0.2 GB.
+const BATCH_TOKENS: usize = 2048;
+
+/// Counts over a task's documents.
+#[derive(Default)]
+struct Tally {
+    right: usize,
+    right_norm: usize,
+    /// Documents scored with their twin, and those `acc_uncond` gets right.
+    with_twin: usize,
+    right_uncond: usize,
+    tokens: usize,
+}
+
+/// Scores a batch: `seqs` holds each document's choices, followed by its twin's where `owners`
+/// says it has one.
+fn score_batch(model: &delta_models::Llama<delta_models::CpuBackend>, seqs: &[Vec<EncodedChoice>], owners: &[(&Doc, bool)], tally: &mut Tally) -> Result<()> {
+    let mut scores = score_documents(model, seqs)?.into_iter();
+    for &(doc, twin) in owners {
+        let s = scores.next().expect("one score list per sequence");
+        let argmax = |f: &dyn Fn(usize) -> f64| (0..s.len()).fold(0, |best, i| if f(i) > f(best) { i } else { best });
+        tally.right += (argmax(&|i| s[i].loglik) == doc.label) as usize;
+        tally.right_norm += (argmax(&|i| s[i].loglik / doc.choices[i].1.len().max(1) as f64) == doc.label) as usize;
+        if twin {
+            let u = scores.next().expect("the twin's scores follow");
+            tally.with_twin += 1;
+            tally.right_uncond += (argmax(&|i| s[i].loglik - u[i].loglik) == doc.label) as usize;
+        }
+    }
+    Ok(())
 }
 
 pub fn run(a: TasksArgs) -> Result<()> {
@@ -115,34 +189,46 @@ pub fn run(a: TasksArgs) -> Result<()> {
     let loaded = a.model.load()?;
     let (model, tok) = (&loaded.model, &loaded.tokenizer);
     let eot = tok.token_id("<|endoftext|>").unwrap_or(0);
+    let encode = |choices: &[(String, String)]| choices.iter().map(|(c, k)| encode_request(tok, c, k, eot)).collect::<Result<Vec<_>, _>>();
     let total: usize = files.iter().map(|(_, d)| d.len()).sum();
     let bar = ui::progress(total as u64, "tasks", false, a.json);
     let mut results = Vec::new();
     for ((task, docs), file) in files.iter().zip(&a.tasks) {
         let t0 = Instant::now();
         bar.set_message(task.clone());
-        let (mut right, mut right_norm, mut tokens) = (0usize, 0usize, 0usize);
-        for doc in docs {
-            let encoded: Vec<EncodedChoice> = doc.choices.iter().map(|(c, k)| encode_request(tok, c, k, eot)).collect::<Result<_, _>>()?;
-            tokens += encoded.iter().map(|e| e.context.len() + e.continuation.len()).sum::<usize>();
-            let scores = score_choices(model, &encoded)?;
-            let argmax = |f: &dyn Fn(usize) -> f64| (0..scores.len()).fold(0, |best, i| if f(i) > f(best) { i } else { best });
-            right += (argmax(&|i| scores[i].loglik) == doc.label) as usize;
-            right_norm += (argmax(&|i| scores[i].loglik / doc.choices[i].1.len().max(1) as f64) == doc.label) as usize;
-            bar.inc(1);
+        let mut tally = Tally::default();
+        let (mut seqs, mut owners, mut pending) = (Vec::new(), Vec::new(), 0usize);
+        for (i, doc) in docs.iter().enumerate() {
+            seqs.push(encode(&doc.choices)?);
+            let twin = a.uncond && doc.twin.is_some();
+            if let (true, Some(t)) = (twin, &doc.twin) {
+                seqs.push(encode(t)?);
+            }
+            owners.push((doc, twin));
+            let n: usize = seqs.iter().skip(seqs.len() - 1 - twin as usize).flatten().map(|e| e.context.len() + e.continuation.len()).sum();
+            (pending, tally.tokens) = (pending + n, tally.tokens + n);
+            if pending >= BATCH_TOKENS || i + 1 == docs.len() {
+                score_batch(model, &seqs, &owners, &mut tally)?;
+                bar.inc(owners.len() as u64);
+                (pending, seqs, owners) = (0, Vec::new(), Vec::new());
+            }
         }
         let n = docs.len().max(1) as f64;
-        let (acc, acc_norm) = (right as f64 / n, right_norm as f64 / n);
-        let stderr = |p: f64| (p * (1.0 - p) / (n - 1.0).max(1.0)).sqrt();
+        let (acc, acc_norm) = (tally.right as f64 / n, tally.right_norm as f64 / n);
+        let stderr = |p: f64, n: f64| (p * (1.0 - p) / (n - 1.0).max(1.0)).sqrt();
+        let acc_uncond = (tally.with_twin > 0).then(|| tally.right_uncond as f64 / tally.with_twin as f64);
         results.push(TaskResult {
             task: task.clone(),
             file: file.clone(),
             docs: docs.len(),
             acc,
-            acc_stderr: stderr(acc),
+            acc_stderr: stderr(acc, n),
             acc_norm,
-            acc_norm_stderr: stderr(acc_norm),
-            request_tokens: tokens,
+            acc_norm_stderr: stderr(acc_norm, n),
+            twins: docs.iter().filter(|d| d.twin.is_some()).count(),
+            acc_uncond,
+            acc_uncond_stderr: acc_uncond.map(|p| stderr(p, tally.with_twin as f64)),
+            request_tokens: tally.tokens,
             seconds: t0.elapsed().as_secs_f64(),
         });
     }
@@ -161,17 +247,26 @@ pub fn run(a: TasksArgs) -> Result<()> {
         });
         println!("{out}");
     } else {
-        println!("{:<16} {:>6} {:>15} {:>15} {:>8}", "task", "docs", "acc", "acc_norm", "seconds");
+        let uncond = |r: &TaskResult| match (r.acc_uncond, r.acc_uncond_stderr) {
+            (Some(p), Some(e)) => format!(" {p:>7.4} ± {e:.4}"),
+            _ => format!(" {:>15}", "–"),
+        };
+        let header_uncond = if a.uncond { format!(" {:>15}", "acc_uncond") } else { String::new() };
+        println!("{:<16} {:>6} {:>15} {:>15}{header_uncond} {:>8}", "task", "docs", "acc", "acc_norm", "seconds");
         for r in &results {
             println!(
-                "{:<16} {:>6} {:>7.4} ± {:.4} {:>7.4} ± {:.4} {:>8.1}",
-                r.task, r.docs, r.acc, r.acc_stderr, r.acc_norm, r.acc_norm_stderr, r.seconds
+                "{:<16} {:>6} {:>7.4} ± {:.4} {:>7.4} ± {:.4}{} {:>8.1}",
+                r.task, r.docs, r.acc, r.acc_stderr, r.acc_norm, r.acc_norm_stderr, if a.uncond { uncond(r) } else { String::new() }, r.seconds
             );
         }
         if results.len() > 1 {
             println!("{:<16} {:>6} {:>7.4}          {:>7.4}", "mean", "", mean_acc, mean_acc_norm);
         }
         println!("{seconds:.1} s in all; {:.0} request tokens/s (context + continuation of every choice)", tokens as f64 / scoring);
+        let twins: usize = results.iter().map(|r| r.twins).sum();
+        if twins > 0 && !a.uncond {
+            println!("{twins} of these documents have unconditioned twins in their files (not scored; --uncond adds acc_uncond)");
+        }
     }
     Ok(())
 }

@@ -409,14 +409,56 @@ fn eval_tasks_scores_real_requests_and_refuses_bad_files() {
         assert!([0.0, 1.0 / 3.0, 2.0 / 3.0, 1.0].iter().any(|v| (v - acc).abs() < 1e-12), "{acc}");
     }
 
+    // The real ARC-Easy file holds each question twice: as itself and, numbered 1,000,000 + k, as
+    // its unconditioned twin (context `Answer:`). Twins are not documents.
+    let out = ok(&bitdelta(&["eval", "tasks", "--model", s(&ft), "--tasks", s(&arc), "--limit", "2", "--uncond", "--json"]));
+    let t = &serde_json::from_str::<serde_json::Value>(&out).unwrap()["tasks"][0];
+    assert_eq!((t["docs"].as_u64(), t["twins"].as_u64()), (Some(2), Some(2)));
+    assert!([0.0, 0.5, 1.0].contains(&t["acc_uncond"].as_f64().unwrap()));
+
     let tmp = tempfile::tempdir().unwrap();
+    // Four documents whose twins repeat them exactly: with --uncond every request is scored twice.
+    let request = |doc: u64, idx: usize, label: usize, context: &str, continuation: &str| {
+        format!("{{\"task_name\":\"t\",\"doc_id\":{doc},\"idx\":{idx},\"label\":{label},\"request\":{{\"context\":\"{context}\",\"continuation\":\"{continuation}\"}}}}\n")
+    };
+    let docs = [(0, "The sky is", [" blue", " green"]), (1, "Two and two make", [" four", " five"]), (1, "Cats like", [" fish", " rocks"]), (0, "Snow is", [" cold", " hot"])];
+    let file = |twin_tail: &str| {
+        let mut text = String::new();
+        for offset in [0, 1_000_000] {
+            for (k, (label, context, choices)) in docs.iter().enumerate() {
+                for (i, c) in choices.iter().enumerate() {
+                    let c = if offset > 0 && k == 3 && i == 1 { twin_tail } else { c };
+                    text += &request(offset + k as u64, i, *label, context, c);
+                }
+            }
+        }
+        text
+    };
+    let twins = tmp.path().join("twins.jsonl");
+    std::fs::write(&twins, file(" hot")).unwrap();
+    let run = |extra: &[&str]| {
+        let mut args = vec!["eval", "tasks", "--model", s(&ft), "--tasks", s(&twins), "--json"];
+        args.extend(extra);
+        serde_json::from_str::<serde_json::Value>(&ok(&bitdelta(&args))).unwrap()["tasks"][0].clone()
+    };
+    let (plain, uncond) = (run(&[]), run(&["--uncond"]));
+    assert_eq!((plain["docs"].as_u64(), plain["twins"].as_u64()), (Some(4), Some(4)));
+    assert!(plain["acc_uncond"].is_null());
+    assert_eq!(uncond["request_tokens"].as_u64().unwrap(), 2 * plain["request_tokens"].as_u64().unwrap());
+    assert_eq!((uncond["acc"].as_f64(), uncond["acc_norm"].as_f64()), (plain["acc"].as_f64(), plain["acc_norm"].as_f64()));
+    assert!([0.0, 0.25, 0.5, 0.75, 1.0].contains(&uncond["acc_uncond"].as_f64().unwrap()));
+    let limited = run(&["--uncond", "--limit", "3"]);
+    assert_eq!((limited["docs"].as_u64(), limited["twins"].as_u64()), (Some(3), Some(3)));
+
+    let mismatched = tmp.path().join("mismatched.jsonl");
+    std::fs::write(&mismatched, file(" warm")).unwrap();
     let garbage = tmp.path().join("garbage.jsonl");
     std::fs::write(&garbage, "{\"not\": \"a request\"}\n").unwrap();
     let bad_label = tmp.path().join("label.jsonl");
     let line = |idx: usize| format!("{{\"task_name\":\"t\",\"doc_id\":0,\"idx\":{idx},\"label\":5,\"request\":{{\"context\":\"a\",\"continuation\":\" b\"}}}}\n");
     std::fs::write(&bad_label, line(0) + &line(1)).unwrap();
     let before_files = listing(tmp.path());
-    for (file, needle) in [(&garbage, "garbage.jsonl:1"), (&bad_label, "label 5"), (&tmp.path().join("missing.jsonl.gz"), "missing.jsonl.gz")] {
+    for (file, needle) in [(&garbage, "garbage.jsonl:1"), (&bad_label, "label 5"), (&tmp.path().join("missing.jsonl.gz"), "missing.jsonl.gz"), (&mismatched, "twin of document 3")] {
         refused(&bitdelta(&["eval", "tasks", "--model", s(&ft), "--tasks", s(file)]), needle, tmp.path(), &before_files);
     }
 }

@@ -105,9 +105,14 @@ impl Rope {
 
     /// cos and sin tables `[t, head_dim]` for positions `start..start + t`.
     pub fn tables<B: Backend>(&self, start: usize, t: usize, device: &B::Device) -> (Tensor<B, 2>, Tensor<B, 2>) {
-        let d = self.inv_freq.len() * 2;
+        self.tables_at(&(start..start + t).collect::<Vec<_>>(), device)
+    }
+
+    /// cos and sin tables `[positions.len(), head_dim]`, a row per position.
+    pub fn tables_at<B: Backend>(&self, positions: &[usize], device: &B::Device) -> (Tensor<B, 2>, Tensor<B, 2>) {
+        let (t, d) = (positions.len(), self.inv_freq.len() * 2);
         let (mut cos, mut sin) = (Vec::with_capacity(t * d), Vec::with_capacity(t * d));
-        for p in start..start + t {
+        for &p in positions {
             // cat(freqs, freqs): the same angles for both halves of the head.
             for _ in 0..2 {
                 for f in &self.inv_freq {
@@ -145,6 +150,25 @@ pub struct Attention<B: Backend> {
     pub head_dim: usize,
     /// Mistral's sliding-window attention (keys further back than this are masked).
     pub sliding_window: Option<usize>,
+}
+
+/// Several token sequences packed into one for a single forward ([`Llama::forward_packed`]):
+/// big products for many short sequences, no padding. Each segment is a run of tokens that
+/// attend only among themselves; within one, any pattern of visibility works — e.g. a shared
+/// prefix followed by several continuations, each seeing the prefix and itself (a token tree).
+pub struct Packed {
+    /// Token ids, the segments one after another.
+    pub ids: Vec<u32>,
+    /// Each token's position (for RoPE and sliding windows), counted within its own sequence.
+    pub positions: Vec<usize>,
+    pub segments: Vec<Segment>,
+}
+
+/// A segment of a [`Packed`] batch: `len` tokens, token i sees token j when `visible[i·len + j]`
+/// (every token must see itself). A sliding window, where the model has one, applies on top.
+pub struct Segment {
+    pub len: usize,
+    pub visible: Vec<bool>,
 }
 
 /// One layer's keys (after RoPE) and values for the positions seen so far, `[b, kv_heads, t, d]`.
@@ -262,34 +286,16 @@ impl<B: Backend> Attention<B> {
         })
     }
 
-    /// Causal self-attention over `x` (`[b, t, hidden]`, already normalised), whose positions
-    /// follow those already in `cache` (cos / sin are the tables of the new positions). With a
-    /// cache, the new keys and values are appended to it.
-    pub fn forward(&self, x: Tensor<B, 3>, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>, cache: Option<&mut LayerKv<B>>) -> Tensor<B, 3> {
-        let [b, t, hidden] = x.dims();
-        let x2 = x.reshape([b * t, hidden]);
-        let (q, k, v) = (self.q_proj.forward(x2.clone()), self.k_proj.forward(x2.clone()), self.v_proj.forward(x2));
-        let context = self.attend(q, k, v, b, cos, sin, cache);
-        self.o_proj.forward(context).reshape([b, t, hidden])
-    }
-
     /// The attention core between the projections: q, k, v (`[b·t, heads·d]`, `[b·t, kv·d]`, as
     /// the projections return them) -> the context `[b·t, heads·d]` that `o_proj` takes
-    /// (q/k norm, RoPE, cache, causal softmax). Calibration calls it with its own projections.
+    /// (q/k norm, RoPE, cache, causal softmax). The new positions follow those already in `cache`
+    /// (cos / sin are the tables of the new positions); with a cache, the new keys and values are
+    /// appended to it. Calibration calls it with its own projections.
     #[allow(clippy::too_many_arguments)]
     pub fn attend(&self, q: Tensor<B, 2>, k: Tensor<B, 2>, v: Tensor<B, 2>, b: usize, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>, cache: Option<&mut LayerKv<B>>) -> Tensor<B, 2> {
-        let (h, kv, d) = (self.heads, self.kv_heads, self.head_dim);
+        let (h, d) = (self.heads, self.head_dim);
         let t = q.dims()[0] / b;
-        let split = |y: Tensor<B, 2>, n: usize| y.reshape([b, t, n, d]);
-        let mut q = split(q, h);
-        let mut k = split(k, kv);
-        let mut v = split(v, kv).swap_dims(1, 2);
-        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
-            q = qn.forward(q);
-            k = kn.forward(k);
-        }
-        let q = Rope::apply(q.swap_dims(1, 2), cos, sin);
-        let mut k = Rope::apply(k.swap_dims(1, 2), cos, sin);
+        let (q, mut k, mut v) = self.heads_rotated(q, k, v, b, cos, sin);
         let mut past = 0;
         if let Some(cache) = cache {
             if let Some((pk, pv)) = cache.take() {
@@ -299,14 +305,54 @@ impl<B: Backend> Attention<B> {
             }
             *cache = Some((k.clone(), v.clone()));
         }
-        let (k, v) = (repeat_kv(k, h / kv), repeat_kv(v, h / kv));
-        let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(1.0 / (d as f64).sqrt());
-        let scores = match attention_mask(t, past, self.sliding_window) {
-            Some(mask) => scores + Tensor::<B, 2>::from_data(TensorData::new(mask, [t, past + t]), &self.device()).unsqueeze::<4>(),
+        let mask = attention_mask(t, past, self.sliding_window).map(|m| Tensor::<B, 2>::from_data(TensorData::new(m, [t, past + t]), &self.device()));
+        self.softmax_context(q, k, v, mask).swap_dims(1, 2).reshape([b * t, h * d])
+    }
+
+    /// [`Attention::attend`] for one packed sequence (see [`Packed`]): q, k, v of all its tokens,
+    /// and per segment its start, length and additive mask `[len, len]`; no token sees another
+    /// segment.
+    pub fn attend_packed(&self, q: Tensor<B, 2>, k: Tensor<B, 2>, v: Tensor<B, 2>, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>, segments: &[(usize, usize, Tensor<B, 2>)]) -> Tensor<B, 2> {
+        let (h, d, t) = (self.heads, self.head_dim, q.dims()[0]);
+        let (q, k, v) = self.heads_rotated(q, k, v, 1, cos, sin);
+        let parts = segments
+            .iter()
+            .map(|(start, len, mask)| {
+                let part = |x: &Tensor<B, 4>| x.clone().narrow(2, *start, *len);
+                self.softmax_context(part(&q), part(&k), part(&v), Some(mask.clone()))
+            })
+            .collect();
+        Tensor::cat(parts, 2).swap_dims(1, 2).reshape([t, h * d])
+    }
+
+    /// q, k, v `[b·t, ·]` -> `[b, heads, t, d]`, `[b, kv, t, d]` ×2, q and k normalised (Qwen3)
+    /// and rotated.
+    #[allow(clippy::type_complexity)]
+    fn heads_rotated(&self, q: Tensor<B, 2>, k: Tensor<B, 2>, v: Tensor<B, 2>, b: usize, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
+        let (h, kv, d) = (self.heads, self.kv_heads, self.head_dim);
+        let t = q.dims()[0] / b;
+        let split = |y: Tensor<B, 2>, n: usize| y.reshape([b, t, n, d]);
+        let mut q = split(q, h);
+        let mut k = split(k, kv);
+        let v = split(v, kv).swap_dims(1, 2);
+        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
+            q = qn.forward(q);
+            k = kn.forward(k);
+        }
+        (Rope::apply(q.swap_dims(1, 2), cos, sin), Rope::apply(k.swap_dims(1, 2), cos, sin), v)
+    }
+
+    /// softmax(q·kᵀ/√d + mask)·v: `[b, heads, t, d]` queries over `[b, kv, s, d]` keys and values
+    /// (each kv head shared by its query heads), mask `[t, s]`.
+    fn softmax_context(&self, q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, mask: Option<Tensor<B, 2>>) -> Tensor<B, 4> {
+        let n = self.heads / self.kv_heads;
+        let (k, v) = (repeat_kv(k, n), repeat_kv(v, n));
+        let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(1.0 / (self.head_dim as f64).sqrt());
+        let scores = match mask {
+            Some(mask) => scores + mask.unsqueeze::<4>(),
             None => scores,
         };
-        let probs = burn::tensor::activation::softmax(scores, 3);
-        probs.matmul(v).swap_dims(1, 2).reshape([b * t, h * d])
+        burn::tensor::activation::softmax(scores, 3).matmul(v)
     }
 
     fn device(&self) -> B::Device {
@@ -397,9 +443,17 @@ impl<B: Backend> Llama<B> {
     }
 
     fn block_cached(&self, i: usize, x: Tensor<B, 3>, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>, cache: Option<&mut LayerKv<B>>) -> Tensor<B, 3> {
-        let layer = &self.layers[i];
-        let [b, t, hidden] = x.dims();
-        let h = x.clone() + layer.self_attn.forward(layer.input_layernorm.forward(x), cos, sin, cache);
+        let b = x.dims()[0];
+        self.block_with(i, x, |a, q, k, v| a.attend(q, k, v, b, cos, sin, cache))
+    }
+
+    /// Block `i` with `attend(attention, q, k, v)` -> context between the projections.
+    fn block_with(&self, i: usize, x: Tensor<B, 3>, attend: impl FnOnce(&Attention<B>, Tensor<B, 2>, Tensor<B, 2>, Tensor<B, 2>) -> Tensor<B, 2>) -> Tensor<B, 3> {
+        let (layer, [b, t, hidden]) = (&self.layers[i], x.dims());
+        let a = &layer.self_attn;
+        let n = layer.input_layernorm.forward(x.clone()).reshape([b * t, hidden]);
+        let context = attend(a, a.q_proj.forward(n.clone()), a.k_proj.forward(n.clone()), a.v_proj.forward(n));
+        let h = x + a.o_proj.forward(context).reshape([b, t, hidden]);
         let m = layer.mlp.forward(layer.post_attention_layernorm.forward(h.clone()).reshape([b * t, hidden]));
         h + m.reshape([b, t, hidden])
     }
@@ -442,6 +496,45 @@ impl<B: Backend> Llama<B> {
         }
         cache.len += t;
         Ok(x)
+    }
+
+    /// The logits `[rows.len(), vocab]` at the given token indices of a packed batch of sequences
+    /// (see [`Packed`]); the LM head runs on those rows only.
+    pub fn forward_packed(&self, p: &Packed, rows: &[usize]) -> Result<Tensor<B, 2>, ModelError> {
+        let t = p.ids.len();
+        let bad = |what: String| Err(ModelError::Input(format!("packed batch: {what}")));
+        if p.positions.len() != t || p.segments.iter().map(|s| s.len).sum::<usize>() != t {
+            return bad(format!("{t} ids, {} positions, segments of {} tokens", p.positions.len(), p.segments.iter().map(|s| s.len).sum::<usize>()));
+        }
+        if let Some(&r) = rows.iter().find(|&&r| r >= t) {
+            return bad(format!("row {r} of {t} tokens"));
+        }
+        let (mut segments, mut start) = (Vec::with_capacity(p.segments.len()), 0);
+        for s in &p.segments {
+            if s.visible.len() != s.len * s.len || (0..s.len).any(|i| !s.visible[i * s.len + i]) {
+                return bad(format!("the segment at token {start} needs a {0}×{0} visibility in which every token sees itself", s.len));
+            }
+            let pos = &p.positions[start..start + s.len];
+            let window = self.cfg.sliding_window();
+            let mask = (0..s.len * s.len)
+                .map(|n| {
+                    let (i, j) = (n / s.len, n % s.len);
+                    let visible = s.visible[n] && window.is_none_or(|w| pos[i].abs_diff(pos[j]) < w);
+                    if visible { 0.0 } else { f32::NEG_INFINITY }
+                })
+                .collect();
+            segments.push((start, s.len, Tensor::<B, 2>::from_data(TensorData::new(mask, [s.len, s.len]), &self.device)));
+            start += s.len;
+        }
+        let mut x = self.embed(std::slice::from_ref(&p.ids))?;
+        let (cos, sin) = self.rope.tables_at(&p.positions, &self.device);
+        for i in 0..self.layers.len() {
+            x = self.block_with(i, x, |a, q, k, v| a.attend_packed(q, k, v, &cos, &sin, &segments));
+        }
+        let hidden = self.cfg.hidden_size;
+        let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(rows.iter().map(|&r| r as i64).collect::<Vec<_>>(), [rows.len()]), &self.device);
+        let x = x.reshape([t, hidden]).select(0, idx).reshape([1, rows.len(), hidden]);
+        Ok(self.head(x).reshape([rows.len(), self.cfg.vocab_size]))
     }
 
     /// The whole forward: logits `[b, t, vocab]`.

@@ -7,16 +7,15 @@
 //! log-likelihood is the sum, over its tokens, of the log-softmax of the logits at the position
 //! before each token.
 //!
-//! Scoring a document ([`score_choices`]): the token prefix every choice shares is run once
-//! through the model into a KV cache; the cache is repeated for the choices, whose remaining
-//! tokens go through as one batch (right-padded: causal attention never lets padding reach the
-//! positions that are read).
+//! Scoring ([`score_documents`]): each document becomes one segment of a packed batch
+//! ([`Packed`]) — the token prefix its choices share once, then each choice's remaining tokens,
+//! which see the prefix and themselves only (a token tree) — and many documents go through the
+//! model in one forward, the LM head only at the positions that predict continuation tokens.
 
-use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
 
 use crate::error::ModelError;
-use crate::llama::{KvCache, Llama};
+use crate::llama::{Llama, Packed, Segment};
 use crate::tokenizer::Tokenizer;
 
 /// One choice, as token ids: its context and its continuation.
@@ -54,55 +53,89 @@ pub fn encode_request(tok: &Tokenizer, context: &str, continuation: &str, empty_
     Ok(EncodedChoice { context, continuation })
 }
 
-/// Scores every choice of one document. Choices may have different contexts (Winogrande); the
-/// longest token prefix they share (at most the shortest context) is computed once.
-pub fn score_choices<B: Backend>(model: &Llama<B>, choices: &[EncodedChoice]) -> Result<Vec<ChoiceScore>, ModelError> {
-    if choices.is_empty() {
+/// Scores every choice of every document (`docs[d][c]`: document d's choice c) in one packed
+/// forward. Choices may have different contexts (Winogrande); the longest token prefix they share
+/// (at most the shortest context) is computed once.
+pub fn score_documents<B: Backend>(model: &Llama<B>, docs: &[Vec<EncodedChoice>]) -> Result<Vec<Vec<ChoiceScore>>, ModelError> {
+    if docs.is_empty() {
         return Ok(Vec::new());
     }
-    let full: Vec<Vec<u32>> = choices.iter().map(|c| [c.context.as_slice(), &c.continuation].concat()).collect();
-    if choices.iter().any(|c| c.context.is_empty() || c.continuation.is_empty()) {
-        return Err(ModelError::Input("every choice needs a context and a continuation".into()));
-    }
-    // The shared prefix (possibly empty), at most the shortest context, so every choice has tokens
-    // after it.
-    let limit = choices.iter().map(|c| c.context.len()).min().unwrap_or(0);
-    let prefix = (0..limit).take_while(|&k| full.iter().all(|f| f[k] == full[0][k])).count();
-    let mut cache = KvCache::new(model.layers.len());
-    // The prefix's last logits predict the token at index `prefix` of every choice.
-    let first = if prefix > 0 {
-        let first = log_softmax(model.step(&[full[0][..prefix].to_vec()], &mut cache)?, 1);
-        first.into_data().convert::<f32>().into_vec::<f32>().map_err(|e| ModelError::Input(format!("{e:?}")))?
-    } else {
-        Vec::new()
-    };
-    let rest_len = full.iter().map(|f| f.len() - prefix).max().unwrap_or(0);
-    let vocab = model.cfg.vocab_size;
-    let rows: Vec<Vec<u32>> = full
-        .iter()
-        .map(|f| {
-            let mut r = f[prefix..].to_vec();
-            r.resize(rest_len, 0);
-            r
-        })
-        .collect();
-    let mut cache = cache.repeat(rows.len());
-    let logp = log_softmax(model.step_all(&rows, &mut cache)?, 2);
-    let logp = logp.into_data().convert::<f32>().into_vec::<f32>().map_err(|e| ModelError::Input(format!("{e:?}")))?;
-    Ok(full
-        .iter()
-        .zip(choices)
-        .enumerate()
-        .map(|(r, (f, c))| {
-            let mut score = ChoiceScore { loglik: 0.0, greedy: true };
-            for k in c.context.len()..f.len() {
-                // Log-probabilities at position k − 1, which predicts token k.
-                let row = if k == prefix { &first[..] } else { &logp[(r * rest_len + (k - prefix - 1)) * vocab..][..vocab] };
-                let v = row[f[k] as usize];
-                score.loglik += v as f64;
-                score.greedy &= row.iter().all(|&o| o <= v);
+    let mut packed = Packed { ids: Vec::new(), positions: Vec::new(), segments: Vec::new() };
+    // Per (document, choice, continuation token): the packed row that predicts it, and the token.
+    let mut wanted: Vec<Vec<Vec<(usize, u32)>>> = Vec::with_capacity(docs.len());
+    for choices in docs {
+        if choices.is_empty() || choices.iter().any(|c| c.context.is_empty() || c.continuation.is_empty()) {
+            return Err(ModelError::Input("every document needs choices, each with a context and a continuation".into()));
+        }
+        let full: Vec<Vec<u32>> = choices.iter().map(|c| [c.context.as_slice(), &c.continuation].concat()).collect();
+        let limit = choices.iter().map(|c| c.context.len()).min().unwrap_or(0);
+        let prefix = (0..limit).take_while(|&k| full.iter().all(|f| f[k] == full[0][k])).count();
+        let start = packed.ids.len();
+        packed.ids.extend_from_slice(&full[0][..prefix]);
+        packed.positions.extend(0..prefix);
+        // Where each choice's own tokens begin, relative to the segment.
+        let mut own = Vec::with_capacity(full.len());
+        for f in &full {
+            own.push(packed.ids.len() - start);
+            packed.ids.extend_from_slice(&f[prefix..]);
+            packed.positions.extend(prefix..f.len());
+        }
+        let len = packed.ids.len() - start;
+        let mut visible = vec![false; len * len];
+        for (c, f) in full.iter().enumerate() {
+            let at = |k: usize| if k < prefix { k } else { own[c] + k - prefix };
+            for i in 0..f.len() {
+                for j in 0..=i {
+                    visible[at(i) * len + at(j)] = true;
+                }
             }
-            score
-        })
-        .collect())
+        }
+        packed.segments.push(Segment { len, visible });
+        wanted.push(
+            full.iter()
+                .zip(choices)
+                .enumerate()
+                .map(|(c, (f, choice))| {
+                    let at = |k: usize| start + if k < prefix { k } else { own[c] + k - prefix };
+                    (choice.context.len()..f.len()).map(|k| (at(k - 1), f[k])).collect()
+                })
+                .collect(),
+        );
+    }
+    // Each row once (all choices of a document read the prefix's last row when it ends their
+    // context).
+    let mut rows: Vec<usize> = wanted.iter().flatten().flatten().map(|&(r, _)| r).collect();
+    rows.sort_unstable();
+    rows.dedup();
+    let logits = model.forward_packed(&packed, &rows)?;
+    let vocab = model.cfg.vocab_size;
+    // log p(token) = logit − logsumexp(row), in one pass per row on the host (no softmax
+    // tensors); the token is the argmax when its logit is the row's largest.
+    Ok(crate::host::with_values(&logits, |values| {
+        let stats: Vec<(f32, f64)> = values
+            .chunks_exact(vocab)
+            .map(|row| {
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                (max, max as f64 + row.iter().map(|&v| (v - max).exp() as f64).sum::<f64>().ln())
+            })
+            .collect();
+        wanted
+            .iter()
+            .map(|choices| {
+                choices
+                    .iter()
+                    .map(|tokens| {
+                        let mut score = ChoiceScore { loglik: 0.0, greedy: true };
+                        for &(r, token) in tokens {
+                            let i = rows.binary_search(&r).expect("every wanted row is computed");
+                            let (v, (max, lse)) = (values[i * vocab + token as usize], stats[i]);
+                            score.loglik += v as f64 - lse;
+                            score.greedy &= v >= max;
+                        }
+                        score
+                    })
+                    .collect()
+            })
+            .collect()
+    }))
 }

@@ -1,10 +1,11 @@
-//! Multiple-choice scoring: on tiny random models, the log-likelihood `score_choices` returns (a
-//! shared prefix run once through a KV cache, the rest batched and padded) equals the sum of the
-//! per-token log-softmax values of a plain full forward over each choice alone; on the real
-//! tokenizer, context / continuation boundaries follow the request rules.
+//! Multiple-choice scoring: on tiny random models, the log-likelihood `score_documents` returns
+//! (documents packed into one sequence, each a shared prefix and its choices' own tokens) equals
+//! the sum of the per-token log-softmax values of a plain full forward over each choice alone,
+//! scored one document at a time or all together; on the real tokenizer, context / continuation
+//! boundaries follow the request rules.
 
 use delta_format::Checkpoint;
-use delta_models::tasks::{encode_request, score_choices, EncodedChoice};
+use delta_models::tasks::{encode_request, score_documents, EncodedChoice};
 use delta_models::{CpuBackend, Llama, ModelConfig, Tokenizer, Weights};
 use delta_tests::tiny;
 
@@ -36,24 +37,29 @@ fn scores_are_sums_of_per_token_log_softmax() {
         let ckpt = Checkpoint::open(&dir).unwrap();
         let model = Llama::<CpuBackend>::load(ModelConfig::load(&dir).unwrap(), &Weights::new(&ckpt, None, Default::default()).unwrap()).unwrap();
         let docs = [
-            // ARC-like: one context, continuations of different lengths (padding in the batch).
+            // ARC-like: one context, continuations of different lengths.
             vec![choice(&[1, 17, 42, 5], &[63, 8]), choice(&[1, 17, 42, 5], &[30]), choice(&[1, 17, 42, 5], &[2, 51, 9])],
             // Winogrande-like: contexts that part after two tokens, the same continuation.
             vec![choice(&[1, 17, 42, 5, 63], &[26, 30]), choice(&[1, 17, 9, 9], &[26, 30])],
             // No shared prefix at all; a one-token context.
             vec![choice(&[3], &[4, 5, 6]), choice(&[7, 8], &[9])],
         ];
-        for doc in &docs {
-            let scores = score_choices(&model, doc).unwrap();
-            assert_eq!(scores.len(), doc.len());
-            for (c, s) in doc.iter().zip(&scores) {
+        let together = score_documents(&model, &docs).unwrap();
+        assert_eq!(together.len(), docs.len());
+        for (doc, scored) in docs.iter().zip(&together) {
+            let alone = score_documents(&model, std::slice::from_ref(doc)).unwrap().remove(0);
+            assert_eq!(scored.len(), doc.len());
+            for ((c, s), a) in doc.iter().zip(scored).zip(&alone) {
                 let (want, greedy) = by_hand(&model, c);
-                assert!((s.loglik - want).abs() <= 1e-4 * want.abs().max(1.0), "{}: {c:?}: {} vs {want}", v.name, s.loglik);
-                assert_eq!(s.greedy, greedy, "{}: {c:?}", v.name);
+                for s in [s, a] {
+                    assert!((s.loglik - want).abs() <= 1e-4 * want.abs().max(1.0), "{}: {c:?}: {} vs {want}", v.name, s.loglik);
+                    assert_eq!(s.greedy, greedy, "{}: {c:?}", v.name);
+                }
             }
         }
-        assert!(score_choices(&model, &[choice(&[], &[1])]).is_err());
-        assert!(score_choices(&model, &[choice(&[1], &[])]).is_err());
+        assert!(score_documents(&model, &[vec![choice(&[], &[1])]]).is_err());
+        assert!(score_documents(&model, &[vec![choice(&[1], &[])]]).is_err());
+        assert!(score_documents(&model, &[vec![]]).is_err());
     }
 }
 
