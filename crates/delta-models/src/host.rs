@@ -60,3 +60,9 @@ fn in_place<B: Backend, R>(t: &Tensor<B, 2>, f: impl FnOnce(&[f32]) -> R) -> Opt
     let view = storage.view();
     view.as_slice().map(f)
 }
+
+/// `(max, log Σ exp)` of a row of logits, the sum in f64: log p(i) = row[i] − the second value.
+pub fn logsumexp(row: &[f32]) -> (f32, f64) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    (max, max as f64 + row.iter().map(|&v| (v - max).exp() as f64).sum::<f64>().ln())
+}

@@ -112,13 +112,7 @@ pub fn score_documents<B: Backend>(model: &Llama<B>, docs: &[Vec<EncodedChoice>]
     // log p(token) = logit − logsumexp(row), in one pass per row on the host (no softmax
     // tensors); the token is the argmax when its logit is the row's largest.
     Ok(crate::host::with_values(&logits, |values| {
-        let stats: Vec<(f32, f64)> = values
-            .chunks_exact(vocab)
-            .map(|row| {
-                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                (max, max as f64 + row.iter().map(|&v| (v - max).exp() as f64).sum::<f64>().ln())
-            })
-            .collect();
+        let stats: Vec<(f32, f64)> = values.chunks_exact(vocab).map(crate::host::logsumexp).collect();
         wanted
             .iter()
             .map(|choices| {
