@@ -125,7 +125,7 @@ pub fn compress(
     on_tensor: &mut dyn FnMut(usize, usize, &str),
 ) -> Result<Compressed, CompressError> {
     check_pair(base, finetuned)?;
-    let fingerprint = BaseFingerprint::of(base);
+    let fingerprint = base.fingerprint().clone();
 
     let names: Vec<&str> = base.names().collect();
     let mut weights = Vec::new();

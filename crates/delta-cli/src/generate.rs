@@ -37,6 +37,10 @@ pub struct Args {
     /// 0 = greedy (most likely token); above 0, sample from softmax(logits / T).
     #[arg(long, default_value_t = 0.0)]
     temperature: f32,
+    /// With a temperature above 0: sample only among the most likely tokens whose probabilities
+    /// first add up to at least P (nucleus sampling); 1 keeps every token.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
     /// Seed for sampling (the same seed and prompt give the same text).
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -51,6 +55,9 @@ pub struct Args {
 pub fn run(a: Args) -> Result<()> {
     if !(a.temperature.is_finite() && a.temperature >= 0.0) {
         bail!("--temperature must be a finite number ≥ 0, not {}", a.temperature);
+    }
+    if !(a.top_p > 0.0 && a.top_p <= 1.0) {
+        bail!("--top-p must be in (0, 1], not {}", a.top_p);
     }
     let loaded = a.model.load()?;
     let (model, tok) = (&loaded.model, &loaded.tokenizer);
@@ -73,7 +80,7 @@ pub fn run(a: Args) -> Result<()> {
     if a.ignore_eos {
         stop.clear();
     }
-    let sampling = Sampling { temperature: a.temperature, seed: a.seed };
+    let sampling = Sampling { temperature: a.temperature, top_p: a.top_p, seed: a.seed };
     let mut stream = TextStream::new(tok);
     let mut stdout = std::io::stdout().lock();
     let mut failure = None;

@@ -115,6 +115,22 @@ fn greedy_outputs_equal_generate_for_deltas_in_one_batch_and_errors_are_json() {
     assert_eq!(r.status, 400, "{}", r.body);
     let r = server.post("/v1/completions", &json!({ "model": "scalar", "prompt": "Hi", "stop": ["a", "b", "c", "d", "e"] }));
     assert_eq!(r.status, 400, "{}", r.body);
+    for top_p in [0.0, 1.5] {
+        let r = server.post("/v1/completions", &json!({ "model": "scalar", "prompt": "Hi", "top_p": top_p }));
+        assert_eq!(r.status, 400, "{}", r.body);
+        assert!(r.json()["error"]["message"].as_str().unwrap().contains("top_p"), "{}", r.body);
+    }
+
+    // Sampling with a nucleus: the server draws what `generate` draws with the same seed.
+    let mut req = completion("scalar", PROMPTS[1], 12);
+    (req["temperature"], req["top_p"], req["seed"]) = (json!(0.8), json!(0.5), json!(3));
+    let sampled = text(&server.post("/v1/completions", &req));
+    let g: Value = serde_json::from_str(&bitdelta(&[
+        "generate", "--model", s(&base), "--delta", s(&folder.join("scalar.bitdelta.safetensors")), "--delta-use", "fused",
+        "--prompt", PROMPTS[1], "--max-new-tokens", "12", "--temperature", "0.8", "--top-p", "0.5", "--seed", "3", "--json",
+    ]))
+    .unwrap();
+    assert_eq!(sampled, g["text"].as_str().unwrap());
 
     // Stop strings: the text ends just before the first one, whole or streamed.
     let answer: Vec<char> = answers[0].chars().collect();
@@ -207,4 +223,46 @@ fn load_test_with_hot_load_and_eviction_loses_and_mixes_up_nothing() {
     assert!(health["max_models_in_a_step"].as_u64().unwrap() >= 3, "{health}");
     let listed = server.get("/v1/models").json();
     assert!(listed["data"].as_array().unwrap().iter().any(|m| m["id"] == "hot"), "{listed}");
+}
+
+/// A base whose chat template does not compile stops the server at start with a one-line error
+/// (no template at all is fine: chat requests then get a 400).
+#[test]
+fn a_broken_chat_template_stops_the_server_at_start() {
+    let (base, _) = smollm2();
+    let tmp = tempfile::tempdir().unwrap();
+    let copy = tmp.path().join("base");
+    std::fs::create_dir(&copy).unwrap();
+    for entry in std::fs::read_dir(&base).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap();
+        if name == "tokenizer_config.json" {
+            let mut config: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            config["chat_template"] = json!("{% for %}");
+            std::fs::write(copy.join(name), config.to_string()).unwrap();
+        } else {
+            std::os::unix::fs::symlink(&path, copy.join(name)).unwrap();
+        }
+    }
+    let empty = tmp.path().join("deltas");
+    std::fs::create_dir(&empty).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["serve", "--base", s(&copy), "--deltas", s(&empty), "--addr", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > std::time::Duration::from_secs(120) {
+            child.kill().unwrap();
+            panic!("the server started despite a broken chat template");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains("chat template") && err.contains("tokenizer_config.json"), "{err}");
 }

@@ -9,11 +9,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
 use std::ops::Deref;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use memmap2::Mmap;
 use serde::Deserialize;
 
 use crate::error::{FormatError, Result};
+use crate::fingerprint::BaseFingerprint;
 use crate::safetensors::{SafetensorsHeader, TensorInfo, TensorView};
 
 pub const SINGLE_FILE: &str = "model.safetensors";
@@ -82,9 +84,18 @@ pub struct Checkpoint {
     shards: Vec<SafetensorsFile>,
     /// name -> (shard, index into that shard's tensors)
     index: BTreeMap<String, (usize, usize)>,
+    /// Digests of every tensor, computed on first use (a server checks every delta it loads
+    /// against the same base).
+    fingerprint: OnceLock<BaseFingerprint>,
 }
 
 impl Checkpoint {
+    /// The fingerprint of this checkpoint (name, dtype, shape and digest of every tensor), hashed
+    /// once per open checkpoint.
+    pub fn fingerprint(&self) -> &BaseFingerprint {
+        self.fingerprint.get_or_init(|| BaseFingerprint::of(self))
+    }
+
     /// Opens a model folder (or a single `.safetensors` file).
     pub fn open(path: &Path) -> Result<Self> {
         if path.is_file() {
@@ -145,7 +156,7 @@ impl Checkpoint {
                 }
             }
         }
-        Ok(Checkpoint { dir, shards, index })
+        Ok(Checkpoint { dir, shards, index, fingerprint: OnceLock::new() })
     }
 
     /// Lets the kernel drop the mapped pages read so far from this process's resident set (they

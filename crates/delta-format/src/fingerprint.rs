@@ -92,11 +92,15 @@ impl BaseFingerprint {
         }
     }
 
-    /// Checks structure, then the content of every tensor (in parallel).
+    /// Checks structure, then the content of every tensor against the base's digests
+    /// ([`Checkpoint::fingerprint`]: hashed in parallel the first time, then kept).
     pub fn verify(&self, base: &Checkpoint) -> Result<()> {
         self.check_structure(base)?;
-        let names: Vec<&String> = self.tensors.keys().collect();
-        names.par_iter().try_for_each(|name| self.check_tensor(name, &base.tensor(name).expect("structure checked")))
+        let theirs = &base.fingerprint().tensors;
+        match self.tensors.iter().find(|(name, e)| theirs.get(*name).is_none_or(|t| t.digest != e.digest)) {
+            Some((name, _)) => Err(FormatError::BaseMismatch { reason: format!("tensor `{name}` has different content") }),
+            None => Ok(()),
+        }
     }
 
     /// Validates the recorded entries themselves (known dtypes, sizes that fit in memory).

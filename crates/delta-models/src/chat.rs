@@ -30,6 +30,12 @@ pub struct ChatTemplate {
 impl ChatTemplate {
     /// The template of the model in `dir`; an error naming the file when it has none.
     pub fn load(dir: &Path) -> Result<Self, ModelError> {
+        Self::find(dir)?.ok_or_else(|| ModelError::Config { path: dir.join("tokenizer_config.json"), reason: "no chat template (chat_template) — use a prompt without --chat".into() })
+    }
+
+    /// The template of the model in `dir`, `None` when it has none; an error when a file is
+    /// unreadable or malformed, or the template does not compile.
+    pub fn find(dir: &Path) -> Result<Option<Self>, ModelError> {
         let config_path = dir.join("tokenizer_config.json");
         let config: serde_json::Value = match std::fs::read_to_string(&config_path) {
             Ok(text) => serde_json::from_str(&text).map_err(|e| ModelError::Config { path: config_path.clone(), reason: e.to_string() })?,
@@ -58,28 +64,39 @@ impl ChatTemplate {
             (source, config_path)
         };
         if source.is_empty() {
-            return Err(ModelError::Config { path, reason: "no chat template (chat_template) — use a prompt without --chat".into() });
+            return Ok(None);
         }
-        Ok(ChatTemplate { source, bos_token: token("bos_token"), eos_token: token("eos_token"), path })
+        let template = ChatTemplate { source, bos_token: token("bos_token"), eos_token: token("eos_token"), path };
+        template.environment()?;
+        Ok(Some(template))
     }
 
     /// The prompt text for `messages`, ending with the assistant's turn opened when
     /// `add_generation_prompt`.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String, ModelError> {
-        let err = |e: minijinja::Error| ModelError::Config { path: self.path.clone(), reason: format!("chat template: {e:#}") };
-        let mut env = minijinja::Environment::new();
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-        });
-        env.add_template("chat", &self.source).map_err(err)?;
+        let env = self.environment()?;
         let ctx = minijinja::context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,
             bos_token => &self.bos_token,
             eos_token => &self.eos_token,
         };
-        env.get_template("chat").and_then(|t| t.render(ctx)).map_err(err)
+        env.get_template("chat").and_then(|t| t.render(ctx)).map_err(|e| self.error(e))
+    }
+
+    /// The template compiled, with Python's string methods and `raise_exception`.
+    fn environment(&self) -> Result<minijinja::Environment<'_>, ModelError> {
+        let mut env = minijinja::Environment::new();
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+        });
+        env.add_template("chat", &self.source).map_err(|e| self.error(e))?;
+        Ok(env)
+    }
+
+    fn error(&self, e: minijinja::Error) -> ModelError {
+        ModelError::Config { path: self.path.clone(), reason: format!("chat template: {e:#}") }
     }
 }
 
@@ -112,7 +129,14 @@ mod tests {
         let raising = model_dir(serde_json::json!({"chat_template": "{{ raise_exception('roles must alternate') }}"}));
         let err = ChatTemplate::load(raising.path()).unwrap().render(&[], true).err().unwrap().to_string();
         assert!(err.contains("roles must alternate"), "{err}");
+        // A template that does not compile, or a config that is not JSON, is an error at load —
+        // not "no template".
         let broken = model_dir(serde_json::json!({"chat_template": "{% for %}"}));
-        assert!(ChatTemplate::load(broken.path()).unwrap().render(&[], true).is_err());
+        let err = ChatTemplate::find(broken.path()).err().unwrap().to_string();
+        assert!(err.contains("tokenizer_config.json") && err.contains("chat template"), "{err}");
+        assert!(ChatTemplate::find(none.path()).unwrap().is_none());
+        let garbled = tempfile::tempdir().unwrap();
+        std::fs::write(garbled.path().join("tokenizer_config.json"), "{\"chat_template\": ").unwrap();
+        assert!(ChatTemplate::find(garbled.path()).err().unwrap().to_string().contains("tokenizer_config.json"));
     }
 }

@@ -14,13 +14,27 @@ pub struct Sampling {
     /// 0 picks the most likely token (ties: the lowest id); above 0, tokens are drawn from
     /// softmax(logits / temperature).
     pub temperature: f32,
+    /// Nucleus sampling: draw only among the most likely tokens whose probabilities (after the
+    /// temperature) first add up to at least this much; 1 keeps every token.
+    pub top_p: f32,
     /// Seed of the sampling stream (the same seed gives the same text).
     pub seed: u64,
 }
 
 impl Sampling {
     pub fn greedy() -> Self {
-        Sampling { temperature: 0.0, seed: 0 }
+        Sampling { temperature: 0.0, top_p: 1.0, seed: 0 }
+    }
+
+    /// Refuses a temperature that is negative or not finite, and a `top_p` outside (0, 1].
+    pub fn check(&self) -> Result<(), ModelError> {
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return Err(ModelError::Input(format!("temperature {} is not a finite number ≥ 0", self.temperature)));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(ModelError::Input(format!("top_p {} is not in (0, 1]", self.top_p)));
+        }
+        Ok(())
     }
 }
 
@@ -59,9 +73,7 @@ pub fn generate<B: Backend>(
     if prompt.is_empty() {
         return Err(ModelError::Input("the prompt has no tokens".into()));
     }
-    if !(sampling.temperature.is_finite() && sampling.temperature >= 0.0) {
-        return Err(ModelError::Input(format!("temperature {} is not a finite number ≥ 0", sampling.temperature)));
-    }
+    sampling.check()?;
     let mut g = Generation { prompt_tokens: prompt.len(), ..Default::default() };
     let mut rng = SplitMix(sampling.seed);
     let mut cache = KvCache::new(model.layers.len());
@@ -70,7 +82,7 @@ pub fn generate<B: Backend>(
     while g.tokens.len() < max_new {
         let logits = model.step(&[input], &mut cache)?;
         let logits = logits.into_data().convert::<f32>().into_vec::<f32>().map_err(|e| ModelError::Input(format!("{e:?}")))?;
-        let next = pick(&logits, sampling.temperature, &mut rng)?;
+        let next = pick(&logits, &sampling, &mut rng)?;
         if g.tokens.is_empty() {
             g.prefill_seconds = started.elapsed().as_secs_f64();
         }
@@ -88,25 +100,39 @@ pub fn generate<B: Backend>(
     Ok(g)
 }
 
-/// Chooses a token from one row of logits.
-pub fn pick(logits: &[f32], temperature: f32, rng: &mut SplitMix) -> Result<u32, ModelError> {
+/// Chooses a token from one row of logits (`sampling`'s seed is not used: the stream is `rng`).
+pub fn pick(logits: &[f32], sampling: &Sampling, rng: &mut SplitMix) -> Result<u32, ModelError> {
     if let Some(i) = logits.iter().position(|x| x.is_nan()) {
         return Err(ModelError::Input(format!("the model produced a NaN logit (token {i})")));
     }
     let argmax = || logits.iter().enumerate().fold(0, |best, (i, &x)| if x > logits[best] { i } else { best });
-    if temperature == 0.0 {
+    if sampling.temperature == 0.0 {
         return Ok(argmax() as u32);
     }
     let max = logits[argmax()] as f64;
-    let weights: Vec<f64> = logits.iter().map(|&x| ((x as f64 - max) / temperature as f64).exp()).collect();
-    let mut target = rng.next_f64() * weights.iter().sum::<f64>();
-    for (i, w) in weights.iter().enumerate() {
-        target -= w;
+    let weights: Vec<f64> = logits.iter().map(|&x| ((x as f64 - max) / sampling.temperature as f64).exp()).collect();
+    let total: f64 = weights.iter().sum();
+    // The candidates, most likely first when a nucleus is cut (ties: lower id first).
+    let mut order: Vec<u32> = (0..weights.len() as u32).collect();
+    let mut mass = total;
+    if sampling.top_p < 1.0 {
+        order.sort_unstable_by(|&a, &b| weights[b as usize].total_cmp(&weights[a as usize]).then(a.cmp(&b)));
+        let (mut kept, mut sum) = (0, 0.0);
+        while kept < order.len() && (kept == 0 || sum < sampling.top_p as f64 * total) {
+            sum += weights[order[kept] as usize];
+            kept += 1;
+        }
+        order.truncate(kept);
+        mass = sum;
+    }
+    let mut target = rng.next_f64() * mass;
+    for &i in &order {
+        target -= weights[i as usize];
         if target < 0.0 {
-            return Ok(i as u32);
+            return Ok(i);
         }
     }
-    Ok(argmax() as u32)
+    Ok(order[0])
 }
 
 /// SplitMix64: a small, seedable stream for sampling.
@@ -134,8 +160,12 @@ mod tests {
     #[test]
     fn greedy_takes_the_first_largest_logit() {
         let mut rng = SplitMix(1);
-        assert_eq!(pick(&[0.0, 3.0, -1.0, 3.0], 0.0, &mut rng).unwrap(), 1);
-        assert!(pick(&[0.0, f32::NAN], 0.0, &mut rng).is_err());
+        assert_eq!(pick(&[0.0, 3.0, -1.0, 3.0], &Sampling::greedy(), &mut rng).unwrap(), 1);
+        assert!(pick(&[0.0, f32::NAN], &Sampling::greedy(), &mut rng).is_err());
+    }
+
+    fn at(temperature: f32, top_p: f32) -> Sampling {
+        Sampling { temperature, top_p, seed: 0 }
     }
 
     #[test]
@@ -146,7 +176,7 @@ mod tests {
         let mut counts = [0usize; 3];
         let n = 100_000;
         for _ in 0..n {
-            counts[pick(&logits, 1.0, &mut rng).unwrap() as usize] += 1;
+            counts[pick(&logits, &at(1.0, 1.0), &mut rng).unwrap() as usize] += 1;
         }
         for (c, p) in counts.iter().zip([0.1, 0.2, 0.7]) {
             let f = *c as f64 / n as f64;
@@ -155,8 +185,33 @@ mod tests {
         // T = 0.5 squares the odds: 1 : 4 : 49.
         let mut counts = [0usize; 3];
         for _ in 0..n {
-            counts[pick(&logits, 0.5, &mut rng).unwrap() as usize] += 1;
+            counts[pick(&logits, &at(0.5, 1.0), &mut rng).unwrap() as usize] += 1;
         }
         assert!((counts[2] as f64 / n as f64 - 49.0 / 54.0).abs() < 0.005, "{counts:?}");
+    }
+
+    #[test]
+    fn top_p_draws_from_the_nucleus_only() {
+        // Probabilities 0.1, 0.2, 0.7 (token 2 first): top_p 0.7 keeps token 2 alone; 0.8 keeps
+        // tokens 2 and 1, drawn 7 : 2; 1 keeps all three.
+        let logits = [0f32, 2f32.ln(), 7f32.ln()];
+        let mut rng = SplitMix(7);
+        let n = 100_000;
+        let draw = |top_p: f32, rng: &mut SplitMix| {
+            let mut counts = [0usize; 3];
+            for _ in 0..n {
+                counts[pick(&logits, &at(1.0, top_p), rng).unwrap() as usize] += 1;
+            }
+            counts
+        };
+        assert_eq!(draw(0.7, &mut rng), [0, 0, n]);
+        assert_eq!(draw(0.01, &mut rng), [0, 0, n]);
+        let counts = draw(0.8, &mut rng);
+        assert_eq!(counts[0], 0, "{counts:?}");
+        assert!((counts[1] as f64 / n as f64 - 2.0 / 9.0).abs() < 0.005, "{counts:?}");
+        assert!(draw(1.0, &mut rng)[0] > 9_000);
+        for bad in [at(1.0, 0.0), at(1.0, 1.5), at(1.0, f32::NAN), at(-1.0, 1.0), at(f32::INFINITY, 1.0)] {
+            assert!(bad.check().is_err(), "{bad:?}");
+        }
     }
 }

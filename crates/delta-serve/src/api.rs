@@ -2,9 +2,9 @@
 //! `POST /v1/chat/completions` (`stream: true` as server-sent events), `GET /health`.
 //!
 //! Bodies are parsed here (not by an extractor) so that malformed JSON gets the same JSON error
-//! body as every other refusal. Fields the server does not honour (`n` > 1, `top_p` < 1,
-//! `logprobs`) are refused with 400 rather than silently ignored; other unknown fields are
-//! ignored as OpenAI's own server does.
+//! body as every other refusal. Fields the server does not honour (`n` > 1, `logprobs`) are
+//! refused with 400 rather than silently ignored; other unknown fields are ignored as OpenAI's
+//! own server does.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,6 +18,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use delta_models::chat::{ChatTemplate, Message};
+use delta_models::generate::Sampling;
 use delta_models::{TextStream, Tokenizer};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -126,8 +127,8 @@ impl Params {
         if self.n.is_some_and(|n| n != 1) {
             return bad("`n` other than 1 is not supported");
         }
-        if self.top_p.is_some_and(|p| p != 1.0) {
-            return bad("`top_p` other than 1 is not supported (use `temperature`)");
+        if self.top_p.is_some_and(|p| !(p > 0.0 && p <= 1.0)) {
+            return bad("`top_p` must be in (0, 1]");
         }
         if self.logprobs.as_ref().is_some_and(|l| !(l.is_null() || *l == Value::Bool(false))) {
             return bad("`logprobs` is not supported");
@@ -252,8 +253,7 @@ async fn prepare(s: &Arc<AppState>, params: &Params, prompt: Vec<u32>, stop: Vec
         model,
         prompt,
         max_tokens,
-        temperature: params.temperature.unwrap_or(1.0),
-        seed: params.seed.unwrap_or(0),
+        sampling: Sampling { temperature: params.temperature.unwrap_or(1.0), top_p: params.top_p.unwrap_or(1.0), seed: params.seed.unwrap_or(0) },
         stop: if params.ignore_eos { Vec::new() } else { stop },
         events: tx,
     };

@@ -8,7 +8,7 @@ use std::sync::mpsc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use delta_models::generate::{pick, SplitMix};
+use delta_models::generate::{pick, Sampling, SplitMix};
 use delta_models::multi::{step_batch, SeqStep};
 use delta_models::{CpuBackend, KvCache, Llama};
 use tokio::sync::mpsc::UnboundedSender;
@@ -46,8 +46,7 @@ pub struct Job {
     pub model: Resolved,
     pub prompt: Vec<u32>,
     pub max_tokens: usize,
-    pub temperature: f32,
-    pub seed: u64,
+    pub sampling: Sampling,
     pub stop: Vec<u32>,
     pub events: UnboundedSender<Event>,
 }
@@ -113,7 +112,7 @@ impl Engine {
 fn run(base: &Llama<CpuBackend>, options: EngineOptions, queue: mpsc::Receiver<Job>, stats: &Stats) {
     let layers = base.layers.len();
     let mut running: Vec<Running> = Vec::new();
-    let admit = |job: Job| Running { rng: SplitMix(job.seed), job, cache: KvCache::new(layers), fed: 0, generated: 0, last: 0 };
+    let admit = |job: Job| Running { rng: SplitMix(job.sampling.seed), job, cache: KvCache::new(layers), fed: 0, generated: 0, last: 0 };
     loop {
         if running.is_empty() {
             match queue.recv() {
@@ -188,7 +187,7 @@ fn run(base: &Llama<CpuBackend>, options: EngineOptions, queue: mpsc::Receiver<J
                     continue;
                 }
             }
-            let next = match pick(&logits[k * vocab..(k + 1) * vocab], r.job.temperature, &mut r.rng) {
+            let next = match pick(&logits[k * vocab..(k + 1) * vocab], &r.job.sampling, &mut r.rng) {
                 Ok(t) => t,
                 Err(e) => {
                     let _ = r.job.events.send(Event::Failed(e.to_string()));

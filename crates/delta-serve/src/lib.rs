@@ -42,7 +42,8 @@ pub fn build(o: &ServeOptions) -> Result<axum::Router, String> {
     let ckpt = Checkpoint::open(&o.base).map_err(|e| format!("reading the base: {e}"))?;
     let cfg = ModelConfig::load(&o.base).map_err(|e| e.to_string())?;
     let tokenizer = Tokenizer::load(&o.base).map_err(|e| e.to_string())?;
-    let template = ChatTemplate::load(&o.base).ok();
+    // No template: /v1/chat/completions answers 400; a broken one stops the server here.
+    let template = ChatTemplate::find(&o.base).map_err(|e| format!("reading the chat template: {e}"))?;
     let weights = Weights::<CpuBackend>::new(&ckpt, None, Default::default()).map_err(|e| e.to_string())?;
     let base = Arc::new(Llama::load(cfg, &weights).map_err(|e| format!("loading the base: {e}"))?);
     ckpt.release_pages();
