@@ -199,14 +199,14 @@ pub fn run(a: TasksArgs) -> Result<()> {
         let mut tally = Tally::default();
         let (mut seqs, mut owners, mut pending) = (Vec::new(), Vec::new(), 0usize);
         for (i, doc) in docs.iter().enumerate() {
-            seqs.push(encode(&doc.choices)?);
-            let twin = a.uncond && doc.twin.is_some();
-            if let (true, Some(t)) = (twin, &doc.twin) {
-                seqs.push(encode(t)?);
+            let mut own = vec![encode(&doc.choices)?];
+            if let (true, Some(t)) = (a.uncond, &doc.twin) {
+                own.push(encode(t)?);
             }
-            owners.push((doc, twin));
-            let n: usize = seqs.iter().skip(seqs.len() - 1 - twin as usize).flatten().map(|e| e.context.len() + e.continuation.len()).sum();
+            let n: usize = own.iter().flatten().map(|e| e.context.len() + e.continuation.len()).sum();
             (pending, tally.tokens) = (pending + n, tally.tokens + n);
+            owners.push((doc, own.len() == 2));
+            seqs.extend(own);
             if pending >= BATCH_TOKENS || i + 1 == docs.len() {
                 score_batch(model, &seqs, &owners, &mut tally)?;
                 bar.inc(owners.len() as u64);

@@ -193,12 +193,6 @@ impl<B: Backend> KvCache<B> {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
-
-    /// A cache of `n` rows, each a copy of this single-row cache (to continue one prefix `n` ways).
-    pub fn repeat(&self, n: usize) -> Self {
-        let layers = self.layers.iter().map(|l| l.as_ref().map(|(k, v)| (k.clone().repeat_dim(0, n), v.clone().repeat_dim(0, n)))).collect();
-        KvCache { layers, len: self.len }
-    }
 }
 
 #[derive(Clone)]

@@ -80,13 +80,14 @@ pub fn score_documents<B: Backend>(model: &Llama<B>, docs: &[Vec<EncodedChoice>]
             packed.ids.extend_from_slice(&f[prefix..]);
             packed.positions.extend(prefix..f.len());
         }
+        // Token k of choice c, as an index into the segment.
+        let at = |c: usize, k: usize| if k < prefix { k } else { own[c] + k - prefix };
         let len = packed.ids.len() - start;
         let mut visible = vec![false; len * len];
         for (c, f) in full.iter().enumerate() {
-            let at = |k: usize| if k < prefix { k } else { own[c] + k - prefix };
             for i in 0..f.len() {
                 for j in 0..=i {
-                    visible[at(i) * len + at(j)] = true;
+                    visible[at(c, i) * len + at(c, j)] = true;
                 }
             }
         }
@@ -95,10 +96,7 @@ pub fn score_documents<B: Backend>(model: &Llama<B>, docs: &[Vec<EncodedChoice>]
             full.iter()
                 .zip(choices)
                 .enumerate()
-                .map(|(c, (f, choice))| {
-                    let at = |k: usize| start + if k < prefix { k } else { own[c] + k - prefix };
-                    (choice.context.len()..f.len()).map(|k| (at(k - 1), f[k])).collect()
-                })
+                .map(|(c, (f, choice))| (choice.context.len()..f.len()).map(|k| (start + at(c, k - 1), f[k])).collect())
                 .collect(),
         );
     }
