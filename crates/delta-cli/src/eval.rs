@@ -65,11 +65,6 @@ fn ppl(a: PplArgs) -> Result<()> {
         .map(|t| ModelArgs { model: t.clone(), delta: None, delta_use: crate::load::DeltaUseArg::Merge }.load())
         .transpose()
         .context("loading the teacher")?;
-    if let Some(t) = &teacher {
-        if t.model.cfg.vocab_size != model.cfg.vocab_size {
-            anyhow::bail!("the teacher's vocabulary has {} tokens, the model's {}", t.model.cfg.vocab_size, model.cfg.vocab_size);
-        }
-    }
     let r = perplexity(model, teacher.as_ref().map(|t| &t.model), &ids, a.window as usize, a.batch as usize, &mut |done, _| bar.set_position(done as u64))?;
     bar.finish_and_clear();
     let seconds = started.elapsed().as_secs_f64();

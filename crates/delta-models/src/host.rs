@@ -2,7 +2,8 @@
 //! general GEMM that packs the whole weight first, which at one or a few rows costs more than
 //! the product itself (measured: 4.7 tokens/s decode on SmolLM2-135M). On the CPU backend, few-row
 //! products read the weight in place (`delta_kernels::dense::dense_matmul_t`); everything else —
-//! and every other backend — goes through Burn.
+//! and every other backend — goes through Burn. Also the host-side arithmetic on logits
+//! ([`logsumexp`]) that scoring and perplexity do row by row instead of through softmax tensors.
 
 use std::any::Any;
 

@@ -127,16 +127,15 @@ impl Params {
         if self.n.is_some_and(|n| n != 1) {
             return bad("`n` other than 1 is not supported");
         }
-        if self.top_p.is_some_and(|p| !(p > 0.0 && p <= 1.0)) {
-            return bad("`top_p` must be in (0, 1]");
-        }
         if self.logprobs.as_ref().is_some_and(|l| !(l.is_null() || *l == Value::Bool(false))) {
             return bad("`logprobs` is not supported");
         }
-        if self.temperature.is_some_and(|t| !(t.is_finite() && t >= 0.0)) {
-            return bad("`temperature` must be a finite number ≥ 0");
-        }
-        Ok(())
+        self.sampling().check().map_err(|e| ServeError::BadRequest(e.to_string()))
+    }
+
+    /// The request's sampling, OpenAI's defaults where a field is absent.
+    fn sampling(&self) -> Sampling {
+        Sampling { temperature: self.temperature.unwrap_or(1.0), top_p: self.top_p.unwrap_or(1.0), seed: self.seed.unwrap_or(0) }
     }
 }
 
@@ -253,7 +252,7 @@ async fn prepare(s: &Arc<AppState>, params: &Params, prompt: Vec<u32>, stop: Vec
         model,
         prompt,
         max_tokens,
-        sampling: Sampling { temperature: params.temperature.unwrap_or(1.0), top_p: params.top_p.unwrap_or(1.0), seed: params.seed.unwrap_or(0) },
+        sampling: params.sampling(),
         stop: if params.ignore_eos { Vec::new() } else { stop },
         events: tx,
     };
