@@ -21,6 +21,9 @@ use delta_serve::{EngineOptions, ServeOptions};
 /// Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (`stream: true`
 /// streams server-sent events), GET /health. Errors are JSON {"error": {"message", "type",
 /// "code"}}: 400 malformed request, 404 unknown model, 409 delta that cannot be loaded.
+/// Request fields: model, prompt / messages, max_tokens, temperature, top_p, seed, stop, stream,
+/// n (up to 16 choices; choice i samples with seed + i), logprobs (completions: 0-20
+/// alternatives; chat: true, with top_logprobs 0-20), ignore_eos.
 /// Prints `listening on http://ADDR` on stdout once ready, one line per request on stderr.
 #[derive(clap::Args)]
 pub struct Args {

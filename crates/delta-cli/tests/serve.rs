@@ -1,6 +1,7 @@
 //! `bitdelta serve` on the real pair, over loopback: greedy outputs equal `bitdelta generate`
 //! for several deltas decoded in the same batch; errors are JSON with the right status; a load
-//! test with a delta hot-added and others evicted while it runs loses and mixes up nothing.
+//! test with a delta hot-added and others evicted while it runs loses and mixes up nothing;
+//! `logprobs` match the reference logits and `n` choices match `generate` with their seeds.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -227,6 +228,122 @@ fn load_test_with_hot_load_and_eviction_loses_and_mixes_up_nothing() {
 
 /// A base whose chat template does not compile stops the server at start with a one-line error
 /// (no template at all is fine: chat requests then get a 400).
+/// `logprobs` and `n` choices. The base's log-probabilities equal the log-softmax of the
+/// reference logits (transformers) at several prompt positions, requested side by side; choice i
+/// of a sampled request draws what `generate --seed SEED+i` draws; streamed choices and their
+/// log-probabilities join to the whole answer's; bad values are 400s.
+#[test]
+fn logprobs_follow_the_reference_and_choices_follow_generate() {
+    let (base, ft) = smollm2();
+    let tmp = tempfile::tempdir().unwrap();
+    let folder = tmp.path().join("deltas");
+    std::fs::create_dir(&folder).unwrap();
+    let delta = folder.join("scalar.bitdelta.safetensors");
+    bitdelta(&["compress", "--base", s(&base), "--finetuned", s(&ft), "-o", s(&delta), "--scale", "scalar", "--calibrate", "none", "--json"]);
+    let server = Server::start(Path::new(BIN), &base, &folder, &[]);
+
+    // Next-token log-probabilities after prefixes of the reference prompt: the reference holds
+    // the top 64 logits and the logsumexp at every position.
+    let reference = delta_tests::read_tensors(&delta_tests::fixtures().join("smollm2/reference_logits.safetensors"));
+    let f32s = |name: &str| -> Vec<f32> { reference[name].2.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect() };
+    let ids: Vec<u32> = reference["story.input_ids"].2.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()) as u32).collect();
+    let (top, lse) = (f32s("story.base.top_logits"), f32s("story.base.logsumexp"));
+    let positions = [4, 20, ids.len() - 1];
+    let answers: Vec<Value> = std::thread::scope(|scope| {
+        let handles: Vec<_> = positions
+            .iter()
+            .map(|&p| {
+                let req = json!({ "model": "base", "prompt": &ids[..=p], "max_tokens": 1, "temperature": 0, "logprobs": 5 });
+                let server = &server;
+                scope.spawn(move || server.post("/v1/completions", &req))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).map(|r| {
+            assert_eq!(r.status, 200, "{}", r.body);
+            r.json()["choices"][0]["logprobs"].clone()
+        }).collect()
+    });
+    for (&p, lp) in positions.iter().zip(&answers) {
+        let want: Vec<f64> = top[p * 64..p * 64 + 5].iter().map(|&v| (v - lse[p]) as f64).collect();
+        // Greedy: the token is the most likely one; the alternatives are the top 5, in order of value.
+        assert!((lp["token_logprobs"][0].as_f64().unwrap() - want[0]).abs() < 1e-2, "position {p}: {lp} vs {want:?}");
+        let mut got: Vec<f64> = lp["top_logprobs"][0].as_object().unwrap().values().map(|v| v.as_f64().unwrap()).collect();
+        got.sort_by(|a, b| b.total_cmp(a));
+        assert_eq!(got.len(), 5, "{lp}");
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() < 1e-2, "position {p}: {got:?} vs {want:?}");
+        }
+        assert_eq!(lp["text_offset"], json!([0]));
+    }
+
+    // Three sampled choices: each one is `generate` with its own seed, and they differ.
+    let req = json!({ "model": "scalar", "prompt": PROMPTS[1], "max_tokens": 12, "temperature": 0.9, "seed": 3, "n": 3 });
+    let r = server.post("/v1/completions", &req).json();
+    let texts: Vec<String> = (0..3).map(|i| {
+        assert_eq!(r["choices"][i]["index"], i, "{r}");
+        r["choices"][i]["text"].as_str().unwrap().to_string()
+    }).collect();
+    for (i, text) in texts.iter().enumerate() {
+        let g: Value = serde_json::from_str(&bitdelta(&[
+            "generate", "--model", s(&base), "--delta", s(&delta), "--delta-use", "fused", "--prompt", PROMPTS[1], "--max-new-tokens", "12",
+            "--temperature", "0.9", "--seed", &(3 + i).to_string(), "--json",
+        ]))
+        .unwrap();
+        assert_eq!(text, g["text"].as_str().unwrap(), "choice {i}");
+    }
+    assert!(texts[0] != texts[1] || texts[1] != texts[2], "three samples alike: {texts:?}");
+    // Streamed: pieces per index join to the same texts; one last chunk per choice, the very
+    // last of all carrying the usage of all three.
+    let mut streaming = req.clone();
+    streaming["stream"] = true.into();
+    let events = server.post("/v1/completions", &streaming).events();
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    for (i, text) in texts.iter().enumerate() {
+        let mine = chunks.iter().filter(|c| c["choices"][0]["index"] == i);
+        assert_eq!(&mine.clone().filter_map(|c| c["choices"][0]["text"].as_str()).collect::<String>(), text, "choice {i}");
+        assert_eq!(mine.filter(|c| c["choices"][0]["finish_reason"].is_string()).count(), 1, "choice {i}");
+    }
+    let with_usage: Vec<usize> = (0..chunks.len()).filter(|&k| chunks[k].get("usage").is_some()).collect();
+    assert_eq!(with_usage, [chunks.len() - 1]);
+    assert_eq!(chunks[chunks.len() - 1]["usage"], r["usage"]);
+
+    // Chat: greedy tokens are their own top alternative; streamed log-probabilities are the whole ones.
+    let mut chat = json!({ "model": "scalar", "messages": [{"role": "user", "content": "Tell me a story about a cat."}], "max_tokens": 10, "temperature": 0, "logprobs": true, "top_logprobs": 3 });
+    let whole = server.post("/v1/chat/completions", &chat).json();
+    let content = whole["choices"][0]["logprobs"]["content"].as_array().unwrap().clone();
+    assert_eq!(content.len(), 10, "{whole}");
+    let joined: String = content.iter().map(|t| t["token"].as_str().unwrap()).collect();
+    assert_eq!(joined, whole["choices"][0]["message"]["content"].as_str().unwrap());
+    for t in &content {
+        let alternatives = t["top_logprobs"].as_array().unwrap();
+        assert_eq!(alternatives.len(), 3, "{t}");
+        assert_eq!((&alternatives[0]["token"], &alternatives[0]["logprob"]), (&t["token"], &t["logprob"]), "{t}");
+        assert!(alternatives.windows(2).all(|w| w[0]["logprob"].as_f64() >= w[1]["logprob"].as_f64()), "{t}");
+        assert_eq!(t["bytes"], json!(t["token"].as_str().unwrap().as_bytes()));
+    }
+    chat["stream"] = true.into();
+    let events = server.post("/v1/chat/completions", &chat).events();
+    let streamed: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .flat_map(|e| serde_json::from_str::<Value>(e).unwrap()["choices"][0]["logprobs"]["content"].as_array().cloned().unwrap_or_default())
+        .collect();
+    assert_eq!(streamed, content);
+
+    for (path, body, field) in [
+        ("/v1/completions", json!({ "model": "scalar", "prompt": "Hi", "n": 0 }), "`n`"),
+        ("/v1/completions", json!({ "model": "scalar", "prompt": "Hi", "n": 17 }), "`n`"),
+        ("/v1/completions", json!({ "model": "scalar", "prompt": "Hi", "logprobs": 21 }), "`logprobs`"),
+        ("/v1/completions", json!({ "model": "scalar", "prompt": "Hi", "logprobs": true }), "`logprobs`"),
+        ("/v1/chat/completions", json!({ "model": "scalar", "messages": [{"role": "user", "content": "Hi"}], "top_logprobs": 2 }), "`top_logprobs`"),
+        ("/v1/chat/completions", json!({ "model": "scalar", "messages": [{"role": "user", "content": "Hi"}], "logprobs": 2 }), "`logprobs`"),
+    ] {
+        let r = server.post(path, &body);
+        assert_eq!(r.status, 400, "{body}: {}", r.body);
+        assert!(r.json()["error"]["message"].as_str().unwrap().contains(field), "{body}: {}", r.body);
+    }
+}
+
 #[test]
 fn a_broken_chat_template_stops_the_server_at_start() {
     let (base, _) = smollm2();

@@ -135,6 +135,32 @@ pub fn pick(logits: &[f32], sampling: &Sampling, rng: &mut SplitMix) -> Result<u
     Ok(order[0])
 }
 
+/// A chosen token's log-probability under the model (log-softmax of its logits at temperature 1,
+/// before any nucleus cut), with the most likely tokens of the same row.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenLogprobs {
+    pub logprob: f32,
+    /// The `top` most likely tokens and their log-probabilities, most likely first (ties: lower id).
+    pub top: Vec<(u32, f32)>,
+}
+
+/// Log-probabilities of `chosen` and of the `top` most likely tokens in one row of logits
+/// (computed in f64).
+pub fn logprobs(logits: &[f32], chosen: u32, top: usize) -> TokenLogprobs {
+    let max = logits.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
+    let lse = max + logits.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
+    let at = |i: u32| (logits[i as usize] as f64 - lse) as f32;
+    let better = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
+    let mut ids: Vec<u32> = (0..logits.len() as u32).collect();
+    let top = top.min(ids.len());
+    if top > 0 && top < ids.len() {
+        ids.select_nth_unstable_by(top - 1, better);
+    }
+    ids.truncate(top);
+    ids.sort_unstable_by(better);
+    TokenLogprobs { logprob: at(chosen), top: ids.into_iter().map(|i| (i, at(i))).collect() }
+}
+
 /// SplitMix64: a small, seedable stream for sampling.
 pub struct SplitMix(pub u64);
 
@@ -156,6 +182,24 @@ impl SplitMix {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn logprobs_are_a_log_softmax_with_the_top_tokens_in_order() {
+        let logits = [1.0f32, 3.0, -2.0, 3.0, 0.5];
+        let lp = logprobs(&logits, 4, 3);
+        // By hand: log-softmax is x − ln Σ eˣ.
+        let lse = logits.iter().map(|&x| (x as f64).exp()).sum::<f64>().ln();
+        assert!((lp.logprob as f64 - (0.5 - lse)).abs() < 1e-6);
+        let ids: Vec<u32> = lp.top.iter().map(|t| t.0).collect();
+        assert_eq!(ids, [1, 3, 0]);
+        for (i, v) in &lp.top {
+            assert!((*v as f64 - (logits[*i as usize] as f64 - lse)).abs() < 1e-6);
+        }
+        assert!(logprobs(&logits, 0, 0).top.is_empty());
+        assert_eq!(logprobs(&logits, 0, 9).top.len(), 5);
+        // Large logits do not overflow.
+        assert!((logprobs(&[1000.0, 1000.0], 0, 0).logprob - (-std::f32::consts::LN_2)).abs() < 1e-6);
+    }
 
     #[test]
     fn greedy_takes_the_first_largest_logit() {

@@ -175,6 +175,9 @@ pub struct Segment {
 pub type LayerKv<B> = Option<(Tensor<B, 4>, Tensor<B, 4>)>;
 
 /// Keys and values of every layer, so decoding a token costs one position, not the whole prefix.
+/// A clone shares the tensors held so far (they are never written in place), so several
+/// continuations of one prefill can each go on from it.
+#[derive(Clone)]
 pub struct KvCache<B: Backend> {
     pub(crate) layers: Vec<LayerKv<B>>,
     pub(crate) len: usize,

@@ -28,6 +28,12 @@ impl Tokenizer {
         self.inner.decode(ids, true).map_err(|e| ModelError::Tokenizer { path: self.path.clone(), reason: e.to_string() })
     }
 
+    /// One token's own text, special tokens included (a piece of a multi-byte character shows as
+    /// U+FFFD).
+    pub fn token_text(&self, id: u32) -> Result<String, ModelError> {
+        self.inner.decode(&[id], false).map_err(|e| ModelError::Tokenizer { path: self.path.clone(), reason: e.to_string() })
+    }
+
     /// The id of a token string (special tokens included), if the vocabulary has it.
     pub fn token_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)

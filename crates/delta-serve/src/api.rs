@@ -2,9 +2,13 @@
 //! `POST /v1/chat/completions` (`stream: true` as server-sent events), `GET /health`.
 //!
 //! Bodies are parsed here (not by an extractor) so that malformed JSON gets the same JSON error
-//! body as every other refusal. Fields the server does not honour (`n` > 1, `logprobs`) are
-//! refused with 400 rather than silently ignored; other unknown fields are ignored as OpenAI's
-//! own server does.
+//! body as every other refusal. Values the server does not honour are refused with 400 rather
+//! than silently ignored; unknown fields are ignored as OpenAI's own server does.
+//!
+//! `n` choices share one prefill; choice i samples with the seed `seed + i`. `logprobs` (an
+//! integer on `/v1/completions`; `logprobs: true` with `top_logprobs` on chat) gives each
+//! generated token's log-probability under the model — log-softmax of its logits at temperature
+//! 1, before any `top_p` cut — and the most likely alternatives, in OpenAI's shapes.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,7 +28,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use crate::engine::{Engine, Event, Finish, Job};
+use crate::engine::{Engine, Event, Finish, Job, Sampled};
 use crate::error::ServeError;
 use crate::registry::Registry;
 use crate::stop::StopScan;
@@ -70,6 +74,11 @@ async fn models(State(s): State<Arc<AppState>>) -> Result<Json<Value>, ServeErro
     Ok(Json(json!({ "object": "list", "data": data })))
 }
 
+/// Most choices one request may ask for (`n`).
+pub const MAX_CHOICES: u64 = 16;
+/// Most alternatives per token (`logprobs` on completions, `top_logprobs` on chat), as OpenAI.
+pub const MAX_TOP_LOGPROBS: u64 = 20;
+
 /// Sampling fields shared by both endpoints.
 #[derive(Deserialize)]
 struct Params {
@@ -87,7 +96,10 @@ struct Params {
     n: Option<u64>,
     top_p: Option<f32>,
     stop: Option<Value>,
+    /// Completions: how many alternatives per token; chat: whether to send log-probabilities.
     logprobs: Option<Value>,
+    /// Chat: how many alternatives per token.
+    top_logprobs: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -121,21 +133,51 @@ fn parse<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, ServeError> {
     serde_json::from_slice(body).map_err(|e| ServeError::BadRequest(format!("the request body is not a valid request: {e}")))
 }
 
+fn bad<T>(message: &str) -> Result<T, ServeError> {
+    Err(ServeError::BadRequest(message.to_string()))
+}
+
 impl Params {
-    fn check(&self) -> Result<(), ServeError> {
-        let bad = |m: &str| Err(ServeError::BadRequest(m.to_string()));
-        if self.n.is_some_and(|n| n != 1) {
-            return bad("`n` other than 1 is not supported");
+    /// The number of choices, 1 to [`MAX_CHOICES`].
+    fn choices(&self) -> Result<usize, ServeError> {
+        match self.n.unwrap_or(1) {
+            n @ 1..=MAX_CHOICES => Ok(n as usize),
+            n => bad(&format!("`n` is {n}; it must be from 1 to {MAX_CHOICES}")),
         }
-        if self.logprobs.as_ref().is_some_and(|l| !(l.is_null() || *l == Value::Bool(false))) {
-            return bad("`logprobs` is not supported");
+    }
+
+    /// The log-probabilities asked for: none, or `Some(k)` alternatives with every token.
+    fn logprobs(&self, kind: Kind) -> Result<Option<usize>, ServeError> {
+        let top = |k: u64, field: &str| if k <= MAX_TOP_LOGPROBS { Ok(k as usize) } else { bad(&format!("`{field}` is {k}; it must be from 0 to {MAX_TOP_LOGPROBS}")) };
+        match kind {
+            Kind::Completion => match &self.logprobs {
+                None | Some(Value::Null) => Ok(None),
+                Some(v) => match v.as_u64() {
+                    Some(k) => top(k, "logprobs").map(Some),
+                    None => bad(&format!("`logprobs` must be an integer from 0 to {MAX_TOP_LOGPROBS} on /v1/completions")),
+                },
+            },
+            Kind::Chat => {
+                let on = match &self.logprobs {
+                    None | Some(Value::Null) => false,
+                    Some(Value::Bool(b)) => *b,
+                    Some(_) => return bad("`logprobs` must be true or false on /v1/chat/completions (`top_logprobs` sets how many alternatives)"),
+                };
+                let k = top(self.top_logprobs.unwrap_or(0), "top_logprobs")?;
+                match on {
+                    true => Ok(Some(k)),
+                    false if k > 0 => bad("`top_logprobs` needs `logprobs: true`"),
+                    false => Ok(None),
+                }
+            }
         }
-        self.sampling().check().map_err(|e| ServeError::BadRequest(e.to_string()))
     }
 
     /// The request's sampling, OpenAI's defaults where a field is absent.
-    fn sampling(&self) -> Sampling {
-        Sampling { temperature: self.temperature.unwrap_or(1.0), top_p: self.top_p.unwrap_or(1.0), seed: self.seed.unwrap_or(0) }
+    fn sampling(&self) -> Result<Sampling, ServeError> {
+        let s = Sampling { temperature: self.temperature.unwrap_or(1.0), top_p: self.top_p.unwrap_or(1.0), seed: self.seed.unwrap_or(0) };
+        s.check().map_err(|e| ServeError::BadRequest(e.to_string()))?;
+        Ok(s)
     }
 }
 
@@ -198,31 +240,35 @@ async fn generate(s: Arc<AppState>, params: Params, prompt: Vec<u32>, stop: Vec<
     if let Err(e) = s.engine.submit(job) {
         return ServeError::Engine(e).into_response();
     }
-    let meta = ResponseMeta {
+    let meta = Arc::new(ResponseMeta {
         id: format!("{}-{number}", if matches!(kind, Kind::Chat) { "chatcmpl" } else { "cmpl" }),
         created: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
         model: params.model.clone(),
         kind,
         prompt_tokens,
-    };
+        tokenizer: s.tokenizer.clone(),
+    });
     let model = params.model.clone();
     let log = move |tokens: usize, how: &str| {
         eprintln!("#{number} {path} model={model} prompt={prompt_tokens} generated={tokens} {how} {:.2} s", started.elapsed().as_secs_f64())
     };
+    let choices: Vec<Choice> = events.into_iter().map(|events| Choice::new(events, s.tokenizer.clone(), stops.clone())).collect();
     if params.stream {
-        stream(s.tokenizer.clone(), events, StopScan::new(stops), meta, log).into_response()
+        stream(choices, meta, log).into_response()
     } else {
-        whole(&s.tokenizer, events, stops, meta, log).await
+        whole(choices, meta, log).await
     }
 }
 
-/// Checks the request, then resolves (loads if need be) its model: the job, its events and the
-/// stop strings.
-async fn prepare(s: &Arc<AppState>, params: &Params, prompt: Vec<u32>, stop: Vec<u32>, kind: Kind) -> Result<(Job, mpsc::UnboundedReceiver<Event>, Vec<String>), ServeError> {
-    params.check()?;
+/// Checks the request, then resolves (loads if need be) its model: the job, each choice's
+/// events and the stop strings.
+async fn prepare(s: &Arc<AppState>, params: &Params, prompt: Vec<u32>, stop: Vec<u32>, kind: Kind) -> Result<(Job, Vec<mpsc::UnboundedReceiver<Event>>, Vec<String>), ServeError> {
+    let n = params.choices()?;
+    let logprobs = params.logprobs(kind)?;
+    let sampling = params.sampling()?;
     let stops = crate::stop::parse(params.stop.as_ref())?;
     if prompt.is_empty() {
-        return Err(ServeError::BadRequest("the prompt encodes to no tokens".into()));
+        return bad("the prompt encodes to no tokens");
     }
     let vocab = s.registry.base.cfg.vocab_size;
     if let Some(bad) = prompt.iter().find(|&&t| t as usize >= vocab) {
@@ -235,7 +281,7 @@ async fn prepare(s: &Arc<AppState>, params: &Params, prompt: Vec<u32>, stop: Vec
     };
     let max_tokens = params.max_tokens.or(params.max_completion_tokens).unwrap_or(default) as usize;
     if max_tokens == 0 {
-        return Err(ServeError::BadRequest("`max_tokens` must be at least 1".into()));
+        return bad("`max_tokens` must be at least 1");
     }
     if prompt.len() + max_tokens > s.max_context {
         return Err(ServeError::BadRequest(format!(
@@ -247,16 +293,17 @@ async fn prepare(s: &Arc<AppState>, params: &Params, prompt: Vec<u32>, stop: Vec
     let registry = s.registry.clone();
     let name = params.model.clone();
     let model = tokio::task::spawn_blocking(move || registry.resolve(&name)).await.map_err(|e| ServeError::Io(e.to_string()))??;
-    let (tx, rx) = mpsc::unbounded_channel();
+    let (senders, receivers) = (0..n).map(|_| mpsc::unbounded_channel()).unzip();
     let job = Job {
         model,
         prompt,
         max_tokens,
-        sampling: params.sampling(),
+        sampling,
         stop: if params.ignore_eos { Vec::new() } else { stop },
-        events: tx,
+        logprobs,
+        choices: senders,
     };
-    Ok((job, rx, stops))
+    Ok((job, receivers, stops))
 }
 
 struct ResponseMeta {
@@ -265,6 +312,7 @@ struct ResponseMeta {
     model: String,
     kind: Kind,
     prompt_tokens: usize,
+    tokenizer: Arc<Tokenizer>,
 }
 
 impl ResponseMeta {
@@ -280,104 +328,235 @@ impl ResponseMeta {
         }
     }
 
-    /// A choice carrying `text` (whole, or a streamed piece).
-    fn choice(&self, text: &str, finish: Option<Finish>, chunk: bool, first: bool) -> Value {
+    /// Choice `index` carrying `text` (whole, or a streamed piece) and its tokens'
+    /// log-probabilities (null when not asked for).
+    fn choice(&self, index: usize, text: &str, finish: Option<Finish>, logprobs: Value, chunk: bool, first: bool) -> Value {
         let finish = finish.map(Finish::name);
+        let (i, l) = (index, logprobs);
         match (self.kind, chunk) {
-            (Kind::Completion, _) => json!({ "index": 0, "text": text, "logprobs": null, "finish_reason": finish }),
-            (Kind::Chat, false) => json!({ "index": 0, "message": { "role": "assistant", "content": text }, "finish_reason": finish }),
-            (Kind::Chat, true) if first => json!({ "index": 0, "delta": { "role": "assistant", "content": text }, "finish_reason": finish }),
-            (Kind::Chat, true) if finish.is_some() => json!({ "index": 0, "delta": {}, "finish_reason": finish }),
-            (Kind::Chat, true) => json!({ "index": 0, "delta": { "content": text }, "finish_reason": finish }),
+            (Kind::Completion, _) => json!({ "index": i, "text": text, "logprobs": l, "finish_reason": finish }),
+            (Kind::Chat, false) => json!({ "index": i, "message": { "role": "assistant", "content": text }, "logprobs": l, "finish_reason": finish }),
+            (Kind::Chat, true) if first => json!({ "index": i, "delta": { "role": "assistant", "content": text }, "logprobs": l, "finish_reason": finish }),
+            (Kind::Chat, true) if finish.is_some() && text.is_empty() => json!({ "index": i, "delta": {}, "logprobs": l, "finish_reason": finish }),
+            (Kind::Chat, true) => json!({ "index": i, "delta": { "content": text }, "logprobs": l, "finish_reason": finish }),
         }
     }
 
-    fn body(&self, choice: Value, chunk: bool) -> Value {
-        json!({ "id": self.id, "object": self.object(chunk), "created": self.created, "model": self.model, "choices": [choice] })
+    fn body(&self, choices: Vec<Value>, chunk: bool) -> Value {
+        json!({ "id": self.id, "object": self.object(chunk), "created": self.created, "model": self.model, "choices": choices })
+    }
+
+    /// `tokens`' log-probabilities in the endpoint's shape, or null when none were asked for.
+    /// `offset` is where the first token's text starts in the choice's text (characters; the
+    /// completions shape's `text_offset`), moved past these tokens.
+    fn logprobs(&self, tokens: &[Sampled], offset: &mut usize) -> Result<Value, ServeError> {
+        if tokens.iter().all(|t| t.logprobs.is_none()) {
+            return Ok(Value::Null);
+        }
+        let text = |id: u32| self.tokenizer.token_text(id).map_err(|e| ServeError::Engine(e.to_string()));
+        let bytes = |t: &str| if t.contains('\u{FFFD}') { Value::Null } else { json!(t.as_bytes()) };
+        let mut parts = Vec::new();
+        for t in tokens {
+            let Some(l) = &t.logprobs else { continue };
+            let token = text(t.id)?;
+            let top: Vec<(String, f32)> = l.top.iter().map(|&(id, lp)| Ok((text(id)?, lp))).collect::<Result<_, ServeError>>()?;
+            parts.push((token, l.logprob, top));
+        }
+        Ok(match self.kind {
+            Kind::Completion => {
+                let mut offsets = Vec::new();
+                for (token, ..) in &parts {
+                    offsets.push(*offset);
+                    *offset += token.chars().count();
+                }
+                // OpenAI's legacy shape: the chosen token is always among the alternatives.
+                let tops: Vec<Value> = parts
+                    .iter()
+                    .map(|(token, lp, top)| {
+                        let mut m: serde_json::Map<String, Value> = top.iter().map(|(t, v)| (t.clone(), json!(v))).collect();
+                        m.entry(token.clone()).or_insert(json!(lp));
+                        Value::Object(m)
+                    })
+                    .collect();
+                json!({
+                    "tokens": parts.iter().map(|p| &p.0).collect::<Vec<_>>(),
+                    "token_logprobs": parts.iter().map(|p| p.1).collect::<Vec<_>>(),
+                    "top_logprobs": tops,
+                    "text_offset": offsets,
+                })
+            }
+            Kind::Chat => json!({ "content": parts.iter().map(|(token, lp, top)| json!({
+                "token": token, "logprob": lp, "bytes": bytes(token),
+                "top_logprobs": top.iter().map(|(t, v)| json!({ "token": t, "logprob": v, "bytes": bytes(t) })).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>() }),
+        })
     }
 }
 
-/// The whole answer at once. With stop strings the text is scanned as it comes and the request
-/// ends (its channel dropped, so the engine drops the sequence) at the first one.
-async fn whole(tokenizer: &Tokenizer, mut events: mpsc::UnboundedReceiver<Event>, stops: Vec<String>, meta: ResponseMeta, log: impl Fn(usize, &str)) -> Response {
-    let scanning = !stops.is_empty();
-    let (mut scan, mut text, mut stream) = (StopScan::new(stops), String::new(), TextStream::new(tokenizer));
-    let mut tokens = Vec::new();
-    let finish = loop {
-        match events.recv().await {
+/// One choice's events turned into text as they come: tokens decode, stop strings cut the text
+/// (and end the choice), each token's log-probabilities travel with the piece it completed.
+struct Choice {
+    events: mpsc::UnboundedReceiver<Event>,
+    text: TextStream<Arc<Tokenizer>>,
+    scan: StopScan,
+    /// Whether the request has stop strings.
+    scanning: bool,
+    /// Every token generated (for the whole answer's text).
+    ids: Vec<u32>,
+}
+
+/// What one event adds to a choice.
+struct Update {
+    piece: String,
+    token: Option<Sampled>,
+    finish: Option<Finish>,
+}
+
+impl Choice {
+    fn new(events: mpsc::UnboundedReceiver<Event>, tokenizer: Arc<Tokenizer>, stops: Vec<String>) -> Self {
+        Choice { events, text: TextStream::new(tokenizer), scanning: !stops.is_empty(), scan: StopScan::new(stops), ids: Vec::new() }
+    }
+
+    async fn next(&mut self) -> Result<Update, ServeError> {
+        match self.events.recv().await {
             Some(Event::Token(t)) => {
-                tokens.push(t);
-                if scanning {
-                    match stream.push(t) {
-                        Ok(piece) => text.push_str(&scan.push(&piece)),
-                        Err(e) => return ServeError::Engine(e.to_string()).into_response(),
-                    }
-                    if scan.stopped() {
-                        break Finish::Stop;
-                    }
-                }
+                self.ids.push(t.id);
+                let piece = self.text.push(t.id).map_err(|e| ServeError::Engine(e.to_string()))?;
+                let piece = self.scan.push(&piece);
+                Ok(Update { piece, token: Some(t), finish: self.scan.stopped().then_some(Finish::Stop) })
             }
-            Some(Event::Done(finish)) => break finish,
-            Some(Event::Failed(e)) => {
-                log(tokens.len(), "failed");
-                return ServeError::Engine(e).into_response();
+            Some(Event::Done(finish)) => Ok(Update { piece: self.scan.finish(), token: None, finish: Some(finish) }),
+            Some(Event::Failed(e)) => Err(ServeError::Engine(e)),
+            None => Err(ServeError::Engine("the engine dropped the request".into())),
+        }
+    }
+
+    /// Reads to the end: the text, the tokens and why it ended.
+    async fn read_all(mut self, tokenizer: &Tokenizer) -> Result<(String, Vec<Sampled>, Finish), ServeError> {
+        let (mut text, mut tokens) = (String::new(), Vec::new());
+        let finish = loop {
+            let u = self.next().await?;
+            text.push_str(&u.piece);
+            tokens.extend(u.token);
+            if let Some(f) = u.finish {
+                break f;
             }
-            None => return ServeError::Engine("the engine dropped the request".into()).into_response(),
+        };
+        // Without stop strings the text is the tokens decoded at once.
+        if !self.scanning {
+            text = tokenizer.decode(&self.ids).map_err(|e| ServeError::Engine(e.to_string()))?;
         }
-    };
-    let text = if scanning {
-        text + &scan.finish()
-    } else {
-        match tokenizer.decode(&tokens) {
-            Ok(t) => t,
-            Err(e) => return ServeError::Engine(e.to_string()).into_response(),
-        }
-    };
-    log(tokens.len(), finish.name());
-    let mut body = meta.body(meta.choice(&text, Some(finish), false, false), false);
-    body["usage"] = meta.usage(tokens.len());
+        Ok((text, tokens, finish))
+    }
+}
+
+/// The whole answer at once, every choice read side by side. A choice that meets a stop string
+/// ends there: its channel is dropped, so the engine drops the sequence.
+async fn whole(choices: Vec<Choice>, meta: Arc<ResponseMeta>, log: impl Fn(usize, &str)) -> Response {
+    let answers = futures_util::future::join_all(choices.into_iter().map(|c| c.read_all(&meta.tokenizer))).await;
+    let (mut choices, mut count, mut how) = (Vec::new(), 0, Vec::new());
+    for (index, answer) in answers.into_iter().enumerate() {
+        let (text, tokens, finish) = match answer {
+            Ok(a) => a,
+            Err(e) => {
+                log(count, "failed");
+                return e.into_response();
+            }
+        };
+        count += tokens.len();
+        how.push(finish.name());
+        let logprobs = match meta.logprobs(&tokens, &mut 0) {
+            Ok(l) => l,
+            Err(e) => return e.into_response(),
+        };
+        choices.push(meta.choice(index, &text, Some(finish), logprobs, false, false));
+    }
+    log(count, &how.join(","));
+    let mut body = meta.body(choices, false);
+    body["usage"] = meta.usage(count);
     Json(body).into_response()
 }
 
-/// Server-sent events: one chunk per piece of text, a last chunk with the finish reason and the
-/// usage, then `data: [DONE]`. A forwarding task turns engine events into SSE events; when the
-/// client goes away its channel closes, and so does the engine's, which drops the sequence.
-fn stream(tokenizer: Arc<Tokenizer>, mut events: mpsc::UnboundedReceiver<Event>, mut scan: StopScan, meta: ResponseMeta, log: impl Fn(usize, &str) + Send + 'static) -> impl IntoResponse {
+/// What a choice's task hands the stream: a chunk, its last chunk (with its token count), or an
+/// error body.
+enum Out {
+    Chunk(Value),
+    Last(Value, usize, Finish),
+    Failed(Value),
+}
+
+/// Server-sent events: chunks of text per choice (`index`), each choice's last chunk with its
+/// finish reason — the very last one sent also carries the usage of all choices — then
+/// `data: [DONE]`. One task per choice reads its events; one forwards their chunks. When the
+/// client goes away the forwarding task ends, the choices' tasks with it, and their channels
+/// close, so the engine drops the sequences.
+fn stream(choices: Vec<Choice>, meta: Arc<ResponseMeta>, log: impl Fn(usize, &str) + Send + 'static) -> impl IntoResponse {
     let (tx, rx) = mpsc::channel::<SseEvent>(64);
-    tokio::spawn(async move {
-        let mut text = TextStream::new(tokenizer);
-        let (mut count, mut first) = (0usize, true);
-        let send = |v: Value| SseEvent::default().data(v.to_string());
-        while let Some(event) = events.recv().await {
-            let (piece, done) = match event {
-                Event::Token(t) => {
-                    count += 1;
-                    match text.push(t) {
-                        Ok(piece) => (scan.push(&piece), scan.stopped().then_some(Finish::Stop)),
-                        Err(e) => {
-                            log(count, "failed");
-                            let _ = tx.send(send(ServeError::Engine(e.to_string()).body())).await;
-                            return;
-                        }
+    let (out, mut outs) = mpsc::unbounded_channel::<Out>();
+    let mut left = choices.len();
+    for (index, mut c) in choices.into_iter().enumerate() {
+        let (out, meta) = (out.clone(), meta.clone());
+        tokio::spawn(async move {
+            let (mut first, mut pending, mut offset, mut count) = (true, Vec::new(), 0usize, 0usize);
+            loop {
+                let u = match c.next().await {
+                    Ok(u) => u,
+                    Err(e) => {
+                        let _ = out.send(Out::Failed(e.body()));
+                        return;
                     }
+                };
+                count += u.token.is_some() as usize;
+                pending.extend(u.token);
+                if u.piece.is_empty() && u.finish.is_none() {
+                    continue;
                 }
-                Event::Done(finish) => (scan.finish(), Some(finish)),
-                Event::Failed(e) => {
+                let logprobs = match meta.logprobs(&std::mem::take(&mut pending), &mut offset) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        let _ = out.send(Out::Failed(e.body()));
+                        return;
+                    }
+                };
+                let chunk = meta.body(vec![meta.choice(index, &u.piece, u.finish, logprobs, true, std::mem::take(&mut first))], true);
+                // Returning drops `c` and its events, so the engine drops the sequence.
+                if let Some(finish) = u.finish {
+                    let _ = out.send(Out::Last(chunk, count, finish));
+                    return;
+                }
+                if out.send(Out::Chunk(chunk)).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    drop(out);
+    tokio::spawn(async move {
+        let send = |v: Value| SseEvent::default().data(v.to_string());
+        let (mut count, mut how) = (0, Vec::new());
+        while let Some(o) = outs.recv().await {
+            let event = match o {
+                Out::Chunk(chunk) => send(chunk),
+                Out::Last(mut chunk, tokens, finish) => {
+                    (left, count) = (left - 1, count + tokens);
+                    how.push(finish.name());
+                    if left == 0 {
+                        chunk["usage"] = meta.usage(count);
+                    }
+                    send(chunk)
+                }
+                Out::Failed(body) => {
                     log(count, "failed");
-                    let _ = tx.send(send(ServeError::Engine(e).body())).await;
+                    let _ = tx.send(send(body)).await;
                     return;
                 }
             };
-            if !piece.is_empty() && tx.send(send(meta.body(meta.choice(&piece, None, true, std::mem::take(&mut first)), true))).await.is_err() {
+            if tx.send(event).await.is_err() {
                 log(count, "abandoned by the client");
                 return;
             }
-            if let Some(finish) = done {
-                // Ending here drops `events`, so the engine drops the sequence (a stop string).
-                let mut body = meta.body(meta.choice("", Some(finish), true, false), true);
-                body["usage"] = meta.usage(count);
-                log(count, finish.name());
-                let _ = tx.send(send(body)).await;
+            if left == 0 {
+                log(count, &how.join(","));
                 let _ = tx.send(SseEvent::default().data("[DONE]")).await;
                 return;
             }

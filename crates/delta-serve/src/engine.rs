@@ -2,13 +2,14 @@
 //! whatever model it is on — and feeds it its next tokens (a chunk of its prompt, or the token it
 //! just produced) through one `step_batch`: one base product per projection for all rows plus
 //! each delta's term for its rows. New requests join at the next step; finished or abandoned ones
-//! leave. Tokens go back to each request's channel as they come.
+//! leave. Tokens go back to each request's channel as they come. A request for several choices
+//! (`n`) prefills its prompt once; the choices then go on from copies of that KV cache.
 
 use std::sync::mpsc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use delta_models::generate::{pick, Sampling, SplitMix};
+use delta_models::generate::{logprobs, pick, Sampling, SplitMix, TokenLogprobs};
 use delta_models::multi::{step_batch, SeqStep};
 use delta_models::{CpuBackend, KvCache, Llama};
 use tokio::sync::mpsc::UnboundedSender;
@@ -33,22 +34,32 @@ impl Finish {
     }
 }
 
-/// What a request hears back, in order: tokens, then `Done` or `Failed`.
+/// What a choice hears back, in order: tokens, then `Done` or `Failed`.
 #[derive(Debug)]
 pub enum Event {
-    Token(u32),
+    Token(Sampled),
     Done(Finish),
     Failed(String),
 }
 
-/// One generation to run.
+/// One generated token, with its log-probabilities when the job asked for them.
+#[derive(Debug)]
+pub struct Sampled {
+    pub id: u32,
+    pub logprobs: Option<TokenLogprobs>,
+}
+
+/// One generation to run, for one or more choices.
 pub struct Job {
     pub model: Resolved,
     pub prompt: Vec<u32>,
     pub max_tokens: usize,
     pub sampling: Sampling,
     pub stop: Vec<u32>,
-    pub events: UnboundedSender<Event>,
+    /// `Some(k)`: send each token's log-probability and the k most likely tokens with it.
+    pub logprobs: Option<usize>,
+    /// One channel per choice; choice i samples with the seed `sampling.seed + i`.
+    pub choices: Vec<UnboundedSender<Event>>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -66,13 +77,63 @@ impl Default for EngineOptions {
 }
 
 struct Running {
-    job: Job,
+    job: Arc<Job>,
+    events: UnboundedSender<Event>,
     cache: KvCache<CpuBackend>,
     /// Prompt tokens fed so far.
     fed: usize,
     generated: usize,
     last: u32,
     rng: SplitMix,
+    /// The job's other choices (channel, seed), split off when the prompt is in the cache.
+    forks: Vec<(UnboundedSender<Event>, u64)>,
+}
+
+impl Running {
+    fn admit(mut job: Job, layers: usize) -> Self {
+        let seed = job.sampling.seed;
+        let mut choices = std::mem::take(&mut job.choices).into_iter();
+        let events = choices.next().unwrap_or_else(|| tokio::sync::mpsc::unbounded_channel().0);
+        let forks = choices.zip(1u64..).map(|(c, i)| (c, seed.wrapping_add(i))).collect();
+        Running { job: Arc::new(job), events, cache: KvCache::new(layers), fed: 0, generated: 0, last: 0, rng: SplitMix(seed), forks }
+    }
+
+    /// Places in the batch: the sequence and the choices it will split into.
+    fn places(&self) -> usize {
+        1 + self.forks.len()
+    }
+
+    /// Nobody is listening any more (the client went away, or every choice hit a stop string).
+    fn abandoned(&self) -> bool {
+        self.events.is_closed() && self.forks.iter().all(|(c, _)| c.is_closed())
+    }
+
+    /// Picks and sends the next token from this sequence's row of logits; true when it is done.
+    fn emit(&mut self, row: &[f32], stats: &Stats) -> bool {
+        let next = match pick(row, &self.job.sampling, &mut self.rng) {
+            Ok(t) => t,
+            Err(e) => {
+                let _ = self.events.send(Event::Failed(e.to_string()));
+                return true;
+            }
+        };
+        self.generated += 1;
+        stats.tokens.fetch_add(1, Ordering::Relaxed);
+        self.last = next;
+        let logprobs = self.job.logprobs.map(|k| logprobs(row, next, k));
+        let sent = self.events.send(Event::Token(Sampled { id: next, logprobs })).is_ok();
+        let end = if self.job.stop.contains(&next) {
+            Some(Finish::Stop)
+        } else if self.generated >= self.job.max_tokens {
+            Some(Finish::Length)
+        } else {
+            None
+        };
+        if let Some(end) = end {
+            let _ = self.events.send(Event::Done(end));
+        }
+        end.is_some() || !sent
+    }
 }
 
 /// What the loop has done so far (for `/health` and benchmarks).
@@ -112,30 +173,30 @@ impl Engine {
 fn run(base: &Llama<CpuBackend>, options: EngineOptions, queue: mpsc::Receiver<Job>, stats: &Stats) {
     let layers = base.layers.len();
     let mut running: Vec<Running> = Vec::new();
-    let admit = |job: Job| Running { rng: SplitMix(job.sampling.seed), job, cache: KvCache::new(layers), fed: 0, generated: 0, last: 0 };
     loop {
         if running.is_empty() {
             match queue.recv() {
-                Ok(job) => running.push(admit(job)),
+                Ok(job) => running.push(Running::admit(job, layers)),
                 Err(_) => return,
             }
         }
-        while running.len() < options.max_batch.max(1) {
+        while running.iter().map(Running::places).sum::<usize>() < options.max_batch.max(1) {
             match queue.try_recv() {
-                Ok(job) => running.push(admit(job)),
+                Ok(job) => running.push(Running::admit(job, layers)),
                 Err(_) => break,
             }
         }
         // A client that went away frees its place now rather than after its last token.
-        running.retain(|r| !r.job.events.is_closed());
+        running.retain(|r| !r.abandoned());
         if running.is_empty() {
             continue;
         }
         let inputs: Vec<Vec<u32>> = running
             .iter()
             .map(|r| {
-                if r.fed < r.job.prompt.len() {
-                    r.job.prompt[r.fed..(r.fed + options.prefill_chunk.max(1)).min(r.job.prompt.len())].to_vec()
+                let prompt = &r.job.prompt;
+                if r.fed < prompt.len() {
+                    prompt[r.fed..(r.fed + options.prefill_chunk.max(1)).min(prompt.len())].to_vec()
                 } else {
                     vec![r.last]
                 }
@@ -160,7 +221,9 @@ fn run(base: &Llama<CpuBackend>, options: EngineOptions, queue: mpsc::Receiver<J
             Ok(l) => l,
             Err(e) => {
                 for r in running.drain(..) {
-                    let _ = r.job.events.send(Event::Failed(e.to_string()));
+                    for events in std::iter::once(&r.events).chain(r.forks.iter().map(|f| &f.0)) {
+                        let _ = events.send(Event::Failed(e.to_string()));
+                    }
                 }
                 continue;
             }
@@ -179,7 +242,8 @@ fn run(base: &Llama<CpuBackend>, options: EngineOptions, queue: mpsc::Receiver<J
         stats.sequences.fetch_add(running.len() as u64, Ordering::Relaxed);
         stats.max_sequences.fetch_max(running.len() as u64, Ordering::Relaxed);
         stats.max_models.fetch_max(models.len() as u64, Ordering::Relaxed);
-        let mut finished = Vec::new();
+        let mut done = vec![false; running.len()];
+        let mut split = Vec::new();
         for (k, (r, ids)) in running.iter_mut().zip(&inputs).enumerate() {
             if r.fed < r.job.prompt.len() {
                 r.fed += ids.len();
@@ -187,36 +251,21 @@ fn run(base: &Llama<CpuBackend>, options: EngineOptions, queue: mpsc::Receiver<J
                     continue;
                 }
             }
-            let next = match pick(&logits[k * vocab..(k + 1) * vocab], &r.job.sampling, &mut r.rng) {
-                Ok(t) => t,
-                Err(e) => {
-                    let _ = r.job.events.send(Event::Failed(e.to_string()));
-                    finished.push(k);
-                    continue;
+            let row = &logits[k * vocab..(k + 1) * vocab];
+            // The prompt is in the cache: the other choices start from copies of it.
+            for (events, seed) in std::mem::take(&mut r.forks) {
+                let mut fork = Running { job: r.job.clone(), events, cache: r.cache.clone(), fed: r.fed, generated: 0, last: 0, rng: SplitMix(seed), forks: Vec::new() };
+                if !fork.emit(row, stats) {
+                    split.push(fork);
                 }
-            };
-            r.generated += 1;
-            stats.tokens.fetch_add(1, Ordering::Relaxed);
-            r.last = next;
-            let sent = r.job.events.send(Event::Token(next)).is_ok();
-            let end = if r.job.stop.contains(&next) {
-                Some(Finish::Stop)
-            } else if r.generated >= r.job.max_tokens {
-                Some(Finish::Length)
-            } else {
-                None
-            };
-            if let Some(end) = end {
-                let _ = r.job.events.send(Event::Done(end));
             }
-            if end.is_some() || !sent {
-                finished.push(k);
-            }
+            done[k] = r.emit(row, stats);
         }
         let mut k = 0;
         running.retain(|_| {
             k += 1;
-            !finished.contains(&(k - 1))
+            !done[k - 1]
         });
+        running.extend(split);
     }
 }
