@@ -15,7 +15,7 @@ const PREFETCH_ROWS: usize = 8;
 const INPUT_BLOCK: usize = 64;
 
 /// Most accumulator floats a task of [`dense_matmul_t`] keeps (64 KiB, inside L2).
-const MAX_ACC_FLOATS: usize = 16 << 10;
+pub(crate) const MAX_ACC_FLOATS: usize = 16 << 10;
 
 /// `Y = X · W` for a weight given as `wt` (`[in, out]`, row-major — the transposed layout the
 /// models keep): the decode-shaped product. Each weight is read once for all `rows` of X, output
@@ -55,7 +55,7 @@ pub fn dense_matmul_t(x: &[f32], wt: &[f32], inp: usize, out: usize, y: &mut [f3
 }
 
 /// `acc[r, c - c0] = Σ_i x[r, i] · wt[i, c]` for c in c0..c1 (`acc` comes in zeroed).
-fn axpy_columns(x: &[f32], wt: &[f32], inp: usize, out: usize, c0: usize, c1: usize, acc: &mut [f32]) {
+pub(crate) fn axpy_columns(x: &[f32], wt: &[f32], inp: usize, out: usize, c0: usize, c1: usize, acc: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
         // SAFETY: the CPU supports AVX-512F (checked just above).

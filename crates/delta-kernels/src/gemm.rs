@@ -100,7 +100,7 @@ fn decode_delta_add(groups: Vec<(&CompressedWeight<'_>, ScaleFactors<'_>, Vec<us
 
 /// From this many rows on, a tile of Δ̂ is unpacked and multiplied as a dense GEMM: unpacking
 /// costs one pass over the tile, the GEMM then runs at full arithmetic speed for every row.
-const TILE_MIN_ROWS: usize = 8;
+pub(crate) const TILE_MIN_ROWS: usize = 8;
 /// Bytes of one unpacked Δ̂ tile (kept in the L2 cache while the GEMM reads it).
 const TILE_BYTES: usize = 256 << 10;
 
@@ -149,7 +149,7 @@ fn tiled_delta_matmul_add(w: &CompressedWeight<'_>, f: &ScaleFactors<'_>, rows: 
 
 /// Σ_j S[j]·z[j] for one packed sign row.
 #[inline]
-fn signed_dot(words: &[u32], z: &[f32]) -> f32 {
+pub(crate) fn signed_dot(words: &[u32], z: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU supports AVX2 (checked just above).

@@ -7,6 +7,7 @@
 //!   rows each pick a resident delta (fast path + f64 reference oracle); on AVX-512 CPUs its
 //!   decode-shaped sums come from `subset_sums` (16 output rows per register, table lookups).
 //! - [`dense`]: the base product `Y = X·W` of a decode step, read in place (no packing).
+//! - [`fused`]: a decode step's whole projection, base product and delta terms, in one pass.
 //! - [`convert`]: bf16 / f16 / f32 conversions (round to nearest even).
 //!
 //! - [`cube`] (feature `cube`, with `wgpu` or `cuda`): the batched delta product as a CubeCL
@@ -18,6 +19,7 @@ pub mod cube;
 pub mod delta;
 pub mod dense;
 pub mod error;
+pub mod fused;
 pub mod gemm;
 pub mod merge;
 mod subset_sums;

@@ -31,14 +31,11 @@ impl<B: Backend> DeltaLinear<B> {
     /// `x`: `[rows, in]` -> `[rows, out]`.
     pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
         // Decode-shaped on the CPU: base product and delta term in one pass over host values.
-        let fused = crate::host::few_rows(&x, &self.base.weight_t, &mut |xs, y| {
-            delta_matmul_add(&self.delta, xs, y).expect("shapes checked in new")
-        });
-        if let Some(y) = fused {
+        let [rows, _] = x.dims();
+        if let Some(y) = crate::host::few_rows(&x, &self.base.weight_t, &[&self.delta], &vec![Some(0); rows]) {
             return self.base.add_bias(y);
         }
         let device = x.device();
-        let [rows, _] = x.dims();
         let mut y = vec![0f32; rows * self.delta.rows()];
         crate::host::with_values(&x, |xs| delta_matmul_add(&self.delta, xs, &mut y).expect("shapes checked in new"));
         let term = Tensor::<B, 2>::from_data(TensorData::new(y, [rows, self.delta.rows()]), &device);

@@ -1,7 +1,8 @@
 //! The CPU fast path for decode-shaped products. Burn's NdArray matmul hands every product to a
 //! general GEMM that packs the whole weight first, which at one or a few rows costs more than
 //! the product itself (measured: 4.7 tokens/s decode on SmolLM2-135M). On the CPU backend, few-row
-//! products read the weight in place (`delta_kernels::dense::dense_matmul_t`); everything else —
+//! products read the weight in place, with any packed delta terms in the same pass
+//! (`delta_kernels::fused::dense_delta_matmul_t`); everything else —
 //! and every other backend — goes through Burn. Also the host-side arithmetic on logits
 //! ([`logsumexp`]) that scoring and perplexity do row by row instead of through softmax tensors.
 
@@ -10,6 +11,7 @@ use std::any::Any;
 use burn::backend::ndarray::NdArrayTensor;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
+use delta_format::CompressedWeight;
 
 use crate::CpuBackend;
 
@@ -19,23 +21,24 @@ pub const FEW_ROWS: usize = 16;
 
 /// `x · wt` (`x`: `[rows, in]`, `wt`: `[in, out]`).
 pub fn matmul<B: Backend>(x: Tensor<B, 2>, wt: &Tensor<B, 2>) -> Tensor<B, 2> {
-    few_rows(&x, wt, &mut |_, _| {}).unwrap_or_else(|| x.matmul(wt.clone()))
+    few_rows(&x, wt, &[], &[]).unwrap_or_else(|| x.matmul(wt.clone()))
 }
 
-/// `x · wt` on the host when `B` is the CPU backend, `x` has at most [`FEW_ROWS`] rows and the
-/// weight is contiguous f32, with `epilogue(x, y)` run on the host values before `y` goes back
-/// into a tensor (so a fused delta term costs no second round trip). `None` otherwise.
-pub fn few_rows<B: Backend>(x: &Tensor<B, 2>, wt: &Tensor<B, 2>, epilogue: &mut dyn FnMut(&[f32], &mut [f32])) -> Option<Tensor<B, 2>> {
+/// `x · wt` plus, for every row r with `idx[r] = Some(d)`, the packed delta term `x[r]·Δ̂_dᵀ`
+/// (`idx` empty: none) — on the host, in one pass, when `B` is the CPU backend, `x` has at most
+/// [`FEW_ROWS`] rows and the weight is contiguous f32. `None` otherwise.
+pub fn few_rows<B: Backend>(x: &Tensor<B, 2>, wt: &Tensor<B, 2>, deltas: &[&CompressedWeight<'_>], idx: &[Option<usize>]) -> Option<Tensor<B, 2>> {
     let [rows, inp] = x.dims();
     let out = wt.dims()[1];
     if rows > FEW_ROWS {
         return None;
     }
+    let none = vec![None; if idx.is_empty() { rows } else { 0 }];
+    let idx = if idx.is_empty() { &none } else { idx };
     in_place(wt, |w| {
         let y = with_values(x, |xs| {
             let mut y = vec![0f32; rows * out];
-            delta_kernels::dense::dense_matmul_t(xs, w, inp, out, &mut y).expect("shapes from the tensors");
-            epilogue(xs, &mut y);
+            delta_kernels::fused::dense_delta_matmul_t(xs, w, inp, out, deltas, idx, &mut y).expect("shapes checked when the layers were built");
             y
         });
         Tensor::from_data(TensorData::new(y, [rows, out]), &x.device())

@@ -4,9 +4,10 @@
 //! model whose projections are `DeltaLinear`s over the base's own weight tensors (Burn tensors are
 //! reference-counted, so nothing of the base is duplicated) and whose changed small tensors
 //! (norms, biases) are its own. [`step_batch`] runs sequences of *different* tenants (or of the
-//! base) through one forward: per projection, one base product for every row of every sequence,
-//! then each tenant's delta term for its rows through `batched_delta_matmul_add`; attention runs
-//! per sequence against its own KV cache. That is the multi-tenant decode step of `bitdelta serve`.
+//! base) through one forward: per projection, one base product for every row of every sequence
+//! with each tenant's delta term for its rows — in one pass at decode sizes
+//! (`delta_kernels::fused`), else the base product then `batched_delta_matmul_add`; attention
+//! runs per sequence against its own KV cache. That is the multi-tenant decode step of `bitdelta serve`.
 
 use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
@@ -205,24 +206,23 @@ pub fn step_batch<B: Backend>(base: &Llama<B>, seqs: &mut [SeqStep<'_, B>]) -> R
     Ok(Tensor::cat(logits.into_iter().flatten().collect(), 0))
 }
 
-/// Projection `k` of block `i` for every row: `x·W_baseᵀ` for all rows at once, then per sequence
-/// its tenant's part — the packed delta term (all tenants in one batched call), or a whole
-/// replacement weight — and its bias.
+/// Projection `k` of block `i` for every row: `x·W_baseᵀ` for all rows at once with the packed
+/// delta terms of every tenant that has one (one pass for a decode step, else the base product
+/// then one batched delta call), then per sequence a whole replacement weight where its tenant
+/// has one, and its bias.
 fn project<B: Backend>(base: &Llama<B>, tenants: &[Option<&Tenant<B>>], spans: &[(usize, usize)], i: usize, k: usize, x: Tensor<B, 2>) -> Tensor<B, 2> {
     let base_linear = base.layers[i].projections()[k].linear();
     let [rows, inp] = x.dims();
     let out = base_linear.weight_t.dims()[1];
-    let y = crate::host::matmul(x.clone(), &base_linear.weight_t);
     let projection = |s: usize| tenants[s].map(|t| (t, t.model.layers[i].projections()[k]));
     let plain = (0..spans.len()).all(|s| match projection(s) {
         None => true,
         Some((t, p)) => !t.own_dense[i][k] && matches!(p, Projection::Dense(_)),
     });
     if plain {
-        return base_linear.add_bias(y);
+        return base_linear.add_bias(crate::host::matmul(x, &base_linear.weight_t));
     }
     let device = x.device();
-    let mut yv = crate::host::with_values(&y, |v| v.to_vec());
     let mut deltas: Vec<&CompressedWeight<'static>> = Vec::new();
     let (mut delta_rows, mut idx) = (Vec::new(), Vec::new());
     let mut dense: Vec<(usize, &Linear<B>)> = Vec::new();
@@ -244,17 +244,27 @@ fn project<B: Backend>(base: &Llama<B>, tenants: &[Option<&Tenant<B>>], spans: &
             _ => {}
         }
     }
-    if !deltas.is_empty() {
-        crate::host::with_values(&x, |xv| {
-            let xs: Vec<f32> = delta_rows.iter().flat_map(|&r| xv[r * inp..(r + 1) * inp].iter().copied()).collect();
-            let mut ys: Vec<f32> = delta_rows.iter().flat_map(|&r| yv[r * out..(r + 1) * out].iter().copied()).collect();
-            batched_delta_matmul_add(&deltas, &idx, &xs, &mut ys).expect("shapes checked when the tenants were built");
-            for (j, &r) in delta_rows.iter().enumerate() {
-                yv[r * out..(r + 1) * out].copy_from_slice(&ys[j * out..(j + 1) * out]);
-            }
-        });
+    let mut row_delta = vec![None; rows];
+    for (&r, &d) in delta_rows.iter().zip(&idx) {
+        row_delta[r] = Some(d);
     }
-    let mut y = Tensor::<B, 2>::from_data(TensorData::new(yv, [rows, out]), &device);
+    let mut y = match crate::host::few_rows(&x, &base_linear.weight_t, &deltas, &row_delta) {
+        Some(y) => y,
+        None => {
+            // Prefill-sized: Burn's GEMM for the base, then the delta terms of the rows with one.
+            let y = crate::host::matmul(x.clone(), &base_linear.weight_t);
+            let mut yv = crate::host::with_values(&y, |v| v.to_vec());
+            crate::host::with_values(&x, |xv| {
+                let xs: Vec<f32> = delta_rows.iter().flat_map(|&r| xv[r * inp..(r + 1) * inp].iter().copied()).collect();
+                let mut ys: Vec<f32> = delta_rows.iter().flat_map(|&r| yv[r * out..(r + 1) * out].iter().copied()).collect();
+                batched_delta_matmul_add(&deltas, &idx, &xs, &mut ys).expect("shapes checked when the tenants were built");
+                for (j, &r) in delta_rows.iter().enumerate() {
+                    yv[r * out..(r + 1) * out].copy_from_slice(&ys[j * out..(j + 1) * out]);
+                }
+            });
+            Tensor::<B, 2>::from_data(TensorData::new(yv, [rows, out]), &device)
+        }
+    };
     for (s, l) in dense {
         let (at, n) = spans[s];
         y = y.slice_assign([at..at + n, 0..out], crate::host::matmul(x.clone().narrow(0, at, n), &l.weight_t));

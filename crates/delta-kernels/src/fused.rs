@@ -1,0 +1,161 @@
+//! A whole decode-step projection in one pass: `Y = X · W_base` plus, for each row that has one,
+//! its delta's term `Δ̂ · X[r, :]`. Each task owns a block of output columns: it computes their
+//! base sums for every row ([`crate::dense`]) and then adds their delta terms — columns of the
+//! base's `[in, out]` layout are the output rows of Δ̂, whose signs it reads in the same task.
+//! A layer then costs one fork-join instead of three (base product, activation tables, delta
+//! term), which at decode sizes is most of what the separate calls cost beyond the reading.
+//!
+//! Bit for bit, every row gets what [`crate::dense::dense_matmul_t`] followed by
+//! [`crate::gemm::batched_delta_matmul_add`] give it: the same FMA chains for the base, the
+//! same signed sums, added the same way.
+
+use std::borrow::Borrow;
+
+use delta_format::CompressedWeight;
+use rayon::prelude::*;
+
+use crate::dense::{axpy_columns, dense_matmul_t, MAX_ACC_FLOATS};
+use crate::error::KernelError;
+use crate::gemm::{batched_delta_matmul_add, signed_dot, TILE_MIN_ROWS};
+use crate::merge::ScaleFactors;
+use crate::per_task;
+use crate::subset_sums::{self, SumTables, LANES};
+
+/// `Y = X · W + [Δ̂_{idx[r]} · X[r, :] for the rows r with a delta]`: X is `[rows, inp]`, the base
+/// weight `wt` is `[inp, out]` (the models' transposed layout), Y is `[rows, out]`, `idx` has one
+/// entry per row (`None`: the base alone). Decode-sized batches (fewer than 8 rows on each delta)
+/// go in one parallel pass; larger ones through the base product and the batched delta product.
+pub fn dense_delta_matmul_t<'w, W: Borrow<CompressedWeight<'w>>>(x: &[f32], wt: &[f32], inp: usize, out: usize, deltas: &[W], idx: &[Option<usize>], y: &mut [f32]) -> Result<(), KernelError> {
+    let rows = idx.len();
+    if x.len() != rows * inp || wt.len() != inp * out || y.len() != rows * out {
+        return Err(KernelError::Batch(format!(
+            "fused product: {rows} rows need x of {} and y of {} values, W [{inp}, {out}] of {}; got {}, {}, {}",
+            rows * inp,
+            rows * out,
+            inp * out,
+            x.len(),
+            y.len(),
+            wt.len()
+        )));
+    }
+    if let Some(d) = deltas.iter().map(Borrow::borrow).find(|d| (d.rows(), d.cols()) != (out, inp)) {
+        return Err(KernelError::Batch(format!("delta `{}` is [{}, {}], the base weight [{out}, {inp}]", d.name, d.rows(), d.cols())));
+    }
+    if let Some(bad) = idx.iter().flatten().find(|&&d| d >= deltas.len()) {
+        return Err(KernelError::Batch(format!("row delta index {bad} but only {} deltas", deltas.len())));
+    }
+    if rows == 0 || out == 0 {
+        return Ok(());
+    }
+    // Rows by delta, with each delta's scale factors, activations z = c ⊙ x and their tables.
+    let tabled = subset_sums::available();
+    let mut groups = Vec::new();
+    for (d, w) in deltas.iter().map(Borrow::borrow).enumerate() {
+        let members: Vec<usize> = (0..rows).filter(|&r| idx[r] == Some(d)).collect();
+        if !members.is_empty() {
+            groups.push((w, members));
+        }
+    }
+    if groups.iter().any(|(_, members)| members.len() >= TILE_MIN_ROWS) || inp == 0 {
+        return separately(x, wt, inp, out, deltas, idx, y);
+    }
+    let groups = groups
+        .into_iter()
+        .map(|(w, members)| {
+            let f = ScaleFactors::new(&w.name, w.mode, &w.scales, out, inp)?;
+            let z: Vec<f32> = members.iter().flat_map(|&r| x[r * inp..(r + 1) * inp].iter().zip(f.cols.iter()).map(|(a, c)| a * c)).collect();
+            let tables: Vec<SumTables> = if tabled { z.chunks_exact(inp).map(|zr| SumTables::new(zr, w.signs.words_per_row())).collect() } else { Vec::new() };
+            Ok((w, f, members, z, tables))
+        })
+        .collect::<Result<Vec<_>, KernelError>>()?;
+    let width = per_task(out, LANES).next_multiple_of(LANES).min((MAX_ACC_FLOATS / rows).max(LANES));
+    let parts: Vec<Vec<f32>> = (0..out.div_ceil(width))
+        .into_par_iter()
+        .map(|t| {
+            let (c0, c1) = (t * width, ((t + 1) * width).min(out));
+            let n = c1 - c0;
+            let mut acc = vec![0f32; rows * n];
+            axpy_columns(x, wt, inp, out, c0, c1, &mut acc);
+            let mut sums = vec![0f32; n.next_multiple_of(LANES)];
+            for (w, f, members, z, tables) in &groups {
+                for (k, &r) in members.iter().enumerate() {
+                    if tabled {
+                        sums.fill(0.0);
+                        subset_sums::add_sums(w.signs.words(), w.signs.words_per_row(), c0, c1, &tables[k], &mut sums);
+                    } else {
+                        for (i, s) in (c0..c1).zip(sums.iter_mut()) {
+                            *s = signed_dot(w.signs.row(i), &z[k * inp..(k + 1) * inp]);
+                        }
+                    }
+                    for ((a, s), scale) in acc[r * n..(r + 1) * n].iter_mut().zip(&sums).zip(&f.rows[c0..c1]) {
+                        *a += scale * s;
+                    }
+                }
+            }
+            acc
+        })
+        .collect();
+    for (t, acc) in parts.iter().enumerate() {
+        let (c0, n) = (t * width, acc.len() / rows);
+        for (r, part) in acc.chunks_exact(n).enumerate() {
+            y[r * out + c0..r * out + c0 + n].copy_from_slice(part);
+        }
+    }
+    Ok(())
+}
+
+/// Prefill-sized groups: the base product, then the delta terms of the rows that have one.
+fn separately<'w, W: Borrow<CompressedWeight<'w>>>(x: &[f32], wt: &[f32], inp: usize, out: usize, deltas: &[W], idx: &[Option<usize>], y: &mut [f32]) -> Result<(), KernelError> {
+    dense_matmul_t(x, wt, inp, out, y)?;
+    let with: Vec<usize> = (0..idx.len()).filter(|&r| idx[r].is_some()).collect();
+    let xs: Vec<f32> = with.iter().flat_map(|&r| x[r * inp..(r + 1) * inp].iter().copied()).collect();
+    let mut ys: Vec<f32> = with.iter().flat_map(|&r| y[r * out..(r + 1) * out].iter().copied()).collect();
+    let which: Vec<usize> = with.iter().map(|&r| idx[r].expect("rows with a delta")).collect();
+    batched_delta_matmul_add(deltas, &which, &xs, &mut ys)?;
+    for (k, &r) in with.iter().enumerate() {
+        y[r * out..(r + 1) * out].copy_from_slice(&ys[k * out..(k + 1) * out]);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::{random, weight};
+    use delta_format::ScaleMode;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(80))]
+        /// Against the separate calls, bit for bit (and so against their oracles), with rows on
+        /// the base alone, several deltas, and groups large enough to take the separate path.
+        #[test]
+        fn one_pass_equals_the_separate_products_bit_for_bit(
+            rows in 1usize..20, out in 1usize..300, inp in 1usize..150, n in 0usize..4, seed in any::<u64>(),
+            mode in prop::sample::select(ScaleMode::ALL.to_vec()),
+        ) {
+            let deltas: Vec<_> = (0..n).map(|d| weight(out, inp, mode, seed.wrapping_add(d as u64 * 1000))).collect();
+            let idx: Vec<Option<usize>> = random(rows, seed ^ 3).iter().map(|v| {
+                let k = (v.abs() * 1000.0) as usize % (n + 1);
+                (k < n).then_some(k)
+            }).collect();
+            let x = random(rows * inp, seed ^ 11);
+            let wt = random(inp * out, seed ^ 13);
+            let mut fused = vec![f32::NAN; rows * out];
+            dense_delta_matmul_t(&x, &wt, inp, out, &deltas, &idx, &mut fused).unwrap();
+            let mut want = vec![f32::NAN; rows * out];
+            separately(&x, &wt, inp, out, &deltas, &idx, &mut want).unwrap();
+            prop_assert!(fused == want, "rows {rows}, idx {idx:?}");
+        }
+    }
+
+    #[test]
+    fn bad_shapes_and_indices_are_errors() {
+        let w = weight(3, 33, ScaleMode::Scalar, 1);
+        let wt = vec![0f32; 33 * 3];
+        assert!(dense_delta_matmul_t(&[0.0; 33], &wt, 33, 3, &[&w], &[Some(1)], &mut [0.0; 3]).is_err());
+        assert!(dense_delta_matmul_t(&[0.0; 33], &wt, 33, 3, &[&w], &[Some(0)], &mut [0.0; 4]).is_err());
+        assert!(dense_delta_matmul_t(&[0.0; 32], &wt, 32, 3, &[&w], &[Some(0)], &mut [0.0; 3]).is_err());
+        assert!(dense_delta_matmul_t(&[0.0; 33], &wt, 33, 3, &[&w], &[Some(0)], &mut [0.0; 3]).is_ok());
+    }
+}
