@@ -8,6 +8,9 @@
 //! Bit for bit, every row gets what [`crate::dense::dense_matmul_t`] followed by
 //! [`crate::gemm::batched_delta_matmul_add`] give it: the same FMA chains for the base, the
 //! same signed sums, added the same way.
+//!
+//! Prefill-sized products of one delta go through [`merged_matmul_t`] instead: the merged weight
+//! one tile at a time, one GEMM.
 
 use std::borrow::Borrow;
 
@@ -17,7 +20,7 @@ use rayon::prelude::*;
 use crate::dense::{axpy_columns, dense_matmul_t, MAX_ACC_FLOATS};
 use crate::error::KernelError;
 use crate::gemm::{batched_delta_matmul_add, signed_dot, TILE_MIN_ROWS};
-use crate::merge::ScaleFactors;
+use crate::merge::{with_sign, ScaleFactors};
 use crate::per_task;
 use crate::subset_sums::{self, SumTables, LANES};
 
@@ -104,6 +107,83 @@ pub fn dense_delta_matmul_t<'w, W: Borrow<CompressedWeight<'w>>>(x: &[f32], wt: 
     Ok(())
 }
 
+/// Bytes of one merged tile of [`merged_matmul_t`] (a whole SmolLM2 projection fits in one).
+const MERGED_TILE_BYTES: usize = 4 << 20;
+
+/// `Y = X · (W_base + Δ̂)ᵀ` for prefill-sized X (`[rows, inp]`; the base weight `wt` as `[inp,
+/// out]`, Y `[rows, out]`): tile by tile of output columns, the merged weight is built in f32,
+/// unrounded (all cores, 16 rows of Δ̂ per task), then multiplied with one GEMM written straight
+/// into Y — one GEMM for base and delta together where the separate products take two. The GEMM
+/// is `matrixmultiply`'s own multi-threaded one, called once per tile rather than from inside
+/// parallel tasks (nested, its threads and rayon's contend). Decode-sized X is better served by
+/// [`dense_delta_matmul_t`], which reads each weight once per step without unpacking.
+pub fn merged_matmul_t(x: &[f32], wt: &[f32], inp: usize, out: usize, w: &CompressedWeight<'_>, y: &mut [f32]) -> Result<(), KernelError> {
+    let rows = if inp == 0 { 0 } else { x.len() / inp };
+    if x.len() != rows * inp || wt.len() != inp * out || y.len() != rows * out || (w.rows(), w.cols()) != (out, inp) {
+        return Err(KernelError::Batch(format!(
+            "merged product: x has {} values, W [{inp}, {out}] {}, y {}, delta `{}` is [{}, {}]",
+            x.len(),
+            wt.len(),
+            y.len(),
+            w.name,
+            w.rows(),
+            w.cols()
+        )));
+    }
+    y.fill(0.0);
+    if rows == 0 || out == 0 || inp == 0 {
+        return Ok(());
+    }
+    let tile = (MERGED_TILE_BYTES / (4 * inp)).next_multiple_of(LANES);
+    merged_tiles(x, wt, rows, w, y, tile)
+}
+
+/// [`merged_matmul_t`] with `tile` output columns per tile (a multiple of [`LANES`]).
+fn merged_tiles(x: &[f32], wt: &[f32], rows: usize, w: &CompressedWeight<'_>, y: &mut [f32], tile: usize) -> Result<(), KernelError> {
+    let (out, inp) = (w.rows(), w.cols());
+    let f = ScaleFactors::new(&w.name, w.mode, &w.scales, out, inp)?;
+    let tile = tile.min(out);
+    let mut d = vec![0f32; tile * inp];
+    for i0 in (0..out).step_by(tile) {
+        let n = tile.min(out - i0);
+        d[..n * inp].par_chunks_mut(LANES * inp).enumerate().for_each(|(c, rows_of_d)| merge_rows(w, &f, wt, i0 + c * LANES, rows_of_d));
+        // SAFETY: the pointers and strides describe x [rows, inp], the tile's transpose [inp, n]
+        // (d is [n, inp] row-major) and columns i0..i0 + n of y [rows, out], all in bounds.
+        unsafe {
+            matrixmultiply::sgemm(
+                rows, inp, n, 1.0,
+                x.as_ptr(), inp as isize, 1,
+                d.as_ptr(), 1, inp as isize,
+                0.0, y.as_mut_ptr().add(i0), out as isize, 1,
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Rows `i0..` of the merged weight `W_base + Δ̂` (as many as `d`, `[_, inp]`, holds): the base's
+/// values first, transposed from its `[inp, out]` layout in 16 × 16 blocks (reads and writes both
+/// stay in cache), then each row's Δ̂ added with its signs applied by flipping sign bits.
+fn merge_rows(w: &CompressedWeight<'_>, f: &ScaleFactors<'_>, wt: &[f32], i0: usize, d: &mut [f32]) {
+    let (out, inp) = (w.rows(), w.cols());
+    let n = d.len() / inp;
+    for j0 in (0..inp).step_by(16) {
+        for j in j0..(j0 + 16).min(inp) {
+            for (k, &v) in wt[j * out + i0..j * out + i0 + n].iter().enumerate() {
+                d[k * inp + j] = v;
+            }
+        }
+    }
+    for (k, dr) in d.chunks_exact_mut(inp).enumerate() {
+        let (r, words) = (f.rows[i0 + k], w.signs.row(i0 + k));
+        for ((d32, c32), &word) in dr.chunks_mut(32).zip(f.cols.chunks(32)).zip(words) {
+            for (b, (dv, &c)) in d32.iter_mut().zip(c32).enumerate() {
+                *dv += with_sign(r * c, word, b);
+            }
+        }
+    }
+}
+
 /// Prefill-sized groups: the base product, then the delta terms of the rows that have one.
 fn separately<'w, W: Borrow<CompressedWeight<'w>>>(x: &[f32], wt: &[f32], inp: usize, out: usize, deltas: &[W], idx: &[Option<usize>], y: &mut [f32]) -> Result<(), KernelError> {
     dense_matmul_t(x, wt, inp, out, y)?;
@@ -149,6 +229,34 @@ mod tests {
         }
     }
 
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(60))]
+        /// Against the merged weight built element by element, products summed in f64.
+        #[test]
+        fn merged_product_equals_f64_oracle(
+            rows in 1usize..40, out in 1usize..200, inp in 1usize..150, tiles in 1usize..6, seed in any::<u64>(),
+            mode in prop::sample::select(ScaleMode::ALL.to_vec()),
+        ) {
+            let w = weight(out, inp, mode, seed);
+            let x = random(rows * inp, seed ^ 11);
+            let wt = random(inp * out, seed ^ 13);
+            let mut y = vec![f32::NAN; rows * out];
+            merged_matmul_t(&x, &wt, inp, out, &w, &mut y).unwrap();
+            // Several tiles give the same values as one.
+            let mut tiled = vec![f32::NAN; rows * out];
+            merged_tiles(&x, &wt, rows, &w, &mut tiled, out.div_ceil(tiles).next_multiple_of(LANES)).unwrap();
+            prop_assert!(tiled == y, "{tiles} tiles");
+            let f = ScaleFactors::new(&w.name, w.mode, &w.scales, out, inp).unwrap();
+            for r in 0..rows {
+                for i in 0..out {
+                    let want: f64 = (0..inp).map(|j| (wt[j * out + i] as f64 + f.delta_hat(&w.signs, i, j) as f64) * x[r * inp + j] as f64).sum();
+                    let got = y[r * out + i] as f64;
+                    prop_assert!((got - want).abs() <= 1e-4 * want.abs().max(1.0), "row {r}, output {i}: {got} vs {want}");
+                }
+            }
+        }
+    }
+
     #[test]
     fn bad_shapes_and_indices_are_errors() {
         let w = weight(3, 33, ScaleMode::Scalar, 1);
@@ -157,5 +265,8 @@ mod tests {
         assert!(dense_delta_matmul_t(&[0.0; 33], &wt, 33, 3, &[&w], &[Some(0)], &mut [0.0; 4]).is_err());
         assert!(dense_delta_matmul_t(&[0.0; 32], &wt, 32, 3, &[&w], &[Some(0)], &mut [0.0; 3]).is_err());
         assert!(dense_delta_matmul_t(&[0.0; 33], &wt, 33, 3, &[&w], &[Some(0)], &mut [0.0; 3]).is_ok());
+        assert!(merged_matmul_t(&[0.0; 66], &wt, 33, 3, &w, &mut [0.0; 6]).is_ok());
+        assert!(merged_matmul_t(&[0.0; 66], &wt, 33, 3, &w, &mut [0.0; 5]).is_err());
+        assert!(merged_matmul_t(&[0.0; 64], &wt[..96], 32, 3, &w, &mut [0.0; 6]).is_err());
     }
 }

@@ -1,7 +1,9 @@
 //! `DeltaLinear`: a linear layer that keeps the base weight dense and the fine-tune's delta packed
-//! (1-bit signs + scales), and computes `y = x·W_baseᵀ + x·Δ̂ᵀ` without ever forming a dense Δ.
-//! The delta term goes through `delta_kernels::gemm` on the CPU; on other backends the
-//! activations make a round trip to host memory until the CubeCL kernels land (issue #7).
+//! (1-bit signs + scales), and computes `y = x·W_baseᵀ + x·Δ̂ᵀ` without ever forming a whole
+//! dense Δ. On the CPU, up to 16 rows go through one pass that reads the base weight and the
+//! signs once (`delta_kernels::fused::dense_delta_matmul_t`); more rows through one GEMM on the
+//! merged weight, built a tile at a time (`merged_matmul_t`). On other backends the activations
+//! make a round trip to host memory for the delta term until the CubeCL kernels land (issue #7).
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
@@ -30,9 +32,11 @@ impl<B: Backend> DeltaLinear<B> {
 
     /// `x`: `[rows, in]` -> `[rows, out]`.
     pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        // Decode-shaped on the CPU: base product and delta term in one pass over host values.
+        // On the CPU: decode-shaped, base product and delta term in one pass over host values;
+        // prefill-shaped, one GEMM on the merged weight, a tile at a time.
         let [rows, _] = x.dims();
-        if let Some(y) = crate::host::few_rows(&x, &self.base.weight_t, &[&self.delta], &vec![Some(0); rows]) {
+        let host = crate::host::few_rows(&x, &self.base.weight_t, &[&self.delta], &vec![Some(0); rows]).or_else(|| crate::host::merged(&x, &self.base.weight_t, &self.delta));
+        if let Some(y) = host {
             return self.base.add_bias(y);
         }
         let device = x.device();

@@ -45,6 +45,22 @@ pub fn few_rows<B: Backend>(x: &Tensor<B, 2>, wt: &Tensor<B, 2>, deltas: &[&Comp
     })
 }
 
+/// `x · (W_base + Δ̂)ᵀ` on the host, the base given as `wt` (`[in, out]`), merged one tile at a
+/// time (`delta_kernels::fused::merged_matmul_t`), when `B` is the CPU backend and the weight is
+/// contiguous f32 — a prefill's delta layer in one GEMM. `None` otherwise.
+pub fn merged<B: Backend>(x: &Tensor<B, 2>, wt: &Tensor<B, 2>, delta: &CompressedWeight<'_>) -> Option<Tensor<B, 2>> {
+    let [rows, inp] = x.dims();
+    let out = wt.dims()[1];
+    in_place(wt, |w| {
+        let y = with_values(x, |xs| {
+            let mut y = vec![0f32; rows * out];
+            delta_kernels::fused::merged_matmul_t(xs, w, inp, out, delta, &mut y).expect("shapes checked when the layer was built");
+            y
+        });
+        Tensor::from_data(TensorData::new(y, [rows, out]), &x.device())
+    })
+}
+
 /// Runs `f` on the row-major f32 values of `t`: in place for a contiguous tensor of the CPU
 /// backend, else on a copy (Burn's `to_data`, which on NdArray walks a non-contiguous tensor
 /// element by element).

@@ -6,7 +6,7 @@ use std::borrow::Cow;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use delta_format::{Checkpoint, DeltaArtifact, TensorView};
-use delta_kernels::convert::to_f32_vec;
+use delta_kernels::convert::{to_f32_vec, transpose};
 
 use crate::error::ModelError;
 
@@ -104,12 +104,6 @@ impl<'a, B: Backend> Weights<'a, B> {
     pub fn matrix_t(&self, name: &str, rows: usize, cols: usize) -> Result<Tensor<B, 2>, ModelError> {
         let (v, shape) = self.values(name)?;
         Self::check(name, &shape, &[rows, cols])?;
-        let mut t = vec![0f32; v.len()];
-        for (i, row) in v.chunks_exact(cols).enumerate() {
-            for (j, &x) in row.iter().enumerate() {
-                t[j * rows + i] = x;
-            }
-        }
-        Ok(Tensor::from_data(TensorData::new(t, [cols, rows]), &self.device))
+        Ok(Tensor::from_data(TensorData::new(transpose(&v, rows, cols), [cols, rows]), &self.device))
     }
 }
