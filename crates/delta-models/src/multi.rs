@@ -6,8 +6,9 @@
 //! (norms, biases) are its own. [`step_batch`] runs sequences of *different* tenants (or of the
 //! base) through one forward: per projection, one base product for every row of every sequence
 //! with each tenant's delta term for its rows — in one pass at decode sizes
-//! (`delta_kernels::fused`), else the base product then `batched_delta_matmul_add`; attention
-//! runs per sequence against its own KV cache. That is the multi-tenant decode step of `bitdelta serve`.
+//! (`delta_kernels::fused`), else the base product then `batched_delta_matmul_add` — except that
+//! a tenant's prefill chunk of more than 16 rows goes through its merged weight, as its own
+//! `DeltaLinear` would; attention runs per sequence against its own KV cache. That is the multi-tenant decode step of `bitdelta serve`.
 
 use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
@@ -206,13 +207,38 @@ pub fn step_batch<B: Backend>(base: &Llama<B>, seqs: &mut [SeqStep<'_, B>]) -> R
     Ok(Tensor::cat(logits.into_iter().flatten().collect(), 0))
 }
 
+/// `x·W_baseᵀ` with the delta term of every row that has one (`row_delta[r]`, an index into
+/// `deltas`): one pass at decode sizes, else Burn's GEMM for the base and then the delta terms.
+fn base_and_deltas<B: Backend>(x: &Tensor<B, 2>, wt: &Tensor<B, 2>, deltas: &[&CompressedWeight<'static>], row_delta: &[Option<usize>]) -> Tensor<B, 2> {
+    if let Some(y) = crate::host::few_rows(x, wt, deltas, row_delta) {
+        return y;
+    }
+    let [rows, inp] = x.dims();
+    let out = wt.dims()[1];
+    let y = crate::host::matmul(x.clone(), wt);
+    let with: Vec<usize> = (0..rows).filter(|&r| row_delta[r].is_some()).collect();
+    if with.is_empty() {
+        return y;
+    }
+    let idx: Vec<usize> = with.iter().map(|&r| row_delta[r].expect("rows with a delta")).collect();
+    let mut yv = crate::host::with_values(&y, |v| v.to_vec());
+    crate::host::with_values(x, |xv| {
+        let xs: Vec<f32> = with.iter().flat_map(|&r| xv[r * inp..(r + 1) * inp].iter().copied()).collect();
+        let mut ys: Vec<f32> = with.iter().flat_map(|&r| yv[r * out..(r + 1) * out].iter().copied()).collect();
+        batched_delta_matmul_add(deltas, &idx, &xs, &mut ys).expect("shapes checked when the tenants were built");
+        for (j, &r) in with.iter().enumerate() {
+            yv[r * out..(r + 1) * out].copy_from_slice(&ys[j * out..(j + 1) * out]);
+        }
+    });
+    Tensor::from_data(TensorData::new(yv, [rows, out]), &x.device())
+}
+
 /// Projection `k` of block `i` for every row: `x·W_baseᵀ` for all rows at once with the packed
 /// delta terms of every tenant that has one (one pass for a decode step, else the base product
 /// then one batched delta call), then per sequence a whole replacement weight where its tenant
 /// has one, and its bias.
 fn project<B: Backend>(base: &Llama<B>, tenants: &[Option<&Tenant<B>>], spans: &[(usize, usize)], i: usize, k: usize, x: Tensor<B, 2>) -> Tensor<B, 2> {
     let base_linear = base.layers[i].projections()[k].linear();
-    let [rows, inp] = x.dims();
     let out = base_linear.weight_t.dims()[1];
     let projection = |s: usize| tenants[s].map(|t| (t, t.model.layers[i].projections()[k]));
     let plain = (0..spans.len()).all(|s| match projection(s) {
@@ -222,11 +248,25 @@ fn project<B: Backend>(base: &Llama<B>, tenants: &[Option<&Tenant<B>>], spans: &
     if plain {
         return base_linear.add_bias(crate::host::matmul(x, &base_linear.weight_t));
     }
-    let device = x.device();
+    let wt = &base_linear.weight_t;
+    // A delta's span of more than FEW_ROWS rows (a prefill chunk) gets what `DeltaLinear` gives it
+    // alone: one GEMM on the merged weight (CPU backend; elsewhere it joins the rest).
+    let merged: Vec<Option<Tensor<B, 2>>> = spans
+        .iter()
+        .enumerate()
+        .map(|(s, &(at, n))| match projection(s) {
+            Some((_, Projection::Delta(d))) if n > crate::host::FEW_ROWS => crate::host::merged(&x.clone().narrow(0, at, n), wt, &d.delta),
+            _ => None,
+        })
+        .collect();
+    // The rest: one base product for all their rows with each delta term, and whole replacement
+    // weights where a tenant has them.
+    let rest: Vec<usize> = (0..spans.len()).filter(|&s| merged[s].is_none()).collect();
     let mut deltas: Vec<&CompressedWeight<'static>> = Vec::new();
-    let (mut delta_rows, mut idx) = (Vec::new(), Vec::new());
+    let mut row_delta = Vec::new();
     let mut dense: Vec<(usize, &Linear<B>)> = Vec::new();
-    for (s, &(at, n)) in spans.iter().enumerate() {
+    for &s in &rest {
+        let n = spans[s].1;
         match projection(s) {
             Some((_, Projection::Delta(d))) => {
                 let d_idx = match deltas.iter().position(|w| std::ptr::eq(*w, &d.delta)) {
@@ -236,33 +276,37 @@ fn project<B: Backend>(base: &Llama<B>, tenants: &[Option<&Tenant<B>>], spans: &
                         deltas.len() - 1
                     }
                 };
-                delta_rows.extend(at..at + n);
-                idx.extend(std::iter::repeat_n(d_idx, n));
+                row_delta.extend(std::iter::repeat_n(Some(d_idx), n));
             }
-            Some((t, Projection::Dense(l))) if t.own_dense[i][k] => dense.push((s, l)),
+            Some((t, Projection::Dense(l))) if t.own_dense[i][k] => {
+                dense.push((s, l));
+                row_delta.extend(std::iter::repeat_n(None, n));
+            }
             Some((_, Projection::Scaled(_))) => unreachable!("Tenant::new builds no ScaledDelta"),
-            _ => {}
+            _ => row_delta.extend(std::iter::repeat_n(None, n)),
         }
     }
-    let mut row_delta = vec![None; rows];
-    for (&r, &d) in delta_rows.iter().zip(&idx) {
-        row_delta[r] = Some(d);
-    }
-    let mut y = match crate::host::few_rows(&x, &base_linear.weight_t, &deltas, &row_delta) {
-        Some(y) => y,
-        None => {
-            // Prefill-sized: Burn's GEMM for the base, then the delta terms of the rows with one.
-            let y = crate::host::matmul(x.clone(), &base_linear.weight_t);
-            let mut yv = crate::host::with_values(&y, |v| v.to_vec());
-            crate::host::with_values(&x, |xv| {
-                let xs: Vec<f32> = delta_rows.iter().flat_map(|&r| xv[r * inp..(r + 1) * inp].iter().copied()).collect();
-                let mut ys: Vec<f32> = delta_rows.iter().flat_map(|&r| yv[r * out..(r + 1) * out].iter().copied()).collect();
-                batched_delta_matmul_add(&deltas, &idx, &xs, &mut ys).expect("shapes checked when the tenants were built");
-                for (j, &r) in delta_rows.iter().enumerate() {
-                    yv[r * out..(r + 1) * out].copy_from_slice(&ys[j * out..(j + 1) * out]);
-                }
-            });
-            Tensor::<B, 2>::from_data(TensorData::new(yv, [rows, out]), &device)
+    let rest_y = match rest.len() {
+        0 => None,
+        n if n == spans.len() => Some(base_and_deltas(&x, wt, &deltas, &row_delta)),
+        _ => Some(base_and_deltas(&Tensor::cat(rest.iter().map(|&s| x.clone().narrow(0, spans[s].0, spans[s].1)).collect(), 0), wt, &deltas, &row_delta)),
+    };
+    let mut y = match rest_y {
+        Some(y) if rest.len() == spans.len() => y,
+        rest_y => {
+            let mut at = 0;
+            let pieces = merged
+                .into_iter()
+                .enumerate()
+                .map(|(s, m)| {
+                    m.unwrap_or_else(|| {
+                        let n = spans[s].1;
+                        at += n;
+                        rest_y.clone().expect("a span not merged is in the rest").narrow(0, at - n, n)
+                    })
+                })
+                .collect();
+            Tensor::cat(pieces, 0)
         }
     };
     for (s, l) in dense {

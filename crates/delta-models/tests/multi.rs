@@ -44,11 +44,13 @@ fn a_batch_of_different_deltas_gives_each_sequence_its_own_models_logits() {
         .map(|a| Llama::load(cfg.clone(), &Weights::<B>::new(&base_ckpt, Some(a), Default::default()).unwrap().fused()).unwrap())
         .collect();
 
-    // Sequence s: (tenant or the base, prompt). Prompts of different lengths, two on one delta.
+    // Sequence s: (tenant or the base, prompt). Prompts of different lengths, two on one delta;
+    // one longer than 16 tokens (its prefill takes the merged-weight product, the others together
+    // the base GEMM plus delta terms).
     let prompts: Vec<Vec<u32>> = vec![
         vec![1, 9690, 198, 2683, 359, 253, 5356],
         vec![504, 1345, 28, 216],
-        vec![1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 2, 198, 1, 4093],
+        vec![1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 2, 198, 1, 4093, 504, 1345, 28, 216, 36, 1345, 8137],
         vec![1, 9690],
         vec![36, 1345, 8137, 43, 28, 216, 11, 13],
     ];
@@ -79,12 +81,18 @@ fn a_batch_of_different_deltas_gives_each_sequence_its_own_models_logits() {
         inputs = next;
     }
     eprintln!("largest logit difference batched vs alone: {worst:.2e}");
-    // The deltas really differ: the three tenants and the base disagree somewhere in their logits.
-    let mut c: Vec<KvCache<B>> = (0..4).map(|_| KvCache::new(cfg.num_hidden_layers)).collect();
+    // A batch of prefill chunks on deltas only (every one through its merged weight), and the
+    // deltas really differ: the three tenants and the base disagree somewhere in their logits.
+    let mut c: Vec<KvCache<B>> = (0..3).map(|_| KvCache::new(cfg.num_hidden_layers)).collect();
     let ids = prompts[2].clone();
-    let mut batch: Vec<SeqStep<'_, B>> =
-        c.iter_mut().enumerate().map(|(s, cache)| SeqStep { tenant: (s < 3).then(|| &tenants[s]), ids: &ids, cache }).collect();
-    let out = rows(step_batch(&base, &mut batch).unwrap());
+    let mut batch: Vec<SeqStep<'_, B>> = c.iter_mut().enumerate().map(|(s, cache)| SeqStep { tenant: Some(&tenants[s]), ids: &ids, cache }).collect();
+    let mut out = rows(step_batch(&base, &mut batch).unwrap());
+    for (d, got) in out.iter().enumerate() {
+        let want = rows(alone[d].step(&[ids.clone()], &mut KvCache::new(cfg.num_hidden_layers)).unwrap()).remove(0);
+        let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(diff <= 1e-3, "delta {d}: logits differ by {diff} from the model alone");
+    }
+    out.push(rows(base.step(&[ids.clone()], &mut KvCache::new(cfg.num_hidden_layers)).unwrap()).remove(0));
     for a in 0..4 {
         for b in a + 1..4 {
             let d = out[a].iter().zip(&out[b]).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);

@@ -202,7 +202,8 @@ fn run(base: &Llama<CpuBackend>, options: EngineOptions, queue: mpsc::Receiver<J
                 }
             })
             .collect();
-        let logits = {
+        // A panic inside the model fails this step's requests, not the server.
+        let logits = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let mut batch: Vec<SeqStep<'_, CpuBackend>> = running
                 .iter_mut()
                 .zip(&inputs)
@@ -216,7 +217,11 @@ fn run(base: &Llama<CpuBackend>, options: EngineOptions, queue: mpsc::Receiver<J
                 })
                 .collect();
             step_batch(base, &mut batch).and_then(|t| t.into_data().into_vec::<f32>().map_err(|e| delta_models::ModelError::Input(format!("{e:?}"))))
-        };
+        }))
+        .unwrap_or_else(|panic| {
+            let what = panic.downcast_ref::<String>().map(String::as_str).or(panic.downcast_ref::<&str>().copied()).unwrap_or("no message");
+            Err(delta_models::ModelError::Input(format!("the decode step panicked: {}", what.lines().find(|l| !l.trim().is_empty() && !l.contains("===")).unwrap_or(what).trim())))
+        });
         let logits = match logits {
             Ok(l) => l,
             Err(e) => {
