@@ -98,9 +98,9 @@ pub fn to_f32_vec(v: &delta_format::TensorView<'_>) -> Option<Vec<f32>> {
 
 /// The transpose of a row-major `[rows, cols]` matrix (`[cols, rows]`, row-major), in 32 × 32
 /// blocks so that reads and writes both stay in cache, output rows split across threads. A
-/// plain element-by-element transpose of a large matrix writes one cache line per element:
-/// loading SmolLM2-135M (whose linear weights and head the models keep transposed) spent ~0.4 s
-/// there.
+/// plain element-by-element transpose of a large matrix touches a new cache line per element:
+/// with one, loading SmolLM2-135M (whose linear weights and head the models keep transposed) and
+/// generating one token took 1.3 s, with this 0.5 s.
 pub fn transpose(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     use rayon::prelude::*;
     const BLOCK: usize = 32;

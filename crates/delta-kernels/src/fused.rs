@@ -112,7 +112,7 @@ const MERGED_TILE_BYTES: usize = 4 << 20;
 
 /// `Y = X · (W_base + Δ̂)ᵀ` for prefill-sized X (`[rows, inp]`; the base weight `wt` as `[inp,
 /// out]`, Y `[rows, out]`): tile by tile of output columns, the merged weight is built in f32,
-/// unrounded (all cores, 16 rows of Δ̂ per task), then multiplied with one GEMM written straight
+/// unrounded (all cores, 16 rows per task), then multiplied with one GEMM written straight
 /// into Y — one GEMM for base and delta together where the separate products take two. The GEMM
 /// is `matrixmultiply`'s own multi-threaded one, called once per tile rather than from inside
 /// parallel tasks (nested, its threads and rayon's contend). Decode-sized X is better served by
@@ -161,17 +161,16 @@ fn merged_tiles(x: &[f32], wt: &[f32], rows: usize, w: &CompressedWeight<'_>, y:
     Ok(())
 }
 
-/// Rows `i0..` of the merged weight `W_base + Δ̂` (as many as `d`, `[_, inp]`, holds): the base's
-/// values first, transposed from its `[inp, out]` layout in 16 × 16 blocks (reads and writes both
-/// stay in cache), then each row's Δ̂ added with its signs applied by flipping sign bits.
+/// Rows `i0..` of the merged weight `W_base + Δ̂` (as many as `d`, `[_, inp]`, holds — at most
+/// 16): the base's values first, transposed from its `[inp, out]` layout (each base row gives 16
+/// contiguous values; the 16 rows of `d` being written stay in L1), then each row's Δ̂ added with
+/// its signs applied by flipping sign bits.
 fn merge_rows(w: &CompressedWeight<'_>, f: &ScaleFactors<'_>, wt: &[f32], i0: usize, d: &mut [f32]) {
     let (out, inp) = (w.rows(), w.cols());
     let n = d.len() / inp;
-    for j0 in (0..inp).step_by(16) {
-        for j in j0..(j0 + 16).min(inp) {
-            for (k, &v) in wt[j * out + i0..j * out + i0 + n].iter().enumerate() {
-                d[k * inp + j] = v;
-            }
+    for j in 0..inp {
+        for (k, &v) in wt[j * out + i0..j * out + i0 + n].iter().enumerate() {
+            d[k * inp + j] = v;
         }
     }
     for (k, dr) in d.chunks_exact_mut(inp).enumerate() {

@@ -8,7 +8,8 @@
 //! with each tenant's delta term for its rows — in one pass at decode sizes
 //! (`delta_kernels::fused`), else the base product then `batched_delta_matmul_add` — except that
 //! a tenant's prefill chunk of more than 16 rows goes through its merged weight, as its own
-//! `DeltaLinear` would; attention runs per sequence against its own KV cache. That is the multi-tenant decode step of `bitdelta serve`.
+//! `DeltaLinear` would; attention runs per sequence against its own KV cache. That is the
+//! multi-tenant decode step of `bitdelta serve`.
 
 use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;

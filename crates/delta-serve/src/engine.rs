@@ -220,7 +220,8 @@ fn run(base: &Llama<CpuBackend>, options: EngineOptions, queue: mpsc::Receiver<J
         }))
         .unwrap_or_else(|panic| {
             let what = panic.downcast_ref::<String>().map(String::as_str).or(panic.downcast_ref::<&str>().copied()).unwrap_or("no message");
-            Err(delta_models::ModelError::Input(format!("the decode step panicked: {}", what.lines().find(|l| !l.trim().is_empty() && !l.contains("===")).unwrap_or(what).trim())))
+            let what: Vec<&str> = what.split_whitespace().filter(|w| !w.contains("===")).collect();
+            Err(delta_models::ModelError::Input(format!("the decode step panicked: {}", what.join(" "))))
         });
         let logits = match logits {
             Ok(l) => l,
