@@ -45,13 +45,20 @@ pub fn dense_matmul_t(x: &[f32], wt: &[f32], inp: usize, out: usize, y: &mut [f3
             acc
         })
         .collect();
+    place_columns(&parts, width, out, y);
+    Ok(())
+}
+
+/// Copies each task's `[rows, w]` block of sums (task t owns the output columns from `t · width`)
+/// into its columns of `y` (`[rows, out]`).
+pub(crate) fn place_columns(parts: &[Vec<f32>], width: usize, out: usize, y: &mut [f32]) {
+    let rows = y.len() / out.max(1);
     for (t, acc) in parts.iter().enumerate() {
-        let (c0, w) = (t * width, acc.len() / rows);
-        for (r, part) in acc.chunks_exact(w).enumerate() {
+        let (c0, w) = (t * width, acc.len() / rows.max(1));
+        for (r, part) in acc.chunks_exact(w.max(1)).enumerate() {
             y[r * out + c0..r * out + c0 + w].copy_from_slice(part);
         }
     }
-    Ok(())
 }
 
 /// `acc[r, c - c0] = Σ_i x[r, i] · wt[i, c]` for c in c0..c1 (`acc` comes in zeroed).

@@ -17,7 +17,7 @@ use std::borrow::Borrow;
 use delta_format::CompressedWeight;
 use rayon::prelude::*;
 
-use crate::dense::{axpy_columns, dense_matmul_t, MAX_ACC_FLOATS};
+use crate::dense::{axpy_columns, dense_matmul_t, place_columns, MAX_ACC_FLOATS};
 use crate::error::KernelError;
 use crate::gemm::{batched_delta_matmul_add, signed_dot, TILE_MIN_ROWS};
 use crate::merge::{with_sign, ScaleFactors};
@@ -98,12 +98,7 @@ pub fn dense_delta_matmul_t<'w, W: Borrow<CompressedWeight<'w>>>(x: &[f32], wt: 
             acc
         })
         .collect();
-    for (t, acc) in parts.iter().enumerate() {
-        let (c0, n) = (t * width, acc.len() / rows);
-        for (r, part) in acc.chunks_exact(n).enumerate() {
-            y[r * out + c0..r * out + c0 + n].copy_from_slice(part);
-        }
-    }
+    place_columns(&parts, width, out, y);
     Ok(())
 }
 
