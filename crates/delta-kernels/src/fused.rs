@@ -157,10 +157,21 @@ fn merged_tiles(x: &[f32], wt: &[f32], rows: usize, w: &CompressedWeight<'_>, y:
 }
 
 /// Rows `i0..` of the merged weight `W_base + Δ̂` (as many as `d`, `[_, inp]`, holds — at most
-/// 16): the base's values first, transposed from its `[inp, out]` layout (each base row gives 16
-/// contiguous values; the 16 rows of `d` being written stay in L1), then each row's Δ̂ added with
-/// its signs applied by flipping sign bits.
+/// 16): each value `W_base[i, j] + S[i, j]·(r[i]·c[j])`, the sign applied by flipping the sign
+/// bit. On AVX-512 a full 16 rows take 16 × 16 blocks: 16 base rows (16 contiguous values each)
+/// transposed in registers, the 16 signs of a block as a lane mask.
 fn merge_rows(w: &CompressedWeight<'_>, f: &ScaleFactors<'_>, wt: &[f32], i0: usize, d: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if d.len() == LANES * w.cols() && subset_sums::available() {
+        // SAFETY: AVX-512F is present (checked); d holds 16 rows, so rows i0..i0 + 16 exist.
+        return unsafe { merge_rows_avx512(w, f, wt, i0, d) };
+    }
+    merge_rows_portable(w, f, wt, i0, d)
+}
+
+/// [`merge_rows`] one value at a time: the base's values transposed in (each base row gives 16
+/// contiguous values; the rows of `d` being written stay in L1), then each row's Δ̂ added.
+fn merge_rows_portable(w: &CompressedWeight<'_>, f: &ScaleFactors<'_>, wt: &[f32], i0: usize, d: &mut [f32]) {
     let (out, inp) = (w.rows(), w.cols());
     let n = d.len() / inp;
     for j in 0..inp {
@@ -174,6 +185,41 @@ fn merge_rows(w: &CompressedWeight<'_>, f: &ScaleFactors<'_>, wt: &[f32], i0: us
             for (b, (dv, &c)) in d32.iter_mut().zip(c32).enumerate() {
                 *dv += with_sign(r * c, word, b);
             }
+        }
+    }
+}
+
+/// [`merge_rows`] for exactly 16 rows on AVX-512: the same arithmetic (one multiply, one sign
+/// flip, one add per value), bit for bit.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn merge_rows_avx512(w: &CompressedWeight<'_>, f: &ScaleFactors<'_>, wt: &[f32], i0: usize, d: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let (out, inp) = (w.rows(), w.cols());
+    assert!(d.len() == LANES * inp && i0 + LANES <= out && wt.len() == inp * out && f.cols.len() == inp && f.rows.len() == out);
+    let full = inp / LANES * LANES;
+    let sign = _mm512_set1_epi32(i32::MIN);
+    let words: Vec<&[u32]> = (0..LANES).map(|k| w.signs.row(i0 + k)).collect();
+    for j0 in (0..full).step_by(LANES) {
+        let mut m = [_mm512_setzero_si512(); LANES];
+        for (jj, v) in m.iter_mut().enumerate() {
+            *v = _mm512_loadu_si512(wt.as_ptr().add((j0 + jj) * out + i0) as *const _);
+        }
+        // base[k] lane jj = W_base[i0 + k, j0 + jj].
+        let base = subset_sums::transpose(m);
+        let c = _mm512_loadu_ps(f.cols.as_ptr().add(j0));
+        for (k, b) in base.iter().enumerate() {
+            // Bit jj set: Δ ≥ 0, keep the sign; clear: flip it (as `with_sign`).
+            let bits = (words[k][j0 / 32] >> (j0 % 32)) as __mmask16;
+            let v = _mm512_castps_si512(_mm512_mul_ps(_mm512_set1_ps(f.rows[i0 + k]), c));
+            let v = _mm512_castsi512_ps(_mm512_mask_xor_epi32(v, !bits, v, sign));
+            _mm512_storeu_ps(d.as_mut_ptr().add(k * inp + j0), _mm512_add_ps(_mm512_castsi512_ps(*b), v));
+        }
+    }
+    for (k, row) in words.iter().enumerate() {
+        let r = f.rows[i0 + k];
+        for j in full..inp {
+            d[k * inp + j] = wt[j * out + i0 + k] + with_sign(r * f.cols[j], row[j / 32], j % 32);
         }
     }
 }
@@ -248,6 +294,22 @@ mod tests {
                     prop_assert!((got - want).abs() <= 1e-4 * want.abs().max(1.0), "row {r}, output {i}: {got} vs {want}");
                 }
             }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(60))]
+        /// Every path of the tile build gives the portable values, bit for bit.
+        #[test]
+        fn merged_rows_equal_the_portable_ones(out in 16usize..60, inp in 1usize..150, seed in any::<u64>(), mode in prop::sample::select(ScaleMode::ALL.to_vec())) {
+            let w = weight(out, inp, mode, seed);
+            let wt = random(inp * out, seed ^ 13);
+            let f = ScaleFactors::new(&w.name, w.mode, &w.scales, out, inp).unwrap();
+            let i0 = (seed as usize) % (out - LANES + 1);
+            let (mut got, mut want) = (vec![f32::NAN; LANES * inp], vec![f32::NAN; LANES * inp]);
+            merge_rows(&w, &f, &wt, i0, &mut got);
+            merge_rows_portable(&w, &f, &wt, i0, &mut want);
+            prop_assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "rows {i0}.., inp {inp}");
         }
     }
 

@@ -107,36 +107,38 @@ unsafe fn tile_avx512(rows: *const u32, wpr: usize, lanes: usize, w0: usize, w1:
     }
     let total = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
     _mm512_storeu_ps(sums, _mm512_add_ps(_mm512_loadu_ps(sums), total));
+}
 
-    /// 16 × 16 words: row l's word j → register j, lane l. 32-bit then 64-bit interleaves inside
-    /// 128-bit chunks, then two rounds of chunk shuffles.
-    #[inline(always)]
-    unsafe fn transpose(m: [__m512i; LANES]) -> [__m512i; LANES] {
-        let mut t = [_mm512_setzero_si512(); LANES];
-        for i in 0..8 {
-            t[2 * i] = _mm512_unpacklo_epi32(m[2 * i], m[2 * i + 1]);
-            t[2 * i + 1] = _mm512_unpackhi_epi32(m[2 * i], m[2 * i + 1]);
-        }
-        // u[4i + e], chunk q: word 4q + e of rows 4i..4i + 4.
-        let mut u = [_mm512_setzero_si512(); LANES];
-        for i in 0..4 {
-            u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
-            u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
-            u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
-            u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
-        }
-        let mut out = [_mm512_setzero_si512(); LANES];
-        for e in 0..4 {
-            let (a, b, c, d) = (u[e], u[4 + e], u[8 + e], u[12 + e]);
-            let (ab01, ab23) = (_mm512_shuffle_i32x4::<0x44>(a, b), _mm512_shuffle_i32x4::<0xee>(a, b));
-            let (cd01, cd23) = (_mm512_shuffle_i32x4::<0x44>(c, d), _mm512_shuffle_i32x4::<0xee>(c, d));
-            out[e] = _mm512_shuffle_i32x4::<0x88>(ab01, cd01);
-            out[4 + e] = _mm512_shuffle_i32x4::<0xdd>(ab01, cd01);
-            out[8 + e] = _mm512_shuffle_i32x4::<0x88>(ab23, cd23);
-            out[12 + e] = _mm512_shuffle_i32x4::<0xdd>(ab23, cd23);
-        }
-        out
+/// 16 × 16 words: row l's word j → register j, lane l. 32-bit then 64-bit interleaves inside
+/// 128-bit chunks, then two rounds of chunk shuffles. Inlined into AVX-512 code only.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) unsafe fn transpose(m: [std::arch::x86_64::__m512i; LANES]) -> [std::arch::x86_64::__m512i; LANES] {
+    use std::arch::x86_64::*;
+    let mut t = [_mm512_setzero_si512(); LANES];
+    for i in 0..8 {
+        t[2 * i] = _mm512_unpacklo_epi32(m[2 * i], m[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(m[2 * i], m[2 * i + 1]);
     }
+    // u[4i + e], chunk q: word 4q + e of rows 4i..4i + 4.
+    let mut u = [_mm512_setzero_si512(); LANES];
+    for i in 0..4 {
+        u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    let mut out = [_mm512_setzero_si512(); LANES];
+    for e in 0..4 {
+        let (a, b, c, d) = (u[e], u[4 + e], u[8 + e], u[12 + e]);
+        let (ab01, ab23) = (_mm512_shuffle_i32x4::<0x44>(a, b), _mm512_shuffle_i32x4::<0xee>(a, b));
+        let (cd01, cd23) = (_mm512_shuffle_i32x4::<0x44>(c, d), _mm512_shuffle_i32x4::<0xee>(c, d));
+        out[e] = _mm512_shuffle_i32x4::<0x88>(ab01, cd01);
+        out[4 + e] = _mm512_shuffle_i32x4::<0xdd>(ab01, cd01);
+        out[8 + e] = _mm512_shuffle_i32x4::<0x88>(ab23, cd23);
+        out[12 + e] = _mm512_shuffle_i32x4::<0xdd>(ab23, cd23);
+    }
+    out
 }
 
 #[cfg(test)]
