@@ -53,12 +53,8 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    if !(a.temperature.is_finite() && a.temperature >= 0.0) {
-        bail!("--temperature must be a finite number ≥ 0, not {}", a.temperature);
-    }
-    if !(a.top_p > 0.0 && a.top_p <= 1.0) {
-        bail!("--top-p must be in (0, 1], not {}", a.top_p);
-    }
+    let sampling = Sampling { temperature: a.temperature, top_p: a.top_p, seed: a.seed };
+    sampling.check().map_err(|e| anyhow::anyhow!("{e} (--temperature, --top-p)"))?;
     let loaded = a.model.load()?;
     let (model, tok) = (&loaded.model, &loaded.tokenizer);
     let mut stop = model.cfg.eos_token_ids();
@@ -80,7 +76,6 @@ pub fn run(a: Args) -> Result<()> {
     if a.ignore_eos {
         stop.clear();
     }
-    let sampling = Sampling { temperature: a.temperature, top_p: a.top_p, seed: a.seed };
     let mut stream = TextStream::new(tok);
     let mut stdout = std::io::stdout().lock();
     let mut failure = None;

@@ -252,7 +252,7 @@ async fn generate(s: Arc<AppState>, params: Params, prompt: Vec<u32>, stop: Vec<
     let log = move |tokens: usize, how: &str| {
         eprintln!("#{number} {path} model={model} prompt={prompt_tokens} generated={tokens} {how} {:.2} s", started.elapsed().as_secs_f64())
     };
-    let choices: Vec<Choice> = events.into_iter().map(|events| Choice::new(events, s.tokenizer.clone(), stops.clone())).collect();
+    let choices: Vec<Choice> = events.into_iter().map(|events| Choice::new(events, &s.tokenizer, stops.clone(), params.stream)).collect();
     if params.stream {
         stream(choices, meta, log).into_response()
     } else {
@@ -397,10 +397,10 @@ impl ResponseMeta {
 /// (and end the choice), each token's log-probabilities travel with the piece it completed.
 struct Choice {
     events: mpsc::UnboundedReceiver<Event>,
-    text: TextStream<Arc<Tokenizer>>,
+    /// The text as it comes; `None` when no piece is needed before the end (a whole answer
+    /// without stop strings is decoded once, at the end).
+    text: Option<TextStream<Arc<Tokenizer>>>,
     scan: StopScan,
-    /// Whether the request has stop strings.
-    scanning: bool,
     /// Every token generated (for the whole answer's text).
     ids: Vec<u32>,
 }
@@ -413,16 +413,19 @@ struct Update {
 }
 
 impl Choice {
-    fn new(events: mpsc::UnboundedReceiver<Event>, tokenizer: Arc<Tokenizer>, stops: Vec<String>) -> Self {
-        Choice { events, text: TextStream::new(tokenizer), scanning: !stops.is_empty(), scan: StopScan::new(stops), ids: Vec::new() }
+    fn new(events: mpsc::UnboundedReceiver<Event>, tokenizer: &Arc<Tokenizer>, stops: Vec<String>, stream: bool) -> Self {
+        let text = (stream || !stops.is_empty()).then(|| TextStream::new(tokenizer.clone()));
+        Choice { events, text, scan: StopScan::new(stops), ids: Vec::new() }
     }
 
     async fn next(&mut self) -> Result<Update, ServeError> {
         match self.events.recv().await {
             Some(Event::Token(t)) => {
                 self.ids.push(t.id);
-                let piece = self.text.push(t.id).map_err(|e| ServeError::Engine(e.to_string()))?;
-                let piece = self.scan.push(&piece);
+                let piece = match &mut self.text {
+                    Some(text) => self.scan.push(&text.push(t.id).map_err(|e| ServeError::Engine(e.to_string()))?),
+                    None => String::new(),
+                };
                 Ok(Update { piece, token: Some(t), finish: self.scan.stopped().then_some(Finish::Stop) })
             }
             Some(Event::Done(finish)) => Ok(Update { piece: self.scan.finish(), token: None, finish: Some(finish) }),
@@ -443,7 +446,7 @@ impl Choice {
             }
         };
         // Without stop strings the text is the tokens decoded at once.
-        if !self.scanning {
+        if self.text.is_none() {
             text = tokenizer.decode(&self.ids).map_err(|e| ServeError::Engine(e.to_string()))?;
         }
         Ok((text, tokens, finish))
