@@ -3,8 +3,9 @@
 //! - `fixtures [DIR]` builds the real test fixtures (SmolLM2 pair, text, tasks) into DIR
 //!   (default `$DELTA_FIXTURES`, else `~/.cache/delta-fixtures`).
 //! - `demo` runs the main job on them: compress the pair, inspect, apply, check, report.
-//! - `ci` is the test command: fixtures, then `cargo test --workspace --release`, then the
-//!   CubeCL kernels on the wgpu runtime (`cargo test -p delta-kernels --features wgpu`).
+//! - `ci` is the test command: fixtures, then `cargo test --workspace --release --features
+//!   delta-cli/wgpu` — the workspace with the wgpu backend, so the CubeCL kernels and the models
+//!   on them are tested too (on Mesa's lavapipe where there is no GPU).
 //! - `report [--limit N | --full]`: the quality report on the pair (`REPORT.md`, see `report.rs`).
 //! - `bench [pipeline|kernels]`: `pipeline` times compress, apply (against copying the
 //!   checkpoint) and generation on the pair (`target/bench/pipeline.json`); `kernels` runs the
@@ -55,7 +56,7 @@ fn run() -> Result<()> {
             eprintln!(
                 "usage: cargo xtask <command>\n\n  fixtures [DIR]  build the real fixtures (default $DELTA_FIXTURES, else ~/.cache/delta-fixtures)\n  \
                  demo            compress the SmolLM2 pair, inspect, apply, verify, print a report\n  \
-                 ci              fixtures, cargo test --workspace --release, then the CubeCL kernels on wgpu\n  \
+                 ci              fixtures, then cargo test --workspace --release --features delta-cli/wgpu\n                  (the CubeCL kernels and the models on the wgpu backend too)\n  \
                  report [--limit N | --full]\n                  quality report on the pair: perplexity, zero-shot tasks (first N = 50 documents\n                  each by default), sizes, times -> REPORT.md, report/report.{{json,svg}}\n  \
                  bench [pipeline|kernels|serve|plot]\n                  time compress / apply / generation on the pair (pipeline.json), the Fig. 4\n                  kernel sweep with a bandwidth probe (kernels.json + kernels.png), and multi-tenant\n                  serving against swapping merged models (serve.json); the first three by default;\n                  `plot` redraws kernels.png from kernels.json\n  \
                  tiny-models DIR write the tiny architecture checkpoints (for fixtures/tiny/reference.py)\n  \
@@ -135,10 +136,9 @@ fn cargo() -> Command {
 
 fn ci() -> Result<()> {
     let dir = fixtures(None)?;
-    sh(cargo().current_dir(root()).args(["test", "--workspace", "--release"]).env("DELTA_FIXTURES", &dir))?;
-    // The CubeCL kernels on the wgpu runtime: a GPU where there is one, else Mesa's lavapipe
-    // (`.ci/run` installs it).
-    sh(cargo().current_dir(root()).args(["test", "--release", "-p", "delta-kernels", "--features", "wgpu"]))
+    // With the wgpu backend, so the CubeCL kernels and the models on them are tested too: on a GPU
+    // where there is one, else on Mesa's lavapipe (`.ci/run` installs it).
+    sh(cargo().current_dir(root()).args(["test", "--workspace", "--release", "--features", "delta-cli/wgpu"]).env("DELTA_FIXTURES", &dir))
 }
 
 fn bitdelta() -> Result<PathBuf> {

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
+use burn::tensor::backend::Backend;
 use delta_models::perplexity::{perplexity, token_stream};
 
 use crate::load::ModelArgs;
@@ -21,7 +22,7 @@ pub enum Command {
 /// piece is stripped (empty ones skipped), encoded without special tokens and followed by token 0;
 /// the pieces are concatenated; non-overlapping windows of WINDOW + 1 tokens step by WINDOW and a
 /// last partial window is dropped; ppl = exp(mean negative log-likelihood of the WINDOW predicted
-/// tokens of every window). Computed in f32 on the CPU.
+/// tokens of every window). Computed in f32 (on the CPU unless --device says otherwise).
 #[derive(clap::Args)]
 pub struct PplArgs {
     #[command(flatten)]
@@ -46,15 +47,21 @@ pub struct PplArgs {
 
 pub fn run(c: Command) -> Result<()> {
     match c {
-        Command::Ppl(a) => ppl(a),
-        Command::Tasks(a) => crate::eval_tasks::run(a),
+        Command::Ppl(a) => crate::load::on_device(a.model.device, a),
+        Command::Tasks(a) => crate::load::on_device(a.model.device, a),
     }
 }
 
-fn ppl(a: PplArgs) -> Result<()> {
+impl crate::load::OnDevice for PplArgs {
+    fn run<B: Backend>(self, device: B::Device) -> Result<()> {
+        ppl::<B>(self, &device)
+    }
+}
+
+fn ppl<B: Backend>(a: PplArgs, device: &B::Device) -> Result<()> {
     let started = Instant::now();
     let text = std::fs::read_to_string(&a.text).with_context(|| format!("reading {}", a.text.display()))?;
-    let loaded = a.model.load()?;
+    let loaded = a.model.load::<B>(device)?;
     let (model, tok) = (&loaded.model, &loaded.tokenizer);
     let ids = token_stream(tok, &text)?;
     let windows = ids.len().saturating_sub(1) / a.window as usize;
@@ -62,7 +69,7 @@ fn ppl(a: PplArgs) -> Result<()> {
     let teacher = a
         .teacher
         .as_ref()
-        .map(|t| ModelArgs { model: t.clone(), delta: None, delta_use: crate::load::DeltaUseArg::Merge }.load())
+        .map(|t| ModelArgs { model: t.clone(), delta: None, delta_use: crate::load::DeltaUseArg::Merge, device: a.model.device }.load::<B>(device))
         .transpose()
         .context("loading the teacher")?;
     let r = perplexity(model, teacher.as_ref().map(|t| &t.model), &ids, a.window as usize, a.batch as usize, &mut |done, _| bar.set_position(done as u64))?;
@@ -72,7 +79,7 @@ fn ppl(a: PplArgs) -> Result<()> {
     if a.json {
         let out = serde_json::json!({
             "model": a.model.model, "delta": a.model.delta, "text": a.text,
-            "delta_use": a.model.delta_use.name(),
+            "delta_use": a.model.delta_use.name(), "device": a.model.device.name(),
             "ppl": r.ppl, "mean_nll": r.mean_nll, "teacher": a.teacher, "kl_to_teacher": r.kl_to_teacher, "windows": r.windows, "predicted_tokens": r.predicted_tokens,
             "window": a.window, "seconds": seconds, "tokens_per_second": tokens_per_s,
         });

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use burn::tensor::backend::Backend;
 use delta_models::tasks::{encode_request, score_documents, EncodedChoice};
 use serde::{Deserialize, Serialize};
 
@@ -31,7 +32,7 @@ use crate::ui;
 #[derive(clap::Args)]
 pub struct TasksArgs {
     #[command(flatten)]
-    model: ModelArgs,
+    pub(crate) model: ModelArgs,
     /// Request files (`tasks/*.jsonl.gz` in the fixtures).
     #[arg(long, num_args = 1.., required = true)]
     tasks: Vec<PathBuf>,
@@ -167,7 +168,7 @@ struct Tally {
 
 /// Scores a batch: `seqs` holds each document's choices, followed by its twin's where `owners`
 /// says it has one.
-fn score_batch(model: &delta_models::Llama<delta_models::CpuBackend>, seqs: &[Vec<EncodedChoice>], owners: &[(&Doc, bool)], tally: &mut Tally) -> Result<()> {
+fn score_batch<B: Backend>(model: &delta_models::Llama<B>, seqs: &[Vec<EncodedChoice>], owners: &[(&Doc, bool)], tally: &mut Tally) -> Result<()> {
     let mut scores = score_documents(model, seqs)?.into_iter();
     for &(doc, twin) in owners {
         let s = scores.next().expect("one score list per sequence");
@@ -183,10 +184,16 @@ fn score_batch(model: &delta_models::Llama<delta_models::CpuBackend>, seqs: &[Ve
     Ok(())
 }
 
-pub fn run(a: TasksArgs) -> Result<()> {
+impl crate::load::OnDevice for TasksArgs {
+    fn run<B: Backend>(self, device: B::Device) -> Result<()> {
+        tasks::<B>(self, &device)
+    }
+}
+
+fn tasks<B: Backend>(a: TasksArgs, device: &B::Device) -> Result<()> {
     let started = Instant::now();
     let files: Vec<(String, Vec<Doc>)> = a.tasks.iter().map(|p| read_docs(p, a.limit)).collect::<Result<_>>()?;
-    let loaded = a.model.load()?;
+    let loaded = a.model.load::<B>(device)?;
     let (model, tok) = (&loaded.model, &loaded.tokenizer);
     let eot = tok.token_id("<|endoftext|>").unwrap_or(0);
     let encode = |choices: &[(String, String)]| choices.iter().map(|(c, k)| encode_request(tok, c, k, eot)).collect::<Result<Vec<_>, _>>();
@@ -242,7 +249,7 @@ pub fn run(a: TasksArgs) -> Result<()> {
     if a.json {
         let out = serde_json::json!({
             "model": a.model.model, "delta": a.model.delta, "delta_use": a.model.delta_use.name(),
-            "limit": a.limit, "tasks": results, "mean_acc": mean_acc, "mean_acc_norm": mean_acc_norm,
+            "device": a.model.device.name(), "limit": a.limit, "tasks": results, "mean_acc": mean_acc, "mean_acc_norm": mean_acc_norm,
             "seconds": seconds, "request_tokens_per_second": tokens as f64 / scoring,
         });
         println!("{out}");

@@ -3,6 +3,7 @@
 use std::io::Write;
 
 use anyhow::{bail, Context, Result};
+use burn::tensor::backend::Backend;
 use delta_models::chat::{ChatTemplate, Message};
 use delta_models::generate::{generate, Sampling};
 use delta_models::TextStream;
@@ -53,9 +54,20 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    let device = a.model.device;
+    crate::load::on_device(device, a)
+}
+
+impl crate::load::OnDevice for Args {
+    fn run<B: Backend>(self, device: B::Device) -> Result<()> {
+        generate_on::<B>(self, &device)
+    }
+}
+
+fn generate_on<B: Backend>(a: Args, device: &B::Device) -> Result<()> {
     let sampling = Sampling { temperature: a.temperature, top_p: a.top_p, seed: a.seed };
     sampling.check().map_err(|e| anyhow::anyhow!("{e} (--temperature, --top-p)"))?;
-    let loaded = a.model.load()?;
+    let loaded = a.model.load::<B>(device)?;
     let (model, tok) = (&loaded.model, &loaded.tokenizer);
     let mut stop = model.cfg.eos_token_ids();
     let prompt = match (&a.prompt_ids, &a.prompt) {
@@ -98,7 +110,7 @@ pub fn run(a: Args) -> Result<()> {
     if a.json {
         let out = serde_json::json!({
             "model": a.model.model, "delta": a.model.delta, "delta_use": a.model.delta_use.name(),
-            "prompt_ids": prompt, "tokens": g.tokens, "text": text, "stopped_at_eos": g.stopped,
+            "device": a.model.device.name(), "prompt_ids": prompt, "tokens": g.tokens, "text": text, "stopped_at_eos": g.stopped,
             "prompt_tokens": g.prompt_tokens, "generated_tokens": g.tokens.len(),
             "prefill_seconds": g.prefill_seconds, "decode_seconds": g.decode_seconds,
             "prefill_tokens_per_second": g.prefill_tokens_per_second(),

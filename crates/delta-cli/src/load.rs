@@ -1,10 +1,56 @@
-//! Loading a model for `eval` and `generate`: a folder, or a base with a delta (merged or fused).
+//! Loading a model for `eval` and `generate`: a folder, or a base with a delta (merged or fused),
+//! on the backend `--device` names.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
+use burn::tensor::backend::Backend;
 use delta_format::{Checkpoint, DeltaArtifact};
 use delta_models::{CpuBackend, Llama, ModelConfig, Tokenizer, Weights};
+
+/// Where a model runs.
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum DeviceArg {
+    /// Burn's NdArray backend with this project's CPU kernels.
+    Cpu,
+    /// Burn's wgpu backend (Vulkan, Metal, DX12) with the CubeCL delta kernels; needs a build
+    /// with `--features wgpu`.
+    Wgpu,
+    /// Burn's CUDA backend with the CubeCL delta kernels; needs a build with `--features cuda`.
+    Cuda,
+}
+
+impl DeviceArg {
+    pub fn name(self) -> &'static str {
+        match self {
+            DeviceArg::Cpu => "cpu",
+            DeviceArg::Wgpu => "wgpu",
+            DeviceArg::Cuda => "cuda",
+        }
+    }
+}
+
+/// A command body that runs on any backend.
+pub trait OnDevice {
+    fn run<B: Backend>(self, device: B::Device) -> Result<()>;
+}
+
+/// Runs `job` on the backend `device` names (its default device); a GPU backend this build
+/// lacks is an error saying how to get it.
+pub fn on_device(device: DeviceArg, job: impl OnDevice) -> Result<()> {
+    match device {
+        DeviceArg::Cpu => job.run::<CpuBackend>(Default::default()),
+        #[cfg(feature = "wgpu")]
+        DeviceArg::Wgpu => job.run::<delta_models::cube::WgpuBackend>(Default::default()),
+        #[cfg(feature = "cuda")]
+        DeviceArg::Cuda => job.run::<delta_models::cube::CudaBackend>(Default::default()),
+        #[allow(unreachable_patterns)]
+        other => anyhow::bail!(
+            "this bitdelta was built without the {0} backend (--device {0}): build it with `cargo build --release --features {0}`",
+            other.name()
+        ),
+    }
+}
 
 #[derive(Clone, Copy, clap::ValueEnum)]
 pub enum DeltaUseArg {
@@ -35,20 +81,24 @@ pub struct ModelArgs {
     /// term in f32, unrounded. They differ measurably when scales are near the dtype's precision.
     #[arg(long, value_enum, default_value_t = DeltaUseArg::Merge)]
     pub delta_use: DeltaUseArg,
+    /// Where the model runs: `cpu`, or a GPU through `wgpu` (Vulkan, Metal, DX12) or `cuda`
+    /// (those need a bitdelta built with `--features wgpu` / `--features cuda`).
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    pub device: DeviceArg,
 }
 
-pub struct Loaded {
-    pub model: Llama<CpuBackend>,
+pub struct Loaded<B: Backend> {
+    pub model: Llama<B>,
     pub tokenizer: Tokenizer,
 }
 
 impl ModelArgs {
-    pub fn load(&self) -> Result<Loaded> {
+    pub fn load<B: Backend>(&self, device: &B::Device) -> Result<Loaded<B>> {
         let ckpt = Checkpoint::open(&self.model).context("reading the model")?;
         let delta = self.delta.as_deref().map(|p| DeltaArtifact::open(p).context("reading the delta")).transpose()?;
         let cfg = ModelConfig::load(&self.model)?;
         let tokenizer = Tokenizer::load(&self.model)?;
-        let mut weights = Weights::<CpuBackend>::new(&ckpt, delta.as_ref(), Default::default())
+        let mut weights = Weights::<B>::new(&ckpt, delta.as_ref(), device.clone())
             .with_context(|| format!("applying {}", self.delta.as_deref().unwrap_or(Path::new("")).display()))?;
         if let DeltaUseArg::Fused = self.delta_use {
             weights = weights.fused();

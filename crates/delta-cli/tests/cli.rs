@@ -326,6 +326,8 @@ fn generate_follows_the_reference_and_refuses_bad_requests() {
     refused(&bitdelta(&["generate", "--model", s(&ft), "--prompt", "hi", "--temperature", "nan"]), "--temperature", tmp.path(), &before);
     refused(&bitdelta(&["generate", "--model", s(&ft), "--prompt", ""]), "no tokens", tmp.path(), &before);
     refused(&bitdelta(&["generate", "--model", s(&tmp.path().join("missing")), "--prompt", "hi"]), "missing", tmp.path(), &before);
+    #[cfg(not(feature = "cuda"))]
+    refused(&bitdelta(&["generate", "--model", s(&ft), "--prompt", "hi", "--device", "cuda"]), "--features cuda", tmp.path(), &before);
     for bad in [
         vec!["generate", "--model", s(&ft)],
         vec!["generate", "--model", s(&ft), "--prompt", "hi", "--system", "x"],
@@ -336,6 +338,20 @@ fn generate_follows_the_reference_and_refuses_bad_requests() {
         assert_eq!(out.status.code(), Some(2), "{bad:?}: {}", String::from_utf8_lossy(&out.stderr));
         assert_eq!(String::from_utf8_lossy(&out.stderr).trim_end().lines().count(), 1);
     }
+}
+
+/// `--device wgpu` (in CI: Mesa's lavapipe) generates the CPU's tokens, and reports its device.
+#[cfg(feature = "wgpu")]
+#[test]
+fn generate_on_wgpu_gives_the_cpu_tokens() {
+    let (_, ft) = smollm2();
+    let run = |device: &str| -> serde_json::Value {
+        let out = ok(&bitdelta(&["generate", "--model", s(&ft), "--prompt", "Once upon a time", "--max-new-tokens", "6", "--json", "--device", device]));
+        serde_json::from_str(&out).unwrap()
+    };
+    let (cpu, gpu) = (run("cpu"), run("wgpu"));
+    assert_eq!(gpu["tokens"], cpu["tokens"], "wgpu {gpu}\ncpu {cpu}");
+    assert_eq!((cpu["device"].as_str(), gpu["device"].as_str()), (Some("cpu"), Some("wgpu")));
 }
 
 /// Calibration requests that cannot work are refused before any output exists.

@@ -2,66 +2,210 @@
 //! Metal, DX12, and Mesa's lavapipe on the CPU in CI — and CUDA). Behind the `cube` feature
 //! (`wgpu` / `cuda` pick the runtime).
 //!
-//! [`batched_delta_product`]: Y[r, :] = X[r, :]·W_baseᵀ + Δ̂_{idx[r]}·X[r, :] for rows that each
-//! pick one of several deltas — the multi-tenant decode product — with the base term optional
-//! (without it, only the delta terms). One thread per output element; signs stay packed (bit j
-//! of word j/32 of row i), scales enter as the row and column factors of [`ScaleFactors`], so every
-//! mode runs the same kernel. Any input width (no multiple of 32 or of a tile needed).
+//! A [`ResidentDelta`] is one compressed weight uploaded once — packed signs (bit j of word j/32
+//! of row i) and the row and column factors of [`ScaleFactors`], so every scale mode runs the
+//! same kernels — with two operations on device buffers:
+//! - [`ResidentDelta::add_product`]: `Y[r, :] += Δ̂·X[r, :]` for all rows or for a list of rows
+//!   (the multi-tenant decode step: one launch per delta over the rows that use it, after one
+//!   dense base product for the whole batch). A cube of 8 × 32 threads computes 8 outputs of one
+//!   row; the 32 lanes of an output read consecutive sign words and meet in shared memory.
+//! - [`ResidentDelta::merge_t`]: `(W_base + Δ̂)ᵀ` from `W_baseᵀ`, one thread per element — for
+//!   products with many rows, which then go through one dense GEMM.
 //!
-//! This first version uploads its operands on every call and reads the result back: it is the
-//! correctness baseline the CPU path is tested against on every runtime, not yet a fast path.
+//! Any input width: no multiple of 32 or of a tile is needed. [`batched_delta_product`] runs the
+//! same kernels on host slices (upload, launch, read back): what the tests compare with the oracle.
 
 use cubecl::prelude::*;
+use cubecl::server::Handle;
 use delta_format::CompressedWeight;
 
 use crate::error::KernelError;
 use crate::merge::ScaleFactors;
 
-/// Threads per cube.
-const CUBE_THREADS: u32 = 256;
+/// Outputs per cube of [`ResidentDelta::add_product`] (the cube's y); 32 lanes each (its x).
+const OUTPUTS_PER_CUBE: u32 = 8;
+const LANES: u32 = 32;
+/// Threads per cube of the elementwise merge.
+const MERGE_THREADS: u32 = 256;
 
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
-fn fused_delta_product(
+fn add_product_kernel(
     x: &Array<f32>,
-    wt: &Array<f32>,
     signs: &Array<u32>,
     row_f: &Array<f32>,
     col_f: &Array<f32>,
-    idx: &Array<u32>,
+    row_ids: &Array<u32>,
     y: &mut Array<f32>,
-    rows: usize,
     inp: usize,
     out: usize,
-    words_per_row: usize,
-    with_base: u32,
+    words: usize,
+    with_cols: u32,
+    listed_rows: u32,
 ) {
-    let t = ABSOLUTE_POS;
-    if t < rows * out {
-        let r = t / out;
-        let i = t % out;
-        let d = idx[r] as usize;
-        let sign_at = (d * out + i) * words_per_row;
-        let col_at = d * inp;
-        let x_at = r * inp;
-        let mut base = 0.0f32;
-        let mut delta = 0.0f32;
-        for j in 0..inp {
-            let xv = x[x_at + j];
-            if with_base == 1u32 {
-                base += xv * wt[j * out + i];
+    let lane = UNIT_POS_X as usize;
+    let i = CUBE_POS_X as usize * CUBE_DIM_Y as usize + UNIT_POS_Y as usize;
+    let mut r = CUBE_POS_Y as usize;
+    if listed_rows == 1u32 {
+        r = row_ids[r] as usize;
+    }
+    let mut sums = SharedMemory::<f32>::new(256usize);
+    let mut acc = 0.0f32;
+    if i < out {
+        let mut w = lane;
+        while w < words {
+            let word = signs[i * words + w];
+            let j0 = w * 32;
+            for b in 0..32u32 {
+                let j = j0 + b as usize;
+                if j < inp {
+                    let mut xv = x[r * inp + j];
+                    if with_cols == 1u32 {
+                        xv *= col_f[j];
+                    }
+                    let s = f32::cast_from((word >> b) & 1u32) * 2.0f32 - 1.0f32;
+                    acc += s * xv;
+                }
             }
-            let word = signs[sign_at + j / 32];
-            let bit = (word >> ((j % 32) as u32)) & 1u32;
-            let s = f32::cast_from(bit) * 2.0f32 - 1.0f32;
-            delta += s * (xv * col_f[col_at + j]);
+            w += CUBE_DIM_X as usize;
         }
-        y[t] = base + row_f[d * out + i] * delta;
+    }
+    sums[UNIT_POS as usize] = acc;
+    sync_cube();
+    if lane == 0 && i < out {
+        let first = UNIT_POS_Y as usize * CUBE_DIM_X as usize;
+        let mut total = 0.0f32;
+        for l in 0..CUBE_DIM_X as usize {
+            total += sums[first + l];
+        }
+        y[r * out + i] += row_f[i] * total;
     }
 }
 
-/// `Y = X·W_baseᵀ + Δ̂_{idx[r]}·X[r]` per row on `client`'s device (`base_t`: W_baseᵀ, `[in, out]`
-/// row-major, or `None` for the delta terms alone). X is `[rows, in]`; returns Y `[rows, out]`.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn merge_t_kernel(wt: &Array<f32>, signs: &Array<u32>, row_f: &Array<f32>, col_f: &Array<f32>, merged: &mut Array<f32>, inp: usize, out: usize, words: usize) {
+    let t = ABSOLUTE_POS;
+    if t < inp * out {
+        let j = t / out;
+        let i = t % out;
+        let word = signs[i * words + j / 32];
+        let s = f32::cast_from((word >> ((j % 32) as u32)) & 1u32) * 2.0f32 - 1.0f32;
+        merged[t] = wt[t] + (row_f[i] * col_f[j]) * s;
+    }
+}
+
+/// One compressed weight `[out, in]` in device memory: signs, row factors, column factors.
+pub struct ResidentDelta {
+    signs: Handle,
+    rows: Handle,
+    cols: Handle,
+    /// Scale modes whose column factors are all 1 skip them in the product.
+    with_cols: bool,
+    out: usize,
+    inp: usize,
+}
+
+impl ResidentDelta {
+    pub fn upload<R: Runtime>(client: &ComputeClient<R>, w: &CompressedWeight<'_>) -> Result<Self, KernelError> {
+        let (out, inp) = (w.rows(), w.cols());
+        let f = ScaleFactors::new(&w.name, w.mode, &w.scales, out, inp)?;
+        // Buffers are never empty (a zero-size binding is not valid on every runtime).
+        let nonempty = |v: &[f32]| if v.is_empty() { vec![0.0f32] } else { v.to_vec() };
+        let words = if w.signs.words().is_empty() { vec![0u32] } else { w.signs.words().to_vec() };
+        Ok(ResidentDelta {
+            signs: client.create_from_slice(u32::as_bytes(&words)),
+            rows: client.create_from_slice(f32::as_bytes(&nonempty(&f.rows))),
+            cols: client.create_from_slice(f32::as_bytes(&nonempty(&f.cols))),
+            with_cols: f.cols.iter().any(|&c| c != 1.0),
+            out,
+            inp,
+        })
+    }
+
+    /// `[out, in]`.
+    pub fn shape(&self) -> (usize, usize) {
+        (self.out, self.inp)
+    }
+
+    /// Bytes held on the device.
+    pub fn device_bytes(&self) -> usize {
+        (self.out * self.inp.div_ceil(32) + self.out + self.inp) * 4
+    }
+
+    /// `y[r, :] += Δ̂·x[r, :]` on the device, for every row of `x` (`[rows, in]`, contiguous f32)
+    /// when `row_ids` is `None`, else for the listed rows (a device buffer of `u32`, `listed` of
+    /// them). `y` is `[rows, out]`, contiguous f32, written in place.
+    ///
+    /// # Safety
+    /// `x` must hold `rows · in` f32 values and `y` `rows · out`, `row_ids` `listed` values each
+    /// below `rows`; `y` must not be read or written by anything else until the launch is done.
+    pub unsafe fn add_product<R: Runtime>(&self, client: &ComputeClient<R>, x: Handle, rows: usize, row_ids: Option<(Handle, usize)>, y: Handle) {
+        let count = row_ids.as_ref().map_or(rows, |(_, n)| *n);
+        if count == 0 || self.out == 0 {
+            return;
+        }
+        let words = self.inp.div_ceil(32).max(1);
+        let (ids, ids_len, listed) = match row_ids {
+            Some((h, n)) => (h, n, 1u32),
+            None => (self.rows.clone(), 1, 0u32),
+        };
+        // SAFETY: the caller's contract for x, y and row_ids; the delta's buffers are ours.
+        unsafe {
+            add_product_kernel::launch::<R>(
+                client,
+                CubeCount::Static((self.out as u32).div_ceil(OUTPUTS_PER_CUBE), count as u32, 1),
+                CubeDim::new_2d(LANES, OUTPUTS_PER_CUBE),
+                ArrayArg::from_raw_parts(x, (rows * self.inp).max(1)),
+                ArrayArg::from_raw_parts(self.signs.clone(), self.out * words),
+                ArrayArg::from_raw_parts(self.rows.clone(), self.out),
+                ArrayArg::from_raw_parts(self.cols.clone(), self.inp.max(1)),
+                ArrayArg::from_raw_parts(ids, ids_len),
+                ArrayArg::from_raw_parts(y, rows * self.out),
+                self.inp,
+                self.out,
+                words,
+                self.with_cols as u32,
+                listed,
+            );
+        }
+    }
+
+    /// `merged = (W_base + Δ̂)ᵀ`, `[in, out]`, from `wt = W_baseᵀ` (`[in, out]`), both contiguous
+    /// f32 buffers on the device.
+    ///
+    /// # Safety
+    /// `wt` and `merged` must each hold `in · out` f32 values; `merged` must not be read or
+    /// written by anything else until the launch is done.
+    pub unsafe fn merge_t<R: Runtime>(&self, client: &ComputeClient<R>, wt: Handle, merged: Handle) {
+        let n = self.inp * self.out;
+        if n == 0 {
+            return;
+        }
+        // SAFETY: the caller's contract for wt and merged; the delta's buffers are ours.
+        unsafe {
+            merge_t_kernel::launch::<R>(
+                client,
+                CubeCount::Static(n.div_ceil(MERGE_THREADS as usize) as u32, 1, 1),
+                CubeDim::new_1d(MERGE_THREADS),
+                ArrayArg::from_raw_parts(wt, n),
+                ArrayArg::from_raw_parts(self.signs.clone(), self.out * self.inp.div_ceil(32)),
+                ArrayArg::from_raw_parts(self.rows.clone(), self.out),
+                ArrayArg::from_raw_parts(self.cols.clone(), self.inp),
+                ArrayArg::from_raw_parts(merged, n),
+                self.inp,
+                self.out,
+                self.inp.div_ceil(32),
+            );
+        }
+    }
+}
+
+/// `Y = X·W_baseᵀ + Δ̂_{idx[r]}·X[r]` per row on `client`'s device, from host slices (`base_t`:
+/// W_baseᵀ, `[in, out]` row-major, or `None` for the delta terms alone; X `[rows, in]`). Uploads
+/// everything, computes the base product on the host (the device paths use their framework's
+/// GEMM for it), then one [`ResidentDelta::add_product`] launch per delta over its rows, and
+/// reads Y (`[rows, out]`) back.
 pub fn batched_delta_product<R: Runtime>(
     client: &ComputeClient<R>,
     base_t: Option<&[f32]>,
@@ -89,47 +233,42 @@ pub fn batched_delta_product<R: Runtime>(
     if rows == 0 || out == 0 {
         return Ok(vec![0.0; rows * out]);
     }
-    let words_per_row = inp.div_ceil(32);
-    let (mut signs, mut row_f, mut col_f) = (Vec::new(), Vec::new(), Vec::new());
-    for d in deltas {
-        let f = ScaleFactors::new(&d.name, d.mode, &d.scales, out, inp)?;
-        signs.extend_from_slice(d.signs.words());
-        row_f.extend_from_slice(&f.rows);
-        col_f.extend_from_slice(&f.cols);
+    let mut y = vec![0f32; rows * out];
+    if let Some(wt) = base_t {
+        crate::dense::dense_matmul_t(x, wt, inp, out, &mut y)?;
     }
-    // Buffers are never empty (a zero-size binding is not valid on every runtime).
-    let nonempty = |v: &[f32]| if v.is_empty() { vec![0.0f32] } else { v.to_vec() };
-    let idx32: Vec<u32> = idx.iter().map(|&d| d as u32).collect();
-    let x_h = client.create_from_slice(f32::as_bytes(&nonempty(x)));
-    let wt = base_t.map(<[f32]>::to_vec).unwrap_or_else(|| vec![0.0]);
-    let wt_h = client.create_from_slice(f32::as_bytes(&wt));
-    let signs = if signs.is_empty() { vec![0u32] } else { signs };
-    let s_h = client.create_from_slice(u32::as_bytes(&signs));
-    let r_h = client.create_from_slice(f32::as_bytes(&row_f));
-    let c_h = client.create_from_slice(f32::as_bytes(&nonempty(&col_f)));
-    let i_h = client.create_from_slice(u32::as_bytes(&idx32));
-    let y_h = client.empty(rows * out * 4);
-    let count = (rows * out).div_ceil(CUBE_THREADS as usize) as u32;
-    // SAFETY: every handle was created just above with exactly the length passed with it.
-    unsafe {
-        fused_delta_product::launch::<R>(
-            client,
-            CubeCount::Static(count, 1, 1),
-            CubeDim::new_1d(CUBE_THREADS),
-            ArrayArg::from_raw_parts(x_h, x.len().max(1)),
-            ArrayArg::from_raw_parts(wt_h, wt.len()),
-            ArrayArg::from_raw_parts(s_h, signs.len()),
-            ArrayArg::from_raw_parts(r_h, row_f.len()),
-            ArrayArg::from_raw_parts(c_h, col_f.len().max(1)),
-            ArrayArg::from_raw_parts(i_h, idx32.len()),
-            ArrayArg::from_raw_parts(y_h.clone(), rows * out),
-            rows,
-            inp,
-            out,
-            words_per_row,
-            base_t.is_some() as u32,
-        );
+    let x_h = client.create_from_slice(f32::as_bytes(if x.is_empty() { &[0.0] } else { x }));
+    let y_h = client.create_from_slice(f32::as_bytes(&y));
+    for (d, delta) in deltas.iter().enumerate() {
+        let ids: Vec<u32> = (0..rows).filter(|&r| idx[r] == d).map(|r| r as u32).collect();
+        if ids.is_empty() {
+            continue;
+        }
+        let resident = ResidentDelta::upload(client, delta)?;
+        let ids_h = client.create_from_slice(u32::as_bytes(&ids));
+        // SAFETY: x_h holds rows · in values, y_h rows · out, ids_h ids.len() values below rows;
+        // launches on one client run in order, so no two touch y_h at once.
+        unsafe { resident.add_product(client, x_h.clone(), rows, Some((ids_h, ids.len())), y_h.clone()) };
     }
     let bytes = client.read_one(y_h).map_err(|e| KernelError::Batch(format!("reading the result back from the device: {e:?}")))?;
+    Ok(f32::from_bytes(&bytes).to_vec())
+}
+
+/// `(W_base + Δ̂)ᵀ` (`[in, out]`) on `client`'s device from host slices: upload, one
+/// [`ResidentDelta::merge_t`] launch, read back.
+pub fn merged_t<R: Runtime>(client: &ComputeClient<R>, base_t: &[f32], delta: &CompressedWeight<'_>) -> Result<Vec<f32>, KernelError> {
+    let (out, inp) = (delta.rows(), delta.cols());
+    if base_t.len() != inp * out {
+        return Err(KernelError::Batch(format!("the base weight has {} values, [{inp}, {out}] needs {}", base_t.len(), inp * out)));
+    }
+    if base_t.is_empty() {
+        return Ok(Vec::new());
+    }
+    let resident = ResidentDelta::upload(client, delta)?;
+    let wt = client.create_from_slice(f32::as_bytes(base_t));
+    let merged = client.empty(base_t.len() * 4);
+    // SAFETY: both buffers hold in · out f32 values and nothing else uses `merged`.
+    unsafe { resident.merge_t(client, wt, merged.clone()) };
+    let bytes = client.read_one(merged).map_err(|e| KernelError::Batch(format!("reading the result back from the device: {e:?}")))?;
     Ok(f32::from_bytes(&bytes).to_vec())
 }

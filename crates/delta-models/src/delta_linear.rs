@@ -2,8 +2,9 @@
 //! (1-bit signs + scales), and computes `y = x·W_baseᵀ + x·Δ̂ᵀ` without ever forming a whole
 //! dense Δ. On the CPU, up to 16 rows go through one pass that reads the base weight and the
 //! signs once (`delta_kernels::fused::dense_delta_matmul_t`); more rows through one GEMM on the
-//! merged weight, built a tile at a time (`merged_matmul_t`). On other backends the activations
-//! make a round trip to host memory for the delta term until the CubeCL kernels land (issue #7).
+//! merged weight, built a tile at a time (`merged_matmul_t`). On the GPU backends (`wgpu`,
+//! `cuda` features) the same split runs as CubeCL kernels on device buffers ([`crate::cube`]). On
+//! any other backend the activations make a round trip to host memory for the delta term.
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
@@ -11,6 +12,7 @@ use delta_format::CompressedWeight;
 use delta_kernels::gemm::delta_matmul_add;
 use delta_kernels::merge::ScaleFactors;
 
+use crate::cube::DeviceDelta;
 use crate::error::ModelError;
 use crate::llama::Linear;
 use crate::weights::Weights;
@@ -19,6 +21,8 @@ use crate::weights::Weights;
 pub struct DeltaLinear<B: Backend> {
     pub base: Linear<B>,
     pub delta: CompressedWeight<'static>,
+    /// The delta's copy in device memory on a GPU backend, made on first use.
+    pub device: DeviceDelta,
 }
 
 impl<B: Backend> DeltaLinear<B> {
@@ -27,16 +31,19 @@ impl<B: Backend> DeltaLinear<B> {
         if (delta.rows(), delta.cols()) != (out, inp) {
             return Err(ModelError::Shape { name: delta.name.to_string(), expected: vec![out, inp], found: vec![delta.rows(), delta.cols()] });
         }
-        Ok(DeltaLinear { base, delta })
+        Ok(DeltaLinear { base, delta, device: DeviceDelta::default() })
     }
 
     /// `x`: `[rows, in]` -> `[rows, out]`.
     pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
         // On the CPU: decode-shaped, base product and delta term in one pass over host values;
-        // prefill-shaped, one GEMM on the merged weight, a tile at a time.
+        // prefill-shaped, one GEMM on the merged weight, a tile at a time. On a GPU backend, the
+        // same split in CubeCL kernels.
         let [rows, _] = x.dims();
-        let host = crate::host::few_rows(&x, &self.base.weight_t, &[&self.delta], &vec![Some(0); rows]).or_else(|| crate::host::merged(&x, &self.base.weight_t, &self.delta));
-        if let Some(y) = host {
+        let fast = crate::host::few_rows(&x, &self.base.weight_t, &[&self.delta], &vec![Some(0); rows])
+            .or_else(|| crate::host::merged(&x, &self.base.weight_t, &self.delta))
+            .or_else(|| crate::cube::delta_product(&x, &self.base.weight_t, &self.delta, &self.device));
+        if let Some(y) = fast {
             return self.base.add_bias(y);
         }
         let device = x.device();

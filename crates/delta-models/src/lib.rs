@@ -5,6 +5,7 @@
 //! - [`config`]: `ModelConfig`, deserialised from `config.json`.
 //! - [`weights`]: `Weights` — a checkpoint, or base + artifact, merged on load or kept packed.
 //! - [`delta_linear`]: `DeltaLinear` — base weight + packed delta, forward without a dense Δ.
+//! - [`cube`]: the GPU backends (`wgpu`, `cuda` features) and `DeltaLinear`'s kernels on them.
 //! - [`llama`]: the model, with a staged forward (embed, block i, head) for calibration.
 //! - [`multi`]: `Tenant` (a fine-tune resident as its packed delta over a shared base) and
 //!   `step_batch` (sequences of different fine-tunes through one forward) — what `serve` runs.
@@ -14,6 +15,7 @@
 
 pub mod chat;
 pub mod config;
+pub mod cube;
 pub mod delta_linear;
 pub mod error;
 pub mod generate;

@@ -6,7 +6,8 @@
 //! (norms, biases) are its own. [`step_batch`] runs sequences of *different* tenants (or of the
 //! base) through one forward: per projection, one base product for every row of every sequence
 //! with each tenant's delta term for its rows — in one pass at decode sizes
-//! (`delta_kernels::fused`), else the base product then `batched_delta_matmul_add` — except that
+//! (`delta_kernels::fused`), else the base product then `batched_delta_matmul_add`; on a GPU
+//! backend the base GEMM then one CubeCL kernel launch per delta over its rows ([`crate::cube`]) — except that
 //! a tenant's prefill chunk of more than 16 rows goes through its merged weight, as its own
 //! `DeltaLinear` would; attention runs per sequence against its own KV cache. That is the
 //! multi-tenant decode step of `bitdelta serve`.
@@ -209,9 +210,15 @@ pub fn step_batch<B: Backend>(base: &Llama<B>, seqs: &mut [SeqStep<'_, B>]) -> R
 }
 
 /// `x·W_baseᵀ` with the delta term of every row that has one (`row_delta[r]`, an index into
-/// `deltas`): one pass at decode sizes, else Burn's GEMM for the base and then the delta terms.
-fn base_and_deltas<B: Backend>(x: &Tensor<B, 2>, wt: &Tensor<B, 2>, deltas: &[&CompressedWeight<'static>], row_delta: &[Option<usize>]) -> Tensor<B, 2> {
-    if let Some(y) = crate::host::few_rows(x, wt, deltas, row_delta) {
+/// `deltas`): one pass at decode sizes on the CPU, the CubeCL kernels on a GPU backend, else
+/// Burn's GEMM for the base and then the delta terms on the host.
+fn base_and_deltas<B: Backend>(x: &Tensor<B, 2>, wt: &Tensor<B, 2>, deltas: &[&DeltaLinear<B>], row_delta: &[Option<usize>]) -> Tensor<B, 2> {
+    let packed: Vec<&CompressedWeight<'static>> = deltas.iter().map(|d| &d.delta).collect();
+    if let Some(y) = crate::host::few_rows(x, wt, &packed, row_delta) {
+        return y;
+    }
+    let on_device: Vec<_> = deltas.iter().map(|d| (&d.delta, &d.device)).collect();
+    if let Some(y) = crate::cube::base_and_deltas(x, wt, &on_device, row_delta) {
         return y;
     }
     let [rows, inp] = x.dims();
@@ -226,7 +233,7 @@ fn base_and_deltas<B: Backend>(x: &Tensor<B, 2>, wt: &Tensor<B, 2>, deltas: &[&C
     crate::host::with_values(x, |xv| {
         let xs: Vec<f32> = with.iter().flat_map(|&r| xv[r * inp..(r + 1) * inp].iter().copied()).collect();
         let mut ys: Vec<f32> = with.iter().flat_map(|&r| yv[r * out..(r + 1) * out].iter().copied()).collect();
-        batched_delta_matmul_add(deltas, &idx, &xs, &mut ys).expect("shapes checked when the tenants were built");
+        batched_delta_matmul_add(&packed, &idx, &xs, &mut ys).expect("shapes checked when the tenants were built");
         for (j, &r) in with.iter().enumerate() {
             yv[r * out..(r + 1) * out].copy_from_slice(&ys[j * out..(j + 1) * out]);
         }
@@ -251,29 +258,33 @@ fn project<B: Backend>(base: &Llama<B>, tenants: &[Option<&Tenant<B>>], spans: &
     }
     let wt = &base_linear.weight_t;
     // A delta's span of more than FEW_ROWS rows (a prefill chunk) gets what `DeltaLinear` gives it
-    // alone: one GEMM on the merged weight (CPU backend; elsewhere it joins the rest).
+    // alone: one GEMM on the merged weight (on the CPU and GPU backends; elsewhere it joins the
+    // rest).
     let merged: Vec<Option<Tensor<B, 2>>> = spans
         .iter()
         .enumerate()
         .map(|(s, &(at, n))| match projection(s) {
-            Some((_, Projection::Delta(d))) if n > crate::host::FEW_ROWS => crate::host::merged(&x.clone().narrow(0, at, n), wt, &d.delta),
+            Some((_, Projection::Delta(d))) if n > crate::host::FEW_ROWS => {
+                let xs = x.clone().narrow(0, at, n);
+                crate::host::merged(&xs, wt, &d.delta).or_else(|| crate::cube::delta_product(&xs, wt, &d.delta, &d.device))
+            }
             _ => None,
         })
         .collect();
     // The rest: one base product for all their rows with each delta term, and whole replacement
     // weights where a tenant has them.
     let rest: Vec<usize> = (0..spans.len()).filter(|&s| merged[s].is_none()).collect();
-    let mut deltas: Vec<&CompressedWeight<'static>> = Vec::new();
+    let mut deltas: Vec<&DeltaLinear<B>> = Vec::new();
     let mut row_delta = Vec::new();
     let mut dense: Vec<(usize, &Linear<B>)> = Vec::new();
     for &s in &rest {
         let n = spans[s].1;
         match projection(s) {
             Some((_, Projection::Delta(d))) => {
-                let d_idx = match deltas.iter().position(|w| std::ptr::eq(*w, &d.delta)) {
+                let d_idx = match deltas.iter().position(|w| std::ptr::eq(*w, d)) {
                     Some(p) => p,
                     None => {
-                        deltas.push(&d.delta);
+                        deltas.push(d);
                         deltas.len() - 1
                     }
                 };
