@@ -67,16 +67,16 @@ fn sizes() -> Vec<usize> {
         .unwrap_or_else(|| vec![1024, 2048, 4096, 8192])
 }
 
-fn matrix(values: Vec<f32>, rows: usize, cols: usize, device: &<G as Backend>::Device) -> Tensor<G, 2> {
+fn matrix(values: Vec<f32>, rows: usize, cols: usize, device: &burn::tensor::Device<G>) -> Tensor<G, 2> {
     Tensor::from_data(TensorData::new(values, [rows, cols]), device)
 }
 
-fn sync(device: &<G as Backend>::Device) {
+fn sync(device: &burn::tensor::Device<G>) {
     G::sync(device).expect("the device finishes its queue");
 }
 
 fn fig4(c: &mut Criterion) {
-    let device = <G as Backend>::Device::default();
+    let device = burn::tensor::Device::<G>::default();
     let client = R::client(&device);
     eprintln!("backend: {}", G::name(&device));
     for n in sizes() {
