@@ -4,6 +4,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::Result;
+use burn::tensor::backend::Backend;
 use delta_serve::{EngineOptions, ServeOptions};
 
 /// Serve a base model and every delta in a folder over an OpenAI-compatible HTTP API.
@@ -16,7 +17,8 @@ use delta_serve::{EngineOptions, ServeOptions};
 /// (requests already running on it finish).
 ///
 /// Requests for different deltas are decoded together: each step runs one base product per layer
-/// for every running sequence plus each delta's packed 1-bit term for its own rows.
+/// for every running sequence plus each delta's packed 1-bit term for its own rows (on the CPU,
+/// or with --device on a GPU through the CubeCL kernels).
 ///
 /// Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (`stream: true`
 /// streams server-sent events), GET /health. Errors are JSON {"error": {"message", "type",
@@ -51,9 +53,23 @@ pub struct Args {
     /// Most prompt + generated tokens per request.
     #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(2..))]
     max_context: u32,
+    /// Where the models run: `cpu`, or a GPU through `wgpu` (Vulkan, Metal, DX12) or `cuda`
+    /// (those need a bitdelta built with `--features wgpu` / `--features cuda`).
+    #[arg(long, value_enum, default_value_t = crate::load::DeviceArg::Cpu)]
+    device: crate::load::DeviceArg,
 }
 
 pub fn run(a: Args) -> Result<()> {
+    crate::load::on_device(a.device, a)
+}
+
+impl crate::load::OnDevice for Args {
+    fn run<B: Backend>(self, device: B::Device) -> Result<()> {
+        serve::<B>(self, &device)
+    }
+}
+
+fn serve<B: Backend>(a: Args, device: &B::Device) -> Result<()> {
     let options = ServeOptions {
         base: a.base,
         deltas: a.deltas,
@@ -62,7 +78,7 @@ pub fn run(a: Args) -> Result<()> {
         max_context: a.max_context as usize,
         engine: EngineOptions { max_batch: a.max_batch as usize, prefill_chunk: a.prefill_chunk as usize },
     };
-    delta_serve::run(&options, &a.addr, |addr| {
+    delta_serve::run::<B>(&options, device, &a.addr, |addr| {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "listening on http://{addr}");
         let _ = out.flush();

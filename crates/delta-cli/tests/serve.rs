@@ -160,6 +160,34 @@ fn greedy_outputs_equal_generate_for_deltas_in_one_batch_and_errors_are_json() {
     assert_eq!(text(&server.post("/v1/completions", &completion("per-output", PROMPTS[1], 24))), answers[3]);
 }
 
+/// `--device wgpu` (in CI: Mesa's lavapipe, slow, so few tokens): requests for three deltas and
+/// the base decoded together on the GPU backend give `generate`'s greedy text on the CPU.
+#[cfg(feature = "wgpu")]
+#[test]
+fn on_wgpu_deltas_in_one_batch_give_the_cpu_greedy_text() {
+    let (base, _) = smollm2();
+    let tmp = tempfile::tempdir().unwrap();
+    let folder = deltas(tmp.path());
+    let server = Server::start(Path::new(BIN), &base, &folder, &["--device", "wgpu"]);
+    let models = ["scalar", "per-output", "per-input", "base"];
+    let on = &server;
+    let answers: Vec<String> = std::thread::scope(|scope| {
+        let handles: Vec<_> = models.iter().map(|&m| scope.spawn(move || text(&on.post("/v1/completions", &completion(m, PROMPTS[0], 5))))).collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let health = server.get("/health").json();
+    assert!(health["max_models_in_a_step"].as_u64().unwrap() >= 2, "no step decoded two deltas together: {health}");
+    for (model, answer) in models.iter().zip(&answers) {
+        let delta = folder.join(format!("{model}.bitdelta.safetensors"));
+        let mut args = vec!["generate", "--model", s(&base), "--prompt", PROMPTS[0], "--max-new-tokens", "5", "--json"];
+        if *model != "base" {
+            args.extend(["--delta", s(&delta), "--delta-use", "fused"]);
+        }
+        let g: Value = serde_json::from_str(&bitdelta(&args)).unwrap();
+        assert_eq!(answer, g["text"].as_str().unwrap(), "{model}: the server on wgpu and generate on the CPU differ");
+    }
+}
+
 #[test]
 fn load_test_with_hot_load_and_eviction_loses_and_mixes_up_nothing() {
     let (base, _) = smollm2();

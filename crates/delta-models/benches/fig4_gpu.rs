@@ -21,7 +21,7 @@ use delta_models::cube::DeviceDelta;
 #[cfg(feature = "cuda")]
 type G = delta_models::cube::CudaBackend;
 #[cfg(feature = "cuda")]
-type R = burn_cuda::CudaRuntime;
+type R = cubecl::cuda::CudaRuntime;
 #[cfg(not(feature = "cuda"))]
 type G = delta_models::cube::WgpuBackend;
 #[cfg(not(feature = "cuda"))]

@@ -18,7 +18,7 @@ use delta_format::CompressedWeight;
 pub type WgpuBackend = burn_cubecl::CubeBackend<burn_wgpu::WgpuRuntime, f32, i32, u32>;
 /// Burn's CUDA backend, f32, without fusion.
 #[cfg(feature = "cuda")]
-pub type CudaBackend = burn_cubecl::CubeBackend<burn_cuda::CudaRuntime, f32, i32, u8>;
+pub type CudaBackend = burn_cubecl::CubeBackend<cubecl::cuda::CudaRuntime, f32, i32, u8>;
 
 /// A packed delta's device buffers, uploaded on first use on a GPU backend and shared by clones
 /// (empty, and free, on the CPU).
@@ -47,7 +47,7 @@ pub fn delta_product<B: Backend>(x: &Tensor<B, 2>, wt: &Tensor<B, 2>, delta: &Co
         return Some(y);
     }
     #[cfg(feature = "cuda")]
-    if let Some(y) = on::product::<B, burn_cuda::CudaRuntime, CudaBackend>(x, wt, delta, device) {
+    if let Some(y) = on::product::<B, cubecl::cuda::CudaRuntime, CudaBackend>(x, wt, delta, device) {
         return Some(y);
     }
     None
@@ -63,7 +63,7 @@ pub fn base_and_deltas<B: Backend>(x: &Tensor<B, 2>, wt: &Tensor<B, 2>, deltas: 
         return Some(y);
     }
     #[cfg(feature = "cuda")]
-    if let Some(y) = on::batched::<B, burn_cuda::CudaRuntime, CudaBackend>(x, wt, deltas, row_delta) {
+    if let Some(y) = on::batched::<B, cubecl::cuda::CudaRuntime, CudaBackend>(x, wt, deltas, row_delta) {
         return Some(y);
     }
     None

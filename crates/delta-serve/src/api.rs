@@ -22,6 +22,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use delta_models::chat::{ChatTemplate, Message};
+use burn::tensor::backend::Backend;
 use delta_models::generate::Sampling;
 use delta_models::{TextStream, Tokenizer};
 use serde::Deserialize;
@@ -33,9 +34,9 @@ use crate::error::ServeError;
 use crate::registry::Registry;
 use crate::stop::StopScan;
 
-pub struct AppState {
-    pub registry: Arc<Registry>,
-    pub engine: Engine,
+pub struct AppState<B: Backend> {
+    pub registry: Arc<Registry<B>>,
+    pub engine: Engine<B>,
     pub tokenizer: Arc<Tokenizer>,
     pub template: Option<ChatTemplate>,
     /// End-of-sequence ids of the base (`config.json`); chat adds the template's eos token.
@@ -45,17 +46,17 @@ pub struct AppState {
     pub requests: AtomicU64,
 }
 
-pub fn router(state: Arc<AppState>) -> Router {
+pub fn router<B: Backend>(state: Arc<AppState<B>>) -> Router {
     Router::new()
-        .route("/health", get(health))
-        .route("/v1/models", get(models))
-        .route("/v1/completions", post(completions))
-        .route("/v1/chat/completions", post(chat_completions))
+        .route("/health", get(health::<B>))
+        .route("/v1/models", get(models::<B>))
+        .route("/v1/completions", post(completions::<B>))
+        .route("/v1/chat/completions", post(chat_completions::<B>))
         .fallback(|method: axum::http::Method, uri: axum::http::Uri| async move { ServeError::NoRoute(format!("{method} {}", uri.path())) })
         .with_state(state)
 }
 
-async fn health(State(s): State<Arc<AppState>>) -> Json<Value> {
+async fn health<B: Backend>(State(s): State<Arc<AppState<B>>>) -> Json<Value> {
     let (resident, loads, evictions) = s.registry.counts();
     let e = &s.engine.stats;
     let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
@@ -66,7 +67,7 @@ async fn health(State(s): State<Arc<AppState>>) -> Json<Value> {
     }))
 }
 
-async fn models(State(s): State<Arc<AppState>>) -> Result<Json<Value>, ServeError> {
+async fn models<B: Backend>(State(s): State<Arc<AppState<B>>>) -> Result<Json<Value>, ServeError> {
     let registry = s.registry.clone();
     let list = tokio::task::spawn_blocking(move || registry.list()).await.map_err(|e| ServeError::Io(e.to_string()))??;
     let data: Vec<Value> =
@@ -188,7 +189,7 @@ enum Kind {
     Chat,
 }
 
-async fn completions(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
+async fn completions<B: Backend>(State(s): State<Arc<AppState<B>>>, body: Bytes) -> Response {
     let result = async {
         let req: CompletionRequest = parse(&body)?;
         let prompt = match &req.prompt {
@@ -204,7 +205,7 @@ async fn completions(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
     }
 }
 
-async fn chat_completions(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
+async fn chat_completions<B: Backend>(State(s): State<Arc<AppState<B>>>, body: Bytes) -> Response {
     let result = (|| {
         let req: ChatRequest = parse(&body)?;
         let template = s.template.as_ref().ok_or_else(|| ServeError::BadRequest("the base model has no chat template; use /v1/completions".into()))?;
@@ -225,7 +226,7 @@ async fn chat_completions(State(s): State<Arc<AppState>>, body: Bytes) -> Respon
 }
 
 /// Shared by both endpoints: resolve the model, queue the job, answer whole or streamed.
-async fn generate(s: Arc<AppState>, params: Params, prompt: Vec<u32>, stop: Vec<u32>, kind: Kind, path: &'static str) -> Response {
+async fn generate<B: Backend>(s: Arc<AppState<B>>, params: Params, prompt: Vec<u32>, stop: Vec<u32>, kind: Kind, path: &'static str) -> Response {
     let started = Instant::now();
     let number = s.requests.fetch_add(1, Ordering::Relaxed) + 1;
     let prepared = prepare(&s, &params, prompt, stop, kind).await;
@@ -262,7 +263,7 @@ async fn generate(s: Arc<AppState>, params: Params, prompt: Vec<u32>, stop: Vec<
 
 /// Checks the request, then resolves (loads if need be) its model: the job, each choice's
 /// events and the stop strings.
-async fn prepare(s: &Arc<AppState>, params: &Params, prompt: Vec<u32>, stop: Vec<u32>, kind: Kind) -> Result<(Job, Vec<mpsc::UnboundedReceiver<Event>>, Vec<String>), ServeError> {
+async fn prepare<B: Backend>(s: &Arc<AppState<B>>, params: &Params, prompt: Vec<u32>, stop: Vec<u32>, kind: Kind) -> Result<(Job<B>, Vec<mpsc::UnboundedReceiver<Event>>, Vec<String>), ServeError> {
     let n = params.choices()?;
     let logprobs = params.logprobs(kind)?;
     let sampling = params.sampling()?;

@@ -11,7 +11,8 @@ use std::sync::Arc;
 
 use delta_models::generate::{logprobs, pick, Sampling, SplitMix, TokenLogprobs};
 use delta_models::multi::{step_batch, SeqStep};
-use delta_models::{CpuBackend, KvCache, Llama};
+use burn::tensor::backend::Backend;
+use delta_models::{KvCache, Llama};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::registry::Resolved;
@@ -50,8 +51,8 @@ pub struct Sampled {
 }
 
 /// One generation to run, for one or more choices.
-pub struct Job {
-    pub model: Resolved,
+pub struct Job<B: Backend> {
+    pub model: Resolved<B>,
     pub prompt: Vec<u32>,
     pub max_tokens: usize,
     pub sampling: Sampling,
@@ -76,10 +77,10 @@ impl Default for EngineOptions {
     }
 }
 
-struct Running {
-    job: Arc<Job>,
+struct Running<B: Backend> {
+    job: Arc<Job<B>>,
     events: UnboundedSender<Event>,
-    cache: KvCache<CpuBackend>,
+    cache: KvCache<B>,
     /// Prompt tokens fed so far.
     fed: usize,
     generated: usize,
@@ -89,8 +90,8 @@ struct Running {
     forks: Vec<(UnboundedSender<Event>, u64)>,
 }
 
-impl Running {
-    fn admit(mut job: Job, layers: usize) -> Self {
+impl<B: Backend> Running<B> {
+    fn admit(mut job: Job<B>, layers: usize) -> Self {
         let seed = job.sampling.seed;
         let mut choices = std::mem::take(&mut job.choices).into_iter();
         let events = choices.next().unwrap_or_else(|| tokio::sync::mpsc::unbounded_channel().0);
@@ -150,14 +151,19 @@ pub struct Stats {
 }
 
 /// The handle requests submit to; the loop stops when every handle is dropped.
-#[derive(Clone)]
-pub struct Engine {
-    jobs: mpsc::Sender<Job>,
+pub struct Engine<B: Backend> {
+    jobs: mpsc::Sender<Job<B>>,
     pub stats: Arc<Stats>,
 }
 
-impl Engine {
-    pub fn start(base: Arc<Llama<CpuBackend>>, options: EngineOptions) -> Self {
+impl<B: Backend> Clone for Engine<B> {
+    fn clone(&self) -> Self {
+        Engine { jobs: self.jobs.clone(), stats: self.stats.clone() }
+    }
+}
+
+impl<B: Backend> Engine<B> {
+    pub fn start(base: Arc<Llama<B>>, options: EngineOptions) -> Self {
         let (jobs, queue) = mpsc::channel();
         let stats = Arc::new(Stats::default());
         let s = stats.clone();
@@ -165,14 +171,14 @@ impl Engine {
         Engine { jobs, stats }
     }
 
-    pub fn submit(&self, job: Job) -> Result<(), String> {
+    pub fn submit(&self, job: Job<B>) -> Result<(), String> {
         self.jobs.send(job).map_err(|_| "the engine has stopped".to_string())
     }
 }
 
-fn run(base: &Llama<CpuBackend>, options: EngineOptions, queue: mpsc::Receiver<Job>, stats: &Stats) {
+fn run<B: Backend>(base: &Llama<B>, options: EngineOptions, queue: mpsc::Receiver<Job<B>>, stats: &Stats) {
     let layers = base.layers.len();
-    let mut running: Vec<Running> = Vec::new();
+    let mut running: Vec<Running<B>> = Vec::new();
     loop {
         if running.is_empty() {
             match queue.recv() {
@@ -204,7 +210,7 @@ fn run(base: &Llama<CpuBackend>, options: EngineOptions, queue: mpsc::Receiver<J
             .collect();
         // A panic inside the model fails this step's requests, not the server.
         let logits = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let mut batch: Vec<SeqStep<'_, CpuBackend>> = running
+            let mut batch: Vec<SeqStep<'_, B>> = running
                 .iter_mut()
                 .zip(&inputs)
                 .map(|(r, ids)| SeqStep {

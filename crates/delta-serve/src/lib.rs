@@ -17,7 +17,8 @@ use std::sync::Arc;
 
 use delta_format::Checkpoint;
 use delta_models::chat::ChatTemplate;
-use delta_models::{CpuBackend, Llama, ModelConfig, Tokenizer, Weights};
+use burn::tensor::backend::Backend;
+use delta_models::{Llama, ModelConfig, Tokenizer, Weights};
 
 pub use engine::EngineOptions;
 pub use error::ServeError;
@@ -32,8 +33,8 @@ pub struct ServeOptions {
     pub engine: EngineOptions,
 }
 
-/// Loads the base, starts the engine and returns the app, ready to be served.
-pub fn build(o: &ServeOptions) -> Result<axum::Router, String> {
+/// Loads the base on `device`, starts the engine and returns the app, ready to be served.
+pub fn build<B: Backend>(o: &ServeOptions, device: &B::Device) -> Result<axum::Router, String> {
     for (flag, dir) in [("--base", &o.base), ("--deltas", &o.deltas)] {
         if !dir.is_dir() {
             return Err(format!("{flag} {} is not a folder", dir.display()));
@@ -44,7 +45,7 @@ pub fn build(o: &ServeOptions) -> Result<axum::Router, String> {
     let tokenizer = Tokenizer::load(&o.base).map_err(|e| e.to_string())?;
     // No template: /v1/chat/completions answers 400; a broken one stops the server here.
     let template = ChatTemplate::find(&o.base).map_err(|e| format!("reading the chat template: {e}"))?;
-    let weights = Weights::<CpuBackend>::new(&ckpt, None, Default::default()).map_err(|e| e.to_string())?;
+    let weights = Weights::<B>::new(&ckpt, None, device.clone()).map_err(|e| e.to_string())?;
     let base = Arc::new(Llama::load(cfg, &weights).map_err(|e| format!("loading the base: {e}"))?);
     ckpt.release_pages();
     let base_name = o.base_name.clone().unwrap_or_else(|| o.base.canonicalize().unwrap_or(o.base.clone()).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "base".into()));
@@ -63,10 +64,10 @@ pub fn build(o: &ServeOptions) -> Result<axum::Router, String> {
     Ok(api::router(Arc::new(state)))
 }
 
-/// Serves on `addr` until Ctrl-C (or SIGTERM), calling `ready` with the bound address once the
-/// base is loaded and the port is open (port 0 picks a free one).
-pub fn run(o: &ServeOptions, addr: &str, ready: impl FnOnce(std::net::SocketAddr)) -> Result<(), String> {
-    let app = build(o)?;
+/// Serves on `addr` with the models on `device` until Ctrl-C (or SIGTERM), calling `ready` with
+/// the bound address once the base is loaded and the port is open (port 0 picks a free one).
+pub fn run<B: Backend>(o: &ServeOptions, device: &B::Device, addr: &str, ready: impl FnOnce(std::net::SocketAddr)) -> Result<(), String> {
+    let app = build::<B>(o, device)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| format!("starting the async runtime: {e}"))?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("binding {addr}: {e}"))?;

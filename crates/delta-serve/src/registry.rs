@@ -11,28 +11,32 @@ use std::time::Instant;
 
 use delta_format::{Checkpoint, DeltaArtifact};
 use delta_models::multi::Tenant;
-use delta_models::{CpuBackend, Llama};
+use burn::tensor::backend::Backend;
+use delta_models::Llama;
 
 use crate::error::ServeError;
 
 /// The file name suffix of a delta artifact; the model name is what comes before it.
 pub const DELTA_SUFFIX: &str = ".bitdelta.safetensors";
 
-pub type Model = Tenant<CpuBackend>;
-
-struct Resident {
-    tenant: Arc<Model>,
+struct Resident<B: Backend> {
+    tenant: Arc<Tenant<B>>,
     last_used: u64,
 }
 
-#[derive(Default)]
-struct State {
-    resident: HashMap<String, Resident>,
+struct State<B: Backend> {
+    resident: HashMap<String, Resident<B>>,
     /// One lock per name being loaded, so a model loads once however many ask for it at once.
     loading: HashMap<String, Arc<Mutex<()>>>,
     clock: u64,
     loads: u64,
     evictions: u64,
+}
+
+impl<B: Backend> Default for State<B> {
+    fn default() -> Self {
+        State { resident: HashMap::new(), loading: HashMap::new(), clock: 0, loads: 0, evictions: 0 }
+    }
 }
 
 /// What `/v1/models` lists.
@@ -44,28 +48,36 @@ pub struct Listing {
     pub resident: bool,
 }
 
-pub struct Registry {
+pub struct Registry<B: Backend> {
     pub base_name: String,
-    pub base: Arc<Llama<CpuBackend>>,
+    pub base: Arc<Llama<B>>,
     base_ckpt: Checkpoint,
     deltas_dir: PathBuf,
     max_resident: usize,
-    state: Mutex<State>,
+    state: Mutex<State<B>>,
 }
 
 /// The model a request asked for, ready to run.
-#[derive(Clone)]
-pub enum Resolved {
+pub enum Resolved<B: Backend> {
     Base,
-    Delta(Arc<Model>),
+    Delta(Arc<Tenant<B>>),
 }
 
-impl Registry {
-    pub fn new(base_name: String, base: Arc<Llama<CpuBackend>>, base_ckpt: Checkpoint, deltas_dir: PathBuf, max_resident: usize) -> Self {
+impl<B: Backend> Clone for Resolved<B> {
+    fn clone(&self) -> Self {
+        match self {
+            Resolved::Base => Resolved::Base,
+            Resolved::Delta(t) => Resolved::Delta(t.clone()),
+        }
+    }
+}
+
+impl<B: Backend> Registry<B> {
+    pub fn new(base_name: String, base: Arc<Llama<B>>, base_ckpt: Checkpoint, deltas_dir: PathBuf, max_resident: usize) -> Self {
         Registry { base_name, base, base_ckpt, deltas_dir, max_resident: max_resident.max(1), state: Mutex::default() }
     }
 
-    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+    fn state(&self) -> std::sync::MutexGuard<'_, State<B>> {
         // A panic while holding the lock leaves plain bookkeeping behind; keep serving.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -90,7 +102,7 @@ impl Registry {
         Ok(out)
     }
 
-    fn touch(&self, name: &str) -> Option<Arc<Model>> {
+    fn touch(&self, name: &str) -> Option<Arc<Tenant<B>>> {
         let mut state = self.state();
         state.clock += 1;
         let now = state.clock;
@@ -102,7 +114,7 @@ impl Registry {
 
     /// The model `name` names, loading its delta if it is not resident. Blocking (reads and
     /// checks the artifact): call it off the async threads.
-    pub fn resolve(&self, name: &str) -> Result<Resolved, ServeError> {
+    pub fn resolve(&self, name: &str) -> Result<Resolved<B>, ServeError> {
         if name == self.base_name {
             return Ok(Resolved::Base);
         }
@@ -140,7 +152,7 @@ impl Registry {
         }
     }
 
-    fn load(&self, path: &Path) -> Result<Model, String> {
+    fn load(&self, path: &Path) -> Result<Tenant<B>, String> {
         let artifact = DeltaArtifact::open(path).map_err(|e| e.to_string())?;
         let tenant = Tenant::new(&self.base, &self.base_ckpt, &artifact).map_err(|e| e.to_string());
         // Checking the fingerprint read the base file's pages; the model holds its own copy.
@@ -150,7 +162,7 @@ impl Registry {
 
     /// Makes `tenant` resident and drops the least recently used beyond the limit; returns
     /// the names dropped.
-    fn admit(&self, name: &str, tenant: Arc<Model>) -> Vec<String> {
+    fn admit(&self, name: &str, tenant: Arc<Tenant<B>>) -> Vec<String> {
         let mut state = self.state();
         state.clock += 1;
         let now = state.clock;
