@@ -46,7 +46,7 @@ pub fn on_device(device: DeviceArg, job: impl OnDevice) -> Result<()> {
         DeviceArg::Cuda => job.run::<delta_models::cube::CudaBackend>(Default::default()),
         #[allow(unreachable_patterns)]
         other => anyhow::bail!(
-            "this bitdelta was built without the {0} backend (--device {0}): build it with `cargo build --release --features {0}`",
+            "this bitdelta was built without the {0} backend (--device {0}): build it with `cargo build --release -p delta-cli --features {0}`",
             other.name()
         ),
     }
