@@ -4,45 +4,17 @@
 //! roofline. `cargo xtask bench` runs it and collects the results (sizes from `FIG4_SIZES`,
 //! default 1024,2048,4096,8192).
 
-use std::borrow::Cow;
-
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use delta_format::{CompressedWeight, ScaleMode, SignMask};
+use delta_format::CompressedWeight;
 use delta_kernels::dense::dense_matmul_t;
 use delta_kernels::gemm::batched_delta_matmul_add;
 
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use support::random;
+use support::{fig4_delta as delta, fig4_sizes as sizes, random};
 
 const BATCHES: [usize; 6] = [1, 2, 4, 8, 16, 32];
-
-fn delta(n: usize, seed: u64) -> CompressedWeight<'static> {
-    let words = n * n.div_ceil(32);
-    let mut s = seed | 1;
-    let bits: Vec<u32> = (0..words)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            s as u32
-        })
-        .collect();
-    CompressedWeight {
-        name: Cow::Owned(format!("d{seed}")),
-        mode: ScaleMode::PerOutput,
-        signs: SignMask::new(n, n, Cow::Owned(bits)).expect("whole words"),
-        scales: Cow::Owned(random(n, seed ^ 3).iter().map(|v| v.abs() * 1e-3).collect()),
-    }
-}
-
-fn sizes() -> Vec<usize> {
-    std::env::var("FIG4_SIZES")
-        .ok()
-        .map(|s| s.split(',').filter_map(|v| v.trim().parse().ok()).collect())
-        .unwrap_or_else(|| vec![1024, 2048, 4096, 8192])
-}
 
 fn fig4(c: &mut Criterion) {
     for n in sizes() {
