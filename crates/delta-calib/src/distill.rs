@@ -16,26 +16,31 @@
 //! not two.
 //! The student shares every tensor the compression does not touch (embeddings, norms, biases,
 //! head) with the teacher.
+//!
+//! Any Burn backend `B`, trained through `Autodiff<B>`: the CPU's, or a GPU's with
+//! `delta-models`' `wgpu` / `cuda` features. Adam itself runs on the host (a few numbers per
+//! weight).
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::PathBuf;
 
 use burn::backend::Autodiff;
 use burn::tensor::activation::log_softmax;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::backend::Backend;
+use burn::tensor::{ElementConversion, Tensor, TensorData};
 use delta_format::checkpoint::Checkpoint;
 use delta_format::ScaleMode;
 use delta_kernels::merge::ScaleFactors;
 use delta_models::llama::{Attention, Block, Linear, Mlp, RmsNorm};
-use delta_models::{CpuBackend, Llama, ModelConfig, Projection, ScaledDelta, Weights};
+use delta_models::{Llama, ModelConfig, Projection, ScaledDelta, Weights};
 use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::compress::{CompressError, Compressed};
 use crate::layerwise::projection_mut;
 
-type B = CpuBackend;
-type AB = Autodiff<CpuBackend>;
+/// The backend `B` with gradients.
+type AB<B> = Autodiff<B>;
 
 /// What the student's logits are trained to match.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -90,12 +95,12 @@ pub struct DistillReport {
 }
 
 /// One compressed weight's trainable multipliers and the fixed tensors they scale.
-struct Trainable {
+struct Trainable<B: Backend> {
     name: String,
     mode: ScaleMode,
     /// The base layer (base weight, the fine-tune's bias) and `Δ̂₀ᵀ` (`[in, out]`).
-    base: Linear<AB>,
-    delta_t: Tensor<AB, 2>,
+    base: Linear<AB<B>>,
+    delta_t: Tensor<AB<B>, 2>,
     /// Row multipliers θ_r (`[1, out]`) and column multipliers θ_c (`[1, in]`), where the mode has them.
     rows: Option<Adam>,
     cols: Option<Adam>,
@@ -122,18 +127,19 @@ impl Adam {
         }
     }
 
-    fn tensor(&self, shape: [usize; 2], grad: bool) -> Tensor<AB, 2> {
+    fn tensor<B: Backend>(&self, shape: [usize; 2], grad: bool, device: &B::Device) -> Tensor<AB<B>, 2> {
         let values: Vec<f32> = self.theta.iter().map(|&v| v as f32).collect();
-        let t = Tensor::<AB, 2>::from_data(TensorData::new(values, shape), &Default::default());
+        let t = Tensor::<AB<B>, 2>::from_data(TensorData::new(values, shape), device);
         if grad { t.require_grad() } else { t }
     }
 }
 
-impl Trainable {
+impl<B: Backend> Trainable<B> {
     /// The layer with the current multipliers (tracked for gradients when `grad`), and those.
-    fn layer(&self, grad: bool) -> (Projection<AB>, Thetas) {
-        let r = self.rows.as_ref().map(|a| a.tensor([1, a.theta.len()], grad));
-        let c = self.cols.as_ref().map(|a| a.tensor([1, a.theta.len()], grad));
+    fn layer(&self, grad: bool) -> (Projection<AB<B>>, Thetas<B>) {
+        let device = self.delta_t.device();
+        let r = self.rows.as_ref().map(|a| a.tensor::<B>([1, a.theta.len()], grad, &device));
+        let c = self.cols.as_ref().map(|a| a.tensor::<B>([1, a.theta.len()], grad, &device));
         let layer = ScaledDelta { base: self.base.clone(), delta_t: self.delta_t.clone(), rows: r.clone(), cols: c.clone() };
         (Projection::Scaled(layer), (r, c))
     }
@@ -156,15 +162,16 @@ impl Trainable {
 }
 
 /// Runs stage 2 over every compressed weight of `c` (updating its scales) on `samples` (token id
-/// rows of equal length; the last `opts.heldout` are only evaluated), reporting progress after
-/// each teacher batch and each step. A non-finite loss or gradient stops with an error and leaves
-/// `c` unchanged.
-pub fn distill(
+/// rows of equal length; the last `opts.heldout` are only evaluated), the models on `device` of
+/// backend `B`, reporting progress after each teacher batch and each step. A non-finite loss or
+/// gradient stops with an error and leaves `c` unchanged.
+pub fn distill<B: Backend>(
     c: &mut Compressed,
     base: &Checkpoint,
     finetuned: &Checkpoint,
     samples: &[Vec<u32>],
     opts: &DistillOptions,
+    device: &B::Device,
     progress: &mut dyn FnMut(DistillProgress),
 ) -> Result<DistillReport, CompressError> {
     let started = std::time::Instant::now();
@@ -183,14 +190,13 @@ pub fn distill(
         return Err(CompressError::Calibration("stage 2 needs samples of equal length".into()));
     }
     let cfg = ModelConfig::load(finetuned.dir())?;
-    let device = Default::default();
-    let teacher = Llama::<B>::load(cfg.clone(), &Weights::<B>::new(finetuned, None, device)?)?;
+    let teacher = Llama::<B>::load(cfg.clone(), &Weights::<B>::new(finetuned, None, device.clone())?)?;
     let targets = TeacherLogits::compute(&teacher, samples, opts, &mut |done| progress(DistillProgress::Teacher { done, total: n }))?;
     // The student starts as the teacher (sharing its tensors); each projection it trains replaces
     // the teacher's weight as soon as it is built, so that weight is freed before the next.
     let mut student = lift(&teacher);
     drop(teacher);
-    let base_weights = Weights::<B>::new(base, None, device)?;
+    let base_weights = Weights::<B>::new(base, None, device.clone())?;
     let mut trainables = Vec::with_capacity(c.weights.len());
     for w in &c.weights {
         let (out, inp) = (w.rows(), w.cols());
@@ -201,7 +207,7 @@ pub fn distill(
         let f = ScaleFactors::new(&w.name, w.mode, &w.scales, out, inp)?;
         let mut d = vec![0f32; inp * out];
         d.par_chunks_mut(out).enumerate().for_each(|(j, row)| row.iter_mut().enumerate().for_each(|(i, v)| *v = f.delta_hat(&w.signs, i, j)));
-        let delta_t = Tensor::<AB, 2>::from_data(TensorData::new(d, [inp, out]), &device);
+        let delta_t = Tensor::<AB<B>, 2>::from_data(TensorData::new(d, [inp, out]), device);
         let (rows, cols) = match w.mode {
             ScaleMode::Scalar => (Some(Adam::ones(1)), None),
             ScaleMode::PerOutput => (Some(Adam::ones(out)), None),
@@ -220,13 +226,13 @@ pub fn distill(
     let (train, heldout) = samples.split_at(n - opts.heldout);
     let batches: Vec<&[Vec<u32>]> = train.chunks(opts.batch).collect();
     let steps = batches.len() * opts.epochs;
-    let evaluate = |student: &mut Llama<AB>, trainables: &[Trainable]| -> Result<f64, CompressError> {
+    let evaluate = |student: &mut Llama<AB<B>>, trainables: &[Trainable<B>]| -> Result<f64, CompressError> {
         install(student, trainables, false);
         let mut total = 0.0;
         for (k, chunk) in heldout.chunks(opts.batch).enumerate() {
             let first = n - opts.heldout + k * opts.batch;
-            let l = loss(opts.loss, student.forward(chunk)?, targets.get(first..first + chunk.len())?);
-            total += l.into_scalar() as f64 * chunk.len() as f64;
+            let l = loss(opts.loss, student.forward(chunk)?, targets.get(first..first + chunk.len(), device)?);
+            total += l.into_scalar().elem::<f64>() * chunk.len() as f64;
         }
         Ok(total / heldout.len() as f64)
     };
@@ -243,8 +249,8 @@ pub fn distill(
             let thetas = install(&mut student, &trainables, true);
             let one = std::slice::from_ref(sample);
             let index = b * opts.batch + k;
-            let l = loss(opts.loss, student.forward(one)?, targets.get(index..index + 1)?).div_scalar(batch.len() as f64);
-            let v = l.clone().into_scalar() as f64;
+            let l = loss(opts.loss, student.forward(one)?, targets.get(index..index + 1, device)?).div_scalar(batch.len() as f64);
+            let v = l.clone().into_scalar().elem::<f64>();
             if !v.is_finite() {
                 return Err(CompressError::Calibration(format!("stage 2 diverged at step {} of {steps}: the loss is {v}", step + 1)));
             }
@@ -310,7 +316,7 @@ struct TeacherLogits {
 impl TeacherLogits {
     /// Runs the teacher over `samples` (`opts.batch` at a time) into a new scratch file in
     /// `opts.scratch_dir`; `progress(samples done)` after each batch.
-    fn compute(teacher: &Llama<B>, samples: &[Vec<u32>], opts: &DistillOptions, progress: &mut dyn FnMut(usize)) -> Result<Self, CompressError> {
+    fn compute<B: Backend>(teacher: &Llama<B>, samples: &[Vec<u32>], opts: &DistillOptions, progress: &mut dyn FnMut(usize)) -> Result<Self, CompressError> {
         let dir = &opts.scratch_dir;
         let need = samples.len() * samples[0].len() * teacher.cfg.vocab_size * 4;
         let failed = |e: std::io::Error| {
@@ -337,8 +343,8 @@ impl TeacherLogits {
         Ok(TeacherLogits { file, dims })
     }
 
-    /// The logits of samples `range`, `[range.len(), t, vocab]`.
-    fn get(&self, range: std::ops::Range<usize>) -> Result<Tensor<B, 3>, CompressError> {
+    /// The logits of samples `range`, `[range.len(), t, vocab]`, on `device`.
+    fn get<B: Backend>(&self, range: std::ops::Range<usize>, device: &B::Device) -> Result<Tensor<B, 3>, CompressError> {
         let [t, vocab] = self.dims;
         let per_sample = t * vocab * 4;
         let failed = |e: std::io::Error| CompressError::Calibration(format!("reading back the fine-tune's logits: {e}"));
@@ -351,7 +357,7 @@ impl TeacherLogits {
             file.read_exact(b).map_err(failed)?;
             piece.iter_mut().zip(b.chunks_exact(4)).for_each(|(v, b)| *v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
         }
-        Ok(Tensor::from_data(TensorData::new(values, [range.len(), t, vocab]), &Default::default()))
+        Ok(Tensor::from_data(TensorData::new(values, [range.len(), t, vocab]), device))
     }
 }
 
@@ -360,10 +366,10 @@ fn zeros(a: &Option<Adam>) -> Vec<f64> {
 }
 
 /// θ_r and θ_c of one weight, where its mode has them.
-type Thetas = (Option<Tensor<AB, 2>>, Option<Tensor<AB, 2>>);
+type Thetas<B> = (Option<Tensor<AB<B>, 2>>, Option<Tensor<AB<B>, 2>>);
 
 /// Puts every trainable layer, with its current multipliers, into the student; returns the θs.
-fn install(student: &mut Llama<AB>, trainables: &[Trainable], grad: bool) -> Vec<Thetas> {
+fn install<B: Backend>(student: &mut Llama<AB<B>>, trainables: &[Trainable<B>], grad: bool) -> Vec<Thetas<B>> {
     trainables
         .iter()
         .map(|tr| {
@@ -375,8 +381,8 @@ fn install(student: &mut Llama<AB>, trainables: &[Trainable], grad: bool) -> Vec
 }
 
 /// The distillation loss of student logits against the teacher's (`[b, t, vocab]`), a scalar.
-fn loss(kind: DistillLoss, student: Tensor<AB, 3>, teacher: Tensor<B, 3>) -> Tensor<AB, 1> {
-    let teacher = Tensor::<AB, 3>::from_inner(teacher);
+fn loss<B: Backend>(kind: DistillLoss, student: Tensor<AB<B>, 3>, teacher: Tensor<B, 3>) -> Tensor<AB<B>, 1> {
+    let teacher = Tensor::<AB<B>, 3>::from_inner(teacher);
     match kind {
         DistillLoss::Mse => {
             let d = student - teacher;
@@ -392,8 +398,8 @@ fn loss(kind: DistillLoss, student: Tensor<AB, 3>, teacher: Tensor<B, 3>) -> Ten
 }
 
 /// The teacher's model on the autodiff backend, sharing its tensors (no copy).
-fn lift(m: &Llama<B>) -> Llama<AB> {
-    fn t<const D: usize>(x: &Tensor<B, D>) -> Tensor<AB, D> {
+fn lift<B: Backend>(m: &Llama<B>) -> Llama<AB<B>> {
+    fn t<B: Backend, const D: usize>(x: &Tensor<B, D>) -> Tensor<AB<B>, D> {
         Tensor::from_inner(x.clone())
     }
     let norm = |n: &RmsNorm<B>| RmsNorm { weight: t(&n.weight), eps: n.eps };
@@ -435,6 +441,6 @@ fn lift(m: &Llama<B>) -> Llama<AB> {
         norm: norm(&m.norm),
         lm_head_t: t(&m.lm_head_t),
         rope: m.rope.clone(),
-        device: Default::default(),
+        device: m.device.clone(),
     }
 }

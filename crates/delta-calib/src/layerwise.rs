@@ -18,6 +18,9 @@
 //!
 //! Streaming: one block of teacher and student is in memory at a time (loaded when the walk gets
 //! to it, dropped after), plus the two activation streams of all samples.
+//!
+//! Any Burn backend: the forward passes run on it (a GPU's, with `delta-models`' `wgpu` / `cuda`
+//! features), the fits on the host from the layer inputs and residuals read back.
 
 use std::collections::BTreeMap;
 
@@ -29,12 +32,10 @@ use delta_format::{CompressedWeight, ScaleMode};
 use delta_kernels::gemm::delta_matmul_add;
 use delta_models::host::with_values;
 use delta_models::llama::{Block, Linear, PROJECTIONS};
-use delta_models::{CpuBackend, DeltaLinear, Llama, ModelConfig, ModelError, Projection, Weights};
+use delta_models::{DeltaLinear, Llama, ModelConfig, ModelError, Projection, Weights};
 use serde::Serialize;
 
 use crate::compress::{CompressError, Compressed};
-
-type B = CpuBackend;
 
 /// How stage 1 solves each fit.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -83,13 +84,15 @@ impl From<ModelError> for CompressError {
 }
 
 /// Runs stage 1 over every compressed weight of `c` (updating its modes and scales) on
-/// `samples` (token id rows of equal length). `progress(done, total, name)` after each weight.
-pub fn calibrate_layerwise(
+/// `samples` (token id rows of equal length), the models on `device` of backend `B`.
+/// `progress(done, total, name)` after each weight.
+pub fn calibrate_layerwise<B: Backend>(
     c: &mut Compressed,
     base: &Checkpoint,
     finetuned: &Checkpoint,
     samples: &[Vec<u32>],
     opts: &LayerwiseOptions,
+    device: &B::Device,
     progress: &mut dyn FnMut(usize, usize, &str),
 ) -> Result<Vec<LayerFit>, CompressError> {
     let n = samples.len();
@@ -98,12 +101,11 @@ pub fn calibrate_layerwise(
         return Err(CompressError::Calibration(format!("need at least 2 samples with some held out ({n} samples, {} held out)", opts.heldout)));
     }
     let cfg = ModelConfig::load(finetuned.dir())?;
-    let device = Default::default();
     if let Some(w) = c.weights.iter().find(|w| block_projection(&w.name).is_none_or(|(i, p)| i >= cfg.num_hidden_layers || !PROJECTIONS.contains(&p))) {
         return Err(CompressError::Calibration(format!("{}: not a projection of the model", w.name)));
     }
-    let ft_weights = Weights::<B>::new(finetuned, None, device)?;
-    let base_weights = Weights::<B>::new(base, None, device)?;
+    let ft_weights = Weights::<B>::new(finetuned, None, device.clone())?;
+    let base_weights = Weights::<B>::new(base, None, device.clone())?;
     // One block of teacher and student at a time: the model without blocks embeds the samples,
     // each block is loaded when the walk gets to it and dropped after.
     let embedder = Llama::load_first_blocks(cfg.clone(), &ft_weights, 0)?;
@@ -200,12 +202,12 @@ pub(crate) fn projection_mut<'m, X: Backend>(model: &'m mut Llama<X>, name: &str
     model.layers.get_mut(i)?.projection_mut(p)
 }
 
-fn host(x: &Tensor<B, 2>) -> Vec<f32> {
+fn host<B: Backend>(x: &Tensor<B, 2>) -> Vec<f32> {
     with_values(x, <[f32]>::to_vec)
 }
 
 /// Fits one layer and installs the kept candidate in `d`.
-fn fit_layer(d: &mut DeltaLinear<B>, y_t: &Tensor<B, 2>, x_s: &Tensor<B, 2>, train_rows: usize, opts: &LayerwiseOptions) -> Result<LayerFit, CompressError> {
+fn fit_layer<B: Backend>(d: &mut DeltaLinear<B>, y_t: &Tensor<B, 2>, x_s: &Tensor<B, 2>, train_rows: usize, opts: &LayerwiseOptions) -> Result<LayerFit, CompressError> {
     let (modes, keep_initial) = (&opts.modes, opts.keep_initial);
     let (out, inp) = (d.delta.rows(), d.delta.cols());
     let xs = host(x_s);
@@ -291,7 +293,8 @@ fn fit_layer(d: &mut DeltaLinear<B>, y_t: &Tensor<B, 2>, x_s: &Tensor<B, 2>, tra
         }
     }
     let fit = LayerFit { name: w.name.to_string(), kept, mode: w.mode, heldout_mse: scored, train_mse, init_mse };
-    d.delta = w;
+    // A new layer, so no device copy of the old scales outlives them.
+    *d = DeltaLinear::new(d.base.clone(), w)?;
     Ok(fit)
 }
 

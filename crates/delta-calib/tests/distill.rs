@@ -76,7 +76,7 @@ fn distillation_lowers_the_heldout_loss_in_every_mode() {
         let scratch = tempfile::tempdir().unwrap();
         let opts = DistillOptions { scratch_dir: scratch.path().to_path_buf(), ..options(loss, 0.05) };
         let mut teacher_done = 0;
-        let r = distill(&mut c, &p.base, &p.ft, &samples, &opts, &mut |p| {
+        let r = distill::<CpuBackend>(&mut c, &p.base, &p.ft, &samples, &opts, &Default::default(), &mut |p| {
             if let DistillProgress::Teacher { done, .. } = p {
                 teacher_done = done;
             }
@@ -104,16 +104,16 @@ fn a_diverging_run_stops_with_an_error_and_changes_nothing() {
     let p = pair();
     let mut c = compressed(&p, ScaleMode::PerOutput);
     let before: Vec<Vec<f32>> = c.weights.iter().map(|w| w.scales.to_vec()).collect();
-    let err = distill(&mut c, &p.base, &p.ft, &samples(), &options(DistillLoss::Mse, 1e30), &mut |_| {}).unwrap_err();
+    let err = distill::<CpuBackend>(&mut c, &p.base, &p.ft, &samples(), &options(DistillLoss::Mse, 1e30), &Default::default(), &mut |_| {}).unwrap_err();
     assert!(err.to_string().contains("diverged"), "{err}");
     let after: Vec<Vec<f32>> = c.weights.iter().map(|w| w.scales.to_vec()).collect();
     assert_eq!(before, after);
     for bad in [DistillOptions { heldout: 0, ..options(DistillLoss::Mse, 0.01) }, options(DistillLoss::Mse, f64::NAN)] {
-        assert!(distill(&mut c, &p.base, &p.ft, &samples(), &bad, &mut |_| {}).is_err());
+        assert!(distill::<CpuBackend>(&mut c, &p.base, &p.ft, &samples(), &bad, &Default::default(), &mut |_| {}).is_err());
     }
     // Nowhere to keep the teacher's logits: a clear error naming the place and the size.
     let nowhere = DistillOptions { scratch_dir: "/nonexistent/bitdelta-scratch".into(), ..options(DistillLoss::Mse, 0.01) };
-    let err = distill(&mut c, &p.base, &p.ft, &samples(), &nowhere, &mut |_| {}).unwrap_err().to_string();
+    let err = distill::<CpuBackend>(&mut c, &p.base, &p.ft, &samples(), &nowhere, &Default::default(), &mut |_| {}).unwrap_err().to_string();
     assert!(err.contains("/nonexistent/bitdelta-scratch") && err.contains("GB"), "{err}");
     assert_eq!(before, c.weights.iter().map(|w| w.scales.to_vec()).collect::<Vec<_>>());
 }

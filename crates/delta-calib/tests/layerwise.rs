@@ -4,6 +4,7 @@
 
 use delta_calib::{calibrate_layerwise, compress, CompressOptions, LayerFit, LayerwiseOptions, ScaleChoice, Solver};
 use delta_format::{Checkpoint, ScaleMode};
+use delta_models::CpuBackend;
 
 mod common;
 use common::{pair, Pair, HELDOUT, N};
@@ -37,7 +38,7 @@ fn run_with(p: &Pair, mode: ScaleMode, keep_initial: bool, solver: Solver) -> (V
     let opts = CompressOptions { scale: ScaleChoice::Fixed(mode), ..CompressOptions::default() };
     let mut c = compress(&p.base, &p.ft, &opts, &mut |_, _, _| {}).unwrap();
     let lw = LayerwiseOptions { solver, modes: vec![mode], heldout: HELDOUT, keep_initial, vector_margin: 0.0 };
-    let fits = calibrate_layerwise(&mut c, &p.base, &p.ft, &p.samples, &lw, &mut |_, _, _| {}).unwrap();
+    let fits = calibrate_layerwise::<CpuBackend>(&mut c, &p.base, &p.ft, &p.samples, &lw, &Default::default(), &mut |_, _, _| {}).unwrap();
     assert_eq!(fits.len(), c.weights.len());
     for f in &fits {
         assert!(!keep_initial || f.heldout_mse[&f.kept] <= f.init_mse, "{}: kept a candidate worse than the start", f.name);
@@ -147,7 +148,7 @@ fn a_vector_must_beat_the_scalar_fit_by_the_margin() {
     for margin in [0.0, 0.05, 0.999] {
         let mut c = compress(&p.base, &p.ft, &CompressOptions { scale: ScaleChoice::Auto, ..CompressOptions::default() }, &mut |_, _, _| {}).unwrap();
         let lw = LayerwiseOptions { solver: Solver::Exact, modes: modes.clone(), heldout: HELDOUT, keep_initial: false, vector_margin: margin };
-        let fits = calibrate_layerwise(&mut c, &p.base, &p.ft, &p.samples, &lw, &mut |_, _, _| {}).unwrap();
+        let fits = calibrate_layerwise::<CpuBackend>(&mut c, &p.base, &p.ft, &p.samples, &lw, &Default::default(), &mut |_, _, _| {}).unwrap();
         for f in &fits {
             let (kept, scalar) = (f.heldout_mse[&f.kept], f.heldout_mse["scalar"]);
             let lowest = f.heldout_mse.values().cloned().fold(f64::INFINITY, f64::min);

@@ -4,11 +4,16 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
+use burn::tensor::backend::Backend;
 use clap::ValueEnum;
-use delta_calib::{calibrate_layerwise, compress, distill, CompressOptions, DistillLoss, DistillOptions, DistillProgress, DistillReport, LayerwiseOptions, ScaleChoice, Solver};
+use delta_calib::{
+    calibrate_layerwise, compress, distill, CompressOptions, Compressed, DistillLoss, DistillOptions, DistillProgress, DistillReport, LayerFit, LayerwiseOptions,
+    ScaleChoice, Solver,
+};
 use delta_format::checkpoint::Checkpoint;
 use delta_format::ScaleMode;
 
+use crate::load::{on_device, DeviceArg, OnDevice};
 use crate::ui;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -124,6 +129,11 @@ pub struct Args {
     /// End-to-end objective.
     #[arg(long, value_enum, default_value_t = LossArg::Mse)]
     distill_loss: LossArg,
+    /// Where calibration runs the models: `cpu`, or a GPU through `wgpu` (Vulkan, Metal, DX12) or
+    /// `cuda` (those need a bitdelta built with `--features wgpu` / `--features cuda`). The fits
+    /// of the layer-wise stage and the optimiser's updates run on the host either way.
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    device: DeviceArg,
     /// Replace the output if it exists.
     #[arg(long)]
     force: bool,
@@ -145,6 +155,7 @@ pub fn run(a: Args) -> Result<()> {
     }
     ui::check_output(&a.output, a.force)?;
     if a.calibrate != CalibrateArg::None {
+        a.device.check()?;
         for ext in ["json", "svg"] {
             ui::check_output(&side_file(&a.output, ext), a.force)?;
         }
@@ -203,44 +214,39 @@ pub fn run(a: Args) -> Result<()> {
             ScaleChoice::Auto => vec![ScaleMode::Scalar, ScaleMode::PerOutput, ScaleMode::PerInput],
             ScaleChoice::Fixed(m) => vec![m],
         };
-        let opts = LayerwiseOptions { solver, modes, heldout: n.div_ceil(10), keep_initial: true, vector_margin: a.vector_margin };
-        let bar = ui::progress(c.weights.len() as u64, "layer-wise", false, a.json);
-        fits = calibrate_layerwise(&mut c, &base, &finetuned, &samples, &opts, &mut |done, _, name| {
-            bar.set_position(done as u64);
-            bar.set_message(name.to_string());
-        })?;
-        bar.finish_and_clear();
-        c.calibration = "layerwise".into();
-        let mut report = serde_json::json!({
-            "samples": n, "tokens_per_sample": len, "heldout_samples": opts.heldout,
-            "solver": format!("{:?}", opts.solver), "layers": fits,
+        let layerwise = LayerwiseOptions { solver, modes, heldout: n.div_ceil(10), keep_initial: true, vector_margin: a.vector_margin };
+        let end_to_end = (n2 > 0).then(|| DistillOptions {
+            loss: match a.distill_loss {
+                LossArg::Mse => DistillLoss::Mse,
+                LossArg::Kl => DistillLoss::Kl,
+            },
+            lr: a.distill_lr,
+            batch: a.distill_batch as usize,
+            epochs: a.distill_epochs as usize,
+            heldout: n2.div_ceil(10),
+            // Beside the output: a temporary directory may be memory (tmpfs), this is disk.
+            scratch_dir: ui::output_dir(&a.output).to_path_buf(),
         });
-        if n2 > 0 {
-            let opts = DistillOptions {
-                loss: match a.distill_loss {
-                    LossArg::Mse => DistillLoss::Mse,
-                    LossArg::Kl => DistillLoss::Kl,
-                },
-                lr: a.distill_lr,
-                batch: a.distill_batch as usize,
-                epochs: a.distill_epochs as usize,
-                heldout: n2.div_ceil(10),
-                // Beside the output: a temporary directory may be memory (tmpfs), this is disk.
-                scratch_dir: ui::output_dir(&a.output).to_path_buf(),
-            };
-            let steps = (n2 - opts.heldout).div_ceil(opts.batch) * opts.epochs;
-            let bar = ui::progress(steps as u64, "end-to-end", false, a.json);
-            let r = distill(&mut c, &base, &finetuned, distill_samples, &opts, &mut |p| match p {
-                DistillProgress::Teacher { done, total } => bar.set_message(format!("fine-tune logits {done}/{total}")),
-                DistillProgress::Step { step, loss, .. } => {
-                    bar.set_position(step as u64);
-                    bar.set_message(format!("loss {loss:.4}"));
-                }
-            })?;
-            bar.finish_and_clear();
+        let job = Calibration {
+            c: &mut c,
+            base: &base,
+            finetuned: &finetuned,
+            samples,
+            layerwise: &layerwise,
+            end_to_end: end_to_end.as_ref().map(|o| (distill_samples, o)),
+            json: a.json,
+            fits: &mut fits,
+            distilled: &mut distilled,
+        };
+        on_device(a.device, job)?;
+        let mut report = serde_json::json!({
+            "samples": n, "tokens_per_sample": len, "heldout_samples": layerwise.heldout,
+            "solver": format!("{:?}", layerwise.solver), "layers": fits, "device": a.device.name(),
+        });
+        c.calibration = "layerwise".into();
+        if let Some(r) = &distilled {
             c.calibration = "full".into();
-            report["end_to_end"] = serde_json::to_value(&r)?;
-            distilled = Some(r);
+            report["end_to_end"] = serde_json::to_value(r)?;
         }
         c.calibration_report = Some(report);
     }
@@ -271,6 +277,8 @@ pub fn run(a: Args) -> Result<()> {
             "ratio": ratio,
             "scale": scale.name(),
             "calibration": c.calibration,
+            // Where calibration ran (none without calibration).
+            "device": calib_text.is_some().then(|| a.device.name()),
             "modes": c.mode_counts(),
             "layerwise": fits,
             "end_to_end": distilled,
@@ -333,6 +341,45 @@ pub fn run(a: Args) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Both calibration stages on one backend: layer-wise, then end to end where asked.
+struct Calibration<'a> {
+    c: &'a mut Compressed,
+    base: &'a Checkpoint,
+    finetuned: &'a Checkpoint,
+    samples: &'a [Vec<u32>],
+    layerwise: &'a LayerwiseOptions,
+    end_to_end: Option<(&'a [Vec<u32>], &'a DistillOptions)>,
+    json: bool,
+    fits: &'a mut Vec<LayerFit>,
+    distilled: &'a mut Option<DistillReport>,
+}
+
+impl OnDevice for Calibration<'_> {
+    fn run<B: Backend>(self, device: B::Device) -> Result<()> {
+        let c = self.c;
+        let bar = ui::progress(c.weights.len() as u64, "layer-wise", false, self.json);
+        *self.fits = calibrate_layerwise::<B>(c, self.base, self.finetuned, self.samples, self.layerwise, &device, &mut |done, _, name| {
+            bar.set_position(done as u64);
+            bar.set_message(name.to_string());
+        })?;
+        bar.finish_and_clear();
+        if let Some((samples, opts)) = self.end_to_end {
+            let steps = (samples.len() - opts.heldout).div_ceil(opts.batch) * opts.epochs;
+            let bar = ui::progress(steps as u64, "end-to-end", false, self.json);
+            let r = distill::<B>(c, self.base, self.finetuned, samples, opts, &device, &mut |p| match p {
+                DistillProgress::Teacher { done, total } => bar.set_message(format!("fine-tune logits {done}/{total}")),
+                DistillProgress::Step { step, loss, .. } => {
+                    bar.set_position(step as u64);
+                    bar.set_message(format!("loss {loss:.4}"));
+                }
+            })?;
+            bar.finish_and_clear();
+            *self.distilled = Some(r);
+        }
+        Ok(())
+    }
 }
 
 /// `NAME.bitdelta.safetensors` -> `NAME.bitdelta.calibration.EXT` (beside it).
