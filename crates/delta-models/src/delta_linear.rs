@@ -36,21 +36,26 @@ impl<B: Backend> DeltaLinear<B> {
 
     /// `x`: `[rows, in]` -> `[rows, out]`.
     pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        // On the CPU: decode-shaped, base product and delta term in one pass over host values;
-        // prefill-shaped, one GEMM on the merged weight, a tile at a time. On a GPU backend, the
-        // same split in CubeCL kernels.
-        let [rows, _] = x.dims();
-        let fast = crate::host::few_rows(&x, &self.base.weight_t, &[&self.delta], &vec![Some(0); rows])
-            .or_else(|| crate::host::merged(&x, &self.base.weight_t, &self.delta))
-            .or_else(|| crate::cube::delta_product(&x, &self.base.weight_t, &self.delta, &self.device));
-        if let Some(y) = fast {
+        if let Some(y) = self.fast_product(&x) {
             return self.base.add_bias(y);
         }
+        let [rows, _] = x.dims();
         let device = x.device();
         let mut y = vec![0f32; rows * self.delta.rows()];
         crate::host::with_values(&x, |xs| delta_matmul_add(&self.delta, xs, &mut y).expect("shapes checked in new"));
         let term = Tensor::<B, 2>::from_data(TensorData::new(y, [rows, self.delta.rows()]), &device);
         self.base.forward(x) + term
+    }
+
+    /// `x·(W_base + Δ̂)ᵀ`, without the bias, on the CPU and GPU backends; `None` on any other. On
+    /// the CPU: decode-shaped, base product and delta term in one pass over host values;
+    /// prefill-shaped, one GEMM on the merged weight, a tile at a time. On a GPU backend, the
+    /// same split in CubeCL kernels.
+    pub fn fast_product(&self, x: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
+        let [rows, _] = x.dims();
+        crate::host::few_rows(x, &self.base.weight_t, &[&self.delta], &vec![Some(0); rows])
+            .or_else(|| crate::host::merged(x, &self.base.weight_t, &self.delta))
+            .or_else(|| crate::cube::delta_product(x, &self.base.weight_t, &self.delta, &self.device))
     }
 
     /// The merged weight as a dense `Wᵀ` (`[in, out]`), in f32 and unrounded: `W_base + Δ̂`.

@@ -259,15 +259,12 @@ fn project<B: Backend>(base: &Llama<B>, tenants: &[Option<&Tenant<B>>], spans: &
     let wt = &base_linear.weight_t;
     // A delta's span of more than FEW_ROWS rows (a prefill chunk) gets what `DeltaLinear` gives it
     // alone: one GEMM on the merged weight (on the CPU and GPU backends; elsewhere it joins the
-    // rest).
+    // rest). The tenant's base weight is the base model's tensor.
     let merged: Vec<Option<Tensor<B, 2>>> = spans
         .iter()
         .enumerate()
         .map(|(s, &(at, n))| match projection(s) {
-            Some((_, Projection::Delta(d))) if n > crate::host::FEW_ROWS => {
-                let xs = x.clone().narrow(0, at, n);
-                crate::host::merged(&xs, wt, &d.delta).or_else(|| crate::cube::delta_product(&xs, wt, &d.delta, &d.device))
-            }
+            Some((_, Projection::Delta(d))) if n > crate::host::FEW_ROWS => d.fast_product(&x.clone().narrow(0, at, n)),
             _ => None,
         })
         .collect();
