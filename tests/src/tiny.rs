@@ -81,19 +81,20 @@ pub fn variants() -> Vec<Variant> {
     ]
 }
 
-/// The tensors a variant's config calls for, random (seeded by the variant's name).
-pub fn tensors(v: &Variant) -> Vec<RawTensor> {
-    let c = &v.config;
-    let n = |k: &str| c[k].as_u64().unwrap() as usize;
-    let (hidden, ffn, heads, kv, layers) = (n("hidden_size"), n("intermediate_size"), n("num_attention_heads"), n("num_key_value_heads"), n("num_hidden_layers"));
+/// Names and shapes of the tensors a Llama-family `config.json` calls for (biases, q/k norms and
+/// an untied head where the config has them), as Hugging Face names them.
+pub fn shapes(c: &serde_json::Value) -> Vec<(String, Vec<usize>)> {
+    let n = |k: &str| c[k].as_u64().unwrap_or_else(|| panic!("config.json has no {k}")) as usize;
+    let (vocab, hidden, ffn, heads, kv, layers) =
+        (n("vocab_size"), n("hidden_size"), n("intermediate_size"), n("num_attention_heads"), n("num_key_value_heads"), n("num_hidden_layers"));
     let d = c["head_dim"].as_u64().map_or(hidden / heads, |d| d as usize);
     let flag = |k: &str| c[k].as_bool().unwrap_or(false);
-    let model_type = c["model_type"].as_str().unwrap();
+    let model_type = c["model_type"].as_str().unwrap_or("llama");
     let qkv_bias = flag("attention_bias") || model_type == "qwen2";
     let o_bias = flag("attention_bias") && model_type != "qwen2";
-    let mut shapes: Vec<(String, Vec<usize>)> = vec![("model.embed_tokens.weight".into(), vec![VOCAB, hidden]), ("model.norm.weight".into(), vec![hidden])];
+    let mut shapes: Vec<(String, Vec<usize>)> = vec![("model.embed_tokens.weight".into(), vec![vocab, hidden]), ("model.norm.weight".into(), vec![hidden])];
     if !flag("tie_word_embeddings") {
-        shapes.push(("lm_head.weight".into(), vec![VOCAB, hidden]));
+        shapes.push(("lm_head.weight".into(), vec![vocab, hidden]));
     }
     for l in 0..layers {
         let p = format!("model.layers.{l}");
@@ -119,6 +120,12 @@ pub fn tensors(v: &Variant) -> Vec<RawTensor> {
             add("self_attn.k_norm.weight", vec![d]);
         }
     }
+    shapes
+}
+
+/// The tensors a variant's config calls for, random (seeded by the variant's name).
+pub fn tensors(v: &Variant) -> Vec<RawTensor> {
+    let shapes = shapes(&v.config);
     let mut rng = Rng::new(v.name.bytes().fold(7, |h, b| h * 31 + b as u64));
     shapes
         .into_iter()

@@ -13,6 +13,9 @@
 //!   (`target/bench/kernels.json`, plotted to `kernels.png`; `bench plot` redraws it); `serve` compares decoding 8 deltas at once in `bitdelta serve`
 //!   with swapping 8 merged models, and measures memory per resident delta
 //!   (`target/bench/serve.json`, see `serve_bench.rs`); all three by default.
+//!   `bench serve` takes `--bin`, `--pair`, `--device`, `--tokens`, `--out` for other machines.
+//! - `gpu-kit [--backend cuda|wgpu]` prepares `.device/` for the GPU checks on a lent machine;
+//!   `random-pair LIKE OUT` makes the random stand-in pair they run on (see `gpu_kit.rs`).
 //! - `tiny-models DIR` (maintainers) writes the tiny checkpoint of every architecture variant,
 //!   for `fixtures/tiny/reference.py` to compute reference logits with `transformers`.
 //! - `vendor-finetune BASE FINETUNED` (maintainers) re-encodes the fine-tune as
@@ -24,6 +27,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 
+mod gpu_kit;
 mod plot;
 mod report;
 mod serve_bench;
@@ -43,13 +47,15 @@ fn run() -> Result<()> {
         Some("report") => report::report(&args[1..]),
         Some("ci") => ci(),
         Some("bench") => match args.get(1).map(String::as_str) {
-            None => bench().and_then(|_| bench_kernels()).and_then(|_| serve_bench::bench_serve()),
+            None => bench().and_then(|_| bench_kernels()).and_then(|_| serve_bench::bench_serve(&[])),
             Some("pipeline") => bench(),
             Some("kernels") => bench_kernels(),
-            Some("serve") => serve_bench::bench_serve(),
+            Some("serve") => serve_bench::bench_serve(&args[2..]),
             Some("plot") => plot_kernels(),
             Some(other) => bail!("unknown bench `{other}` (pipeline, kernels, serve, plot, or nothing for the first three)"),
         },
+        Some("gpu-kit") => gpu_kit::gpu_kit(&args[1..]),
+        Some("random-pair") if args.len() == 3 => gpu_kit::random_pair(Path::new(&args[1]), Path::new(&args[2])),
         Some("tiny-models") if args.len() == 2 => tiny_models(Path::new(&args[1])),
         Some("vendor-finetune") if args.len() == 3 => vendor_finetune(Path::new(&args[1]), Path::new(&args[2])),
         _ => {
@@ -59,6 +65,8 @@ fn run() -> Result<()> {
                  ci              fixtures, then cargo test --workspace --release --features delta-cli/wgpu\n                  (the CubeCL kernels and the models on the wgpu backend too)\n  \
                  report [--limit N | --full]\n                  quality report on the pair: perplexity, zero-shot tasks (first N = 50 documents\n                  each by default), sizes, times -> REPORT.md, report/report.{{json,svg}}\n  \
                  bench [pipeline|kernels|serve|plot]\n                  time compress / apply / generation on the pair (pipeline.json), the Fig. 4\n                  kernel sweep with a bandwidth probe (kernels.json + kernels.png), and multi-tenant\n                  serving against swapping merged models (serve.json); the first three by default;\n                  `plot` redraws kernels.png from kernels.json\n  \
+                 gpu-kit [--backend cuda|wgpu]\n                  binaries, model config and script for the GPU checks on a lent machine -> .device/\n  \
+                 random-pair LIKE OUT\n                  a random base / fine-tune pair shaped like LIKE/config.json in OUT/base, OUT/finetuned\n  \
                  tiny-models DIR write the tiny architecture checkpoints (for fixtures/tiny/reference.py)\n  \
                  vendor-finetune BASE FINETUNED\n                  re-encode the fine-tune into fixtures/smollm2/finetuned.ulpdelta (maintainers)"
             );

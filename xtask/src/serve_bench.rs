@@ -7,7 +7,13 @@
 //!
 //! Also the server's memory per extra resident delta (VmRSS after each first use) against the
 //! artifact's size. Results to `target/bench/serve.json`, tables on stdout.
+//!
+//! Options (for other machines, e.g. a GPU through `.device/run.sh`): `--bin PATH` (a built
+//! bitdelta instead of building one), `--pair DIR` (`DIR/base` and `DIR/finetuned` instead of the
+//! fixtures' pair), `--device NAME` (passed to `serve` and `generate`), `--tokens N` (per
+//! request, 64), `--out FILE`.
 
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -17,7 +23,6 @@ use serde_json::json;
 use crate::{bitdelta, bitdelta_json, fixtures, machine, median, s, target_dir};
 
 const DELTAS: usize = 8;
-const TOKENS: u32 = 64;
 const PROMPT: &str = "Once upon a time";
 const MODES: [&str; 4] = ["scalar", "per-output", "per-input", "auto"];
 
@@ -27,18 +32,18 @@ fn rss_bytes(pid: u32) -> Result<u64> {
     Ok(kb * 1024)
 }
 
-fn request(model: &str) -> serde_json::Value {
-    json!({ "model": model, "prompt": PROMPT, "max_tokens": TOKENS, "temperature": 0, "ignore_eos": true })
+fn request(model: &str, tokens: u32) -> serde_json::Value {
+    json!({ "model": model, "prompt": PROMPT, "max_tokens": tokens, "temperature": 0, "ignore_eos": true })
 }
 
-/// `n` requests on models `d0..d(n-1)` at once; (wall seconds, tokens generated).
-fn concurrent(server: &Server, n: usize) -> Result<(f64, u64)> {
+/// `n` requests of `tokens` each on models `d0..d(n-1)` at once; (wall seconds, tokens generated).
+fn concurrent(server: &Server, n: usize, tokens: u32) -> Result<(f64, u64)> {
     let started = Instant::now();
     let results: Vec<Result<u64>> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..n)
             .map(|d| {
                 scope.spawn(move || -> Result<u64> {
-                    let r = server.post("/v1/completions", &request(&format!("d{d}")));
+                    let r = server.post("/v1/completions", &request(&format!("d{d}"), tokens));
                     if r.status != 200 {
                         bail!("d{d}: {} {}", r.status, r.body);
                     }
@@ -53,11 +58,48 @@ fn concurrent(server: &Server, n: usize) -> Result<(f64, u64)> {
     Ok((wall, tokens))
 }
 
-pub fn bench_serve() -> Result<()> {
-    let fx = fixtures(None)?;
-    let bin = bitdelta()?;
-    let (base, ft) = (fx.join("smollm2/base"), fx.join("smollm2/finetuned"));
-    let work = target_dir().join("bench/serve");
+/// Where and what `bench_serve` runs (see the module docs).
+struct Setup {
+    bin: PathBuf,
+    base: PathBuf,
+    ft: PathBuf,
+    device: String,
+    tokens: u32,
+    out: PathBuf,
+}
+
+impl Setup {
+    fn parse(args: &[String]) -> Result<Self> {
+        let (mut bin, mut pair, mut device, mut tokens, mut out) = (None, None, "cpu".to_string(), 64, None);
+        let mut it = args.iter();
+        while let Some(flag) = it.next() {
+            let value = it.next().with_context(|| format!("{flag} needs a value"))?;
+            match flag.as_str() {
+                "--bin" => bin = Some(PathBuf::from(value)),
+                "--pair" => pair = Some(PathBuf::from(value)),
+                "--device" => device = value.clone(),
+                "--tokens" => tokens = value.parse().ok().filter(|&t| t > 0).with_context(|| format!("--tokens {value}: not a positive number"))?,
+                "--out" => out = Some(PathBuf::from(value)),
+                other => bail!("bench serve: unknown option {other} (--bin, --pair, --device, --tokens, --out)"),
+            }
+        }
+        let pair = match pair {
+            Some(p) => p,
+            None => fixtures(None)?.join("smollm2"),
+        };
+        let bin = match bin {
+            Some(b) => b,
+            None => bitdelta()?,
+        };
+        let out = out.unwrap_or_else(|| target_dir().join("bench/serve.json"));
+        Ok(Setup { bin, base: pair.join("base"), ft: pair.join("finetuned"), device, tokens, out })
+    }
+}
+
+pub fn bench_serve(args: &[String]) -> Result<()> {
+    let Setup { bin, base, ft, device, tokens, out: out_path } = Setup::parse(args)?;
+    // The deltas (8 × the artifact) go to a scratch folder, not beside the results.
+    let work = std::env::temp_dir().join("bitdelta-bench-serve");
     let folder = work.join("deltas");
     let _ = std::fs::remove_dir_all(&folder);
     std::fs::create_dir_all(&folder)?;
@@ -71,7 +113,7 @@ pub fn bench_serve() -> Result<()> {
         }
     }
 
-    let server = Server::start(&bin, &base, &folder, &["--max-resident", &DELTAS.to_string(), "--max-batch", "16"]);
+    let server = Server::start(&bin, &base, &folder, &["--max-resident", &DELTAS.to_string(), "--max-batch", "16", "--device", &device]);
     let warm = server.post("/v1/completions", &json!({ "model": "base", "prompt": PROMPT, "max_tokens": 4 }));
     if warm.status != 200 {
         bail!("warm-up request: {} {}", warm.status, warm.body);
@@ -93,13 +135,13 @@ pub fn bench_serve() -> Result<()> {
     let rss_all = rss;
 
     // Multi-tenant: 1, 2, 4, 8 deltas at once, three runs each.
-    println!("machine: {}", machine());
-    println!("multi-tenant `bitdelta serve`, {TOKENS} tokens per request, greedy, all requests at once:");
+    println!("machine: {}; bitdelta --device {device}", machine());
+    println!("multi-tenant `bitdelta serve`, {tokens} tokens per request, greedy, all requests at once:");
     println!("| deltas | wall | aggregate tokens/s |");
     println!("|---|---|---|");
     let mut served = Vec::new();
     for n in [1usize, 2, 4, 8] {
-        let runs: Vec<(f64, u64)> = (0..3).map(|_| concurrent(&server, n)).collect::<Result<_>>()?;
+        let runs: Vec<(f64, u64)> = (0..3).map(|_| concurrent(&server, n, tokens)).collect::<Result<_>>()?;
         let wall = median(runs.iter().map(|r| r.0).collect());
         let tokens = runs[0].1;
         println!("| {n} | {wall:.2} s | {:.1} |", tokens as f64 / wall);
@@ -113,7 +155,7 @@ pub fn bench_serve() -> Result<()> {
     let (mut swap_tokens, mut swap_decode_s, mut swap_load_s) = (0u64, 0.0, 0.0);
     for d in 0..DELTAS {
         let delta = folder.join(format!("d{d}.bitdelta.safetensors"));
-        let (g, wall) = bitdelta_json(&bin, &["generate", "--model", s(&base), "--delta", s(&delta), "--prompt", PROMPT, "--max-new-tokens", &TOKENS.to_string(), "--ignore-eos"])?;
+        let (g, wall) = bitdelta_json(&bin, &["generate", "--model", s(&base), "--delta", s(&delta), "--prompt", PROMPT, "--max-new-tokens", &tokens.to_string(), "--ignore-eos", "--device", &device])?;
         let tokens = g["generated_tokens"].as_u64().context("generated_tokens")?;
         swap_wall += wall;
         swap_tokens += tokens;
@@ -138,12 +180,12 @@ pub fn bench_serve() -> Result<()> {
     println!("all {DELTAS}: {:.1} MB of artifacts, RSS +{:.1} MB ({:.2}x)", artifacts / 1e6, (rss_all - rss_base) as f64 / 1e6, (rss_all - rss_base) as f64 / artifacts);
 
     let out = json!({
-        "machine": machine(), "tokens_per_request": TOKENS, "prompt": PROMPT, "served": served, "server_health": health,
+        "machine": machine(), "device": device, "tokens_per_request": tokens, "prompt": PROMPT, "served": served, "server_health": health,
         "swap": { "models": DELTAS, "tokens": swap_tokens, "wall_s": swap_wall, "tokens_per_s": swap_rate, "load_and_merge_s": swap_load_s, "generation_tokens_per_s": swap_gen_rate },
         "ratio_vs_swap": multi8 / swap_rate, "ratio_vs_generation_alone": multi8 / swap_gen_rate,
         "memory": { "rss_base_bytes": rss_base, "rss_all_bytes": rss_all, "per_delta": memory, "artifact_bytes": artifacts },
     });
-    let path = target_dir().join("bench/serve.json");
+    let path = out_path;
     std::fs::write(&path, serde_json::to_string_pretty(&out)?)?;
     println!("wrote {}", path.display());
     Ok(())
