@@ -56,12 +56,40 @@ pub fn on_device(device: DeviceArg, job: impl OnDevice) -> Result<()> {
     device.check()?;
     match device {
         #[cfg(feature = "wgpu")]
-        DeviceArg::Wgpu => job.run::<delta_models::cube::WgpuBackend>(Default::default()),
+        DeviceArg::Wgpu => job.run::<delta_models::cube::WgpuBackend>(start::<delta_models::cube::WgpuBackend>(device)?),
         #[cfg(feature = "cuda")]
-        DeviceArg::Cuda => job.run::<delta_models::cube::CudaBackend>(Default::default()),
+        DeviceArg::Cuda => job.run::<delta_models::cube::CudaBackend>(start::<delta_models::cube::CudaBackend>(device)?),
         // The CPU: the check above refused every backend this build lacks.
         _ => job.run::<CpuBackend>(Default::default()),
     }
+}
+
+/// The backend's default device, started with one tiny tensor: a GPU runtime that cannot start
+/// (no driver library, no adapter) panics inside its own threads, which here becomes a one-line
+/// error naming the device and the runtime's reason instead of a panic and a backtrace.
+#[allow(dead_code)] // only the GPU features call it
+fn start<B: Backend>(device: DeviceArg) -> Result<B::Device> {
+    use std::sync::{Arc, Mutex};
+    let why = Arc::new(Mutex::new(None::<String>));
+    let seen = why.clone();
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let text = info.payload().downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| info.payload().downcast_ref::<String>().cloned());
+        let mut first = seen.lock().unwrap_or_else(|e| e.into_inner());
+        if first.is_none() {
+            *first = text;
+        }
+    }));
+    let d = B::Device::default();
+    let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| burn::tensor::Tensor::<B, 1>::zeros([1], &d).into_data()));
+    std::panic::set_hook(previous);
+    if started.is_ok() {
+        return Ok(d);
+    }
+    let why = why.lock().unwrap_or_else(|e| e.into_inner()).take().unwrap_or_else(|| "the runtime failed".into());
+    // The runtime's first sentence (cudarc appends every library name it tried).
+    let short = why.split(" - ").next().unwrap_or(&why).lines().next().unwrap_or("").chars().take(300).collect::<String>();
+    anyhow::bail!("--device {}: the GPU backend could not start: {short}", device.name())
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]

@@ -459,6 +459,21 @@ fn calibration_on_wgpu_matches_the_cpu_on_the_real_pair() {
     assert_eq!((cpu["device"].as_str(), gpu["device"].as_str()), (Some("cpu"), Some("wgpu")));
 }
 
+/// A GPU backend that cannot start (here: no Vulkan driver to be found) is a one-line error, not
+/// the runtime's panic, and leaves nothing behind.
+#[cfg(feature = "wgpu")]
+#[test]
+fn a_gpu_that_cannot_start_is_refused_in_one_line() {
+    let (base, ft) = smollm2();
+    let tmp = tempfile::tempdir().unwrap();
+    let before = listing(tmp.path());
+    let out = tmp.path().join("d.bitdelta.safetensors");
+    let no_gpu = |args: &[&str]| Command::new(env!("CARGO_BIN_EXE_bitdelta")).args(args).env("VK_ICD_FILENAMES", tmp.path().join("none.json")).env("XDG_RUNTIME_DIR", tmp.path()).output().unwrap();
+    refused(&no_gpu(&["generate", "--model", s(&ft), "--prompt", "hi", "--device", "wgpu"]), "--device wgpu: the GPU backend could not start", tmp.path(), &before);
+    let calibrate = ["compress", "--base", s(&base), "--finetuned", s(&ft), "-o", s(&out), "--calibrate", "layerwise", "--device", "wgpu"];
+    refused(&no_gpu(&calibrate), "could not start", tmp.path(), &before);
+}
+
 /// A calibration device this build lacks is refused before anything is written.
 #[cfg(not(feature = "cuda"))]
 #[test]
