@@ -46,6 +46,7 @@ pub fn random_pair(like: &Path, out: &Path) -> Result<()> {
     for (dir, tensors) in [(out.join("base"), base), (out.join("finetuned"), ft)] {
         let _ = std::fs::remove_dir_all(&dir);
         write_folder(&dir, &tensors);
+        // config.json is written below, with the dtype set.
         for f in SIDE_FILES.iter().skip(1).filter(|f| like.join(f).exists()) {
             std::fs::copy(like.join(f), dir.join(f))?;
         }
