@@ -174,22 +174,22 @@ fn each_artifact_rule_has_its_error() {
         assert!(ok(&e), "{what}: wrong error {e}");
         assert!(!e.to_string().contains('\n'));
     };
-    check(crafted(vec![sign(), scale()], with("format", None)), |e| matches!(e, E::InFile { source, .. } if matches!(**source, E::NotAnArtifact { found: None })), "no format");
-    check(crafted(vec![sign(), scale()], with("format_version", Some("2"))), |e| matches!(e, E::InFile { source, .. } if matches!(**source, E::UnsupportedVersion { .. })), "version 2");
-    check(crafted(vec![sign(), scale()], with("weights", None)), |e| matches!(e, E::InFile { source, .. } if matches!(**source, E::MissingMetadata { key: "weights" })), "no weights");
-    check(crafted(vec![sign(), scale()], with("weights", Some("[1]"))), |e| matches!(e, E::InFile { source, .. } if matches!(**source, E::BadArtifactMetadata { key: "weights", .. })), "weights not a table");
-    check(crafted(vec![sign(), scale()], with("base", Some("{}"))), |e| matches!(e, E::InFile { source, .. } if matches!(**source, E::BadArtifactMetadata { key: "base", .. })), "bad base");
-    check(crafted(vec![sign(), scale()], md(r#"{"w":{"mode":"group-128","shape":[2,33]}}"#)), |e| matches!(e, E::InFile { source, .. } if matches!(**source, E::UnknownScaleMode { .. })), "unknown mode");
-    check(crafted(vec![sign(), scale()], md(r#"{"w":{"mode":"scalar","shape":[2,32]}}"#)), |e| matches!(e, E::InFile { source, .. } if matches!(**source, E::TensorShape { .. })), "shape differs from base");
-    check(crafted(vec![scale()], md(good_w)), |e| matches!(e, E::InFile { source, .. } if matches!(&**source, E::MissingTensor { name } if name == "w.sign")), "missing sign");
-    check(crafted(vec![("w.sign", DType::I32, vec![2, 2], words(&[0; 4])), scale()], md(good_w)), |e| matches!(e, E::InFile { source, .. } if matches!(**source, E::TensorDType { expected: DType::U32, found: DType::I32, .. })), "sign dtype");
-    check(crafted(vec![sign(), ("w.scale", DType::F32, vec![33], floats(&[0.1; 33]))], md(good_w)), |e| matches!(e, E::InFile { source, .. } if matches!(**source, E::TensorShape { .. })), "scale length");
-    check(crafted(vec![("w.sign", DType::U32, vec![2, 2], words(&[5, 1, 7, 2])), scale()], md(good_w)), |e| matches!(e, E::InFile { source, .. } if matches!(**source, E::NonZeroPadding { row: 1, cols: 33, .. })), "padding");
-    check(crafted(vec![sign(), ("w.scale", DType::F32, vec![2], floats(&[0.1, f32::NAN]))], md(good_w)), |e| matches!(e, E::InFile { source, .. } if matches!(**source, E::NonFinite { index: 1, .. })), "nan scale");
-    check(crafted(vec![sign(), scale(), ("extra", DType::F32, vec![1], floats(&[1.0]))], md(good_w)), |e| matches!(e, E::InFile { source, .. } if matches!(&**source, E::UnexpectedTensor { name } if name == "extra")), "unexpected tensor");
-    check(crafted(vec![sign(), scale(), ("n", DType::F32, vec![2], floats(&[1.0, 1.0]))], md(good_w)), |e| matches!(e, E::InFile { source, .. } if matches!(**source, E::TensorDType { expected: DType::BF16, found: DType::F32, .. })), "whole dtype");
-    check(crafted(vec![sign(), scale(), ("n", DType::BF16, vec![2], vec![0x80, 0x7f, 0, 0])], md(good_w)), |e| matches!(e, E::InFile { source, .. } if matches!(**source, E::NonFinite { index: 0, .. })), "inf in whole tensor");
-    check(crafted(vec![sign(), scale(), ("w", DType::BF16, vec![2, 33], vec![0; 132])], md(good_w)), |e| matches!(e, E::InFile { source, .. } if matches!(**source, E::UnexpectedTensor { .. })), "weight both compressed and whole");
+    check(crafted(vec![sign(), scale()], with("format", None)), |e| matches!(e, E::InFile { inner: source, .. } if matches!(**source, E::NotAnArtifact { found: None })), "no format");
+    check(crafted(vec![sign(), scale()], with("format_version", Some("2"))), |e| matches!(e, E::InFile { inner: source, .. } if matches!(**source, E::UnsupportedVersion { .. })), "version 2");
+    check(crafted(vec![sign(), scale()], with("weights", None)), |e| matches!(e, E::InFile { inner: source, .. } if matches!(**source, E::MissingMetadata { key: "weights" })), "no weights");
+    check(crafted(vec![sign(), scale()], with("weights", Some("[1]"))), |e| matches!(e, E::InFile { inner: source, .. } if matches!(**source, E::BadArtifactMetadata { key: "weights", .. })), "weights not a table");
+    check(crafted(vec![sign(), scale()], with("base", Some("{}"))), |e| matches!(e, E::InFile { inner: source, .. } if matches!(**source, E::BadArtifactMetadata { key: "base", .. })), "bad base");
+    check(crafted(vec![sign(), scale()], md(r#"{"w":{"mode":"group-128","shape":[2,33]}}"#)), |e| matches!(e, E::InFile { inner: source, .. } if matches!(**source, E::UnknownScaleMode { .. })), "unknown mode");
+    check(crafted(vec![sign(), scale()], md(r#"{"w":{"mode":"scalar","shape":[2,32]}}"#)), |e| matches!(e, E::InFile { inner: source, .. } if matches!(**source, E::TensorShape { .. })), "shape differs from base");
+    check(crafted(vec![scale()], md(good_w)), |e| matches!(e, E::InFile { inner: source, .. } if matches!(&**source, E::MissingTensor { name } if name == "w.sign")), "missing sign");
+    check(crafted(vec![("w.sign", DType::I32, vec![2, 2], words(&[0; 4])), scale()], md(good_w)), |e| matches!(e, E::InFile { inner: source, .. } if matches!(**source, E::TensorDType { expected: DType::U32, found: DType::I32, .. })), "sign dtype");
+    check(crafted(vec![sign(), ("w.scale", DType::F32, vec![33], floats(&[0.1; 33]))], md(good_w)), |e| matches!(e, E::InFile { inner: source, .. } if matches!(**source, E::TensorShape { .. })), "scale length");
+    check(crafted(vec![("w.sign", DType::U32, vec![2, 2], words(&[5, 1, 7, 2])), scale()], md(good_w)), |e| matches!(e, E::InFile { inner: source, .. } if matches!(**source, E::NonZeroPadding { row: 1, cols: 33, .. })), "padding");
+    check(crafted(vec![sign(), ("w.scale", DType::F32, vec![2], floats(&[0.1, f32::NAN]))], md(good_w)), |e| matches!(e, E::InFile { inner: source, .. } if matches!(**source, E::NonFinite { index: 1, .. })), "nan scale");
+    check(crafted(vec![sign(), scale(), ("extra", DType::F32, vec![1], floats(&[1.0]))], md(good_w)), |e| matches!(e, E::InFile { inner: source, .. } if matches!(&**source, E::UnexpectedTensor { name } if name == "extra")), "unexpected tensor");
+    check(crafted(vec![sign(), scale(), ("n", DType::F32, vec![2], floats(&[1.0, 1.0]))], md(good_w)), |e| matches!(e, E::InFile { inner: source, .. } if matches!(**source, E::TensorDType { expected: DType::BF16, found: DType::F32, .. })), "whole dtype");
+    check(crafted(vec![sign(), scale(), ("n", DType::BF16, vec![2], vec![0x80, 0x7f, 0, 0])], md(good_w)), |e| matches!(e, E::InFile { inner: source, .. } if matches!(**source, E::NonFinite { index: 0, .. })), "inf in whole tensor");
+    check(crafted(vec![sign(), scale(), ("w", DType::BF16, vec![2, 33], vec![0; 132])], md(good_w)), |e| matches!(e, E::InFile { inner: source, .. } if matches!(**source, E::UnexpectedTensor { .. })), "weight both compressed and whole");
 
     // A digest that no longer matches the content.
     let dir = tempfile::tempdir().unwrap();

@@ -1,5 +1,5 @@
 //! `cargo xtask report [--limit N]`: the quality report on the real pair — base, fine-tune, and
-//! the fine-tune compressed as scalar (none / full) and auto (none / layer-wise / full): held-out
+//! the fine-tune compressed as scalar and auto, each with no calibration, layer-wise and full: held-out
 //! TinyStories and C4 perplexity, the five zero-shot tasks, artifact size and compression time.
 //! Writes `REPORT.md`, `report/report.json` and `report/report.svg` in the repository.
 
@@ -22,8 +22,9 @@ const TASKS: [(&str, &str); 5] = [
 ];
 
 /// Compressed variants: label, --scale, --calibrate.
-const VARIANTS: [(&str, &str, &str); 5] = [
+const VARIANTS: [(&str, &str, &str); 6] = [
     ("scalar, none", "scalar", "none"),
+    ("scalar, layer-wise", "scalar", "layerwise"),
     ("scalar, full", "scalar", "full"),
     ("auto, none", "auto", "none"),
     ("auto, layer-wise", "auto", "layerwise"),
@@ -84,6 +85,7 @@ pub fn report(args: &[String]) -> Result<()> {
             Ok(bitdelta_json(&bin, &a)?.0)
         };
         // On TinyStories also the KL to the fine-tune: how faithfully a variant reproduces it.
+        // Its per-window NLLs pair variants up window by window (`paired`).
         let t = ppl(&tiny, Some(&ft))?;
         let (p_tiny, kl) = (t["ppl"].as_f64().unwrap_or(f64::NAN), t["kl_to_teacher"].as_f64().unwrap_or(f64::NAN));
         let p_c4 = ppl(&c4, None)?["ppl"].as_f64().unwrap_or(f64::NAN);
@@ -95,7 +97,11 @@ pub fn report(args: &[String]) -> Result<()> {
         }
         let a: Vec<&str> = a.iter().map(String::as_str).collect();
         let (tasks, _) = bitdelta_json(&bin, &a)?;
-        Ok(json!({ "tiny_ppl": p_tiny, "tiny_kl_to_finetune": kl, "c4_ppl": p_c4, "tasks": tasks }))
+        Ok(json!({
+            "tiny_ppl": p_tiny, "tiny_kl_to_finetune": kl, "tiny_window_nll": t["window_nll"],
+            "tiny_nll_gap_to_finetune": t["nll_gap_to_teacher"], "tiny_nll_gap_std_error": t["nll_gap_std_error"],
+            "c4_ppl": p_c4, "tasks": tasks,
+        }))
     };
 
     let mut rows: Vec<Value> = Vec::new();
@@ -134,6 +140,26 @@ pub fn report(args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// `a`'s held-out TinyStories mean NLL minus `b`'s, with its standard error paired window by window.
+fn paired(a: &Value, b: &Value) -> Option<(f64, f64)> {
+    let w = |r: &Value| -> Option<Vec<f64>> { r["eval"]["tiny_window_nll"].as_array()?.iter().map(Value::as_f64).collect() };
+    let (a, b) = (w(a)?, w(b)?);
+    // As `delta_models::perplexity::paired_difference` (xtask does not build the models).
+    let d: Vec<f64> = a.iter().zip(&b).map(|(x, y)| x - y).collect();
+    let n = d.len() as f64;
+    let mean = d.iter().sum::<f64>() / n;
+    (a.len() == b.len() && d.len() > 1).then(|| (mean, (d.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0) / n).sqrt()))
+}
+
+/// The ordering the method promises (#6: full ≤ layer-wise ≤ none for the same scales), pair by
+/// pair: (later, earlier) labels.
+const ORDERING: [(&str, &str); 4] = [
+    ("scalar, layer-wise", "scalar, none"),
+    ("scalar, full", "scalar, layer-wise"),
+    ("auto, layer-wise", "auto, none"),
+    ("auto, full", "auto, layer-wise"),
+];
+
 fn acc(row: &Value, task: &str) -> Option<(f64, f64, f64)> {
     let t = row["eval"]["tasks"]["tasks"].as_array()?.iter().find(|t| t["task"] == task)?;
     Some((t["acc"].as_f64()?, t["acc_norm"].as_f64()?, t["acc_stderr"].as_f64()?))
@@ -160,24 +186,31 @@ fn markdown(r: &Value) -> String {
          the C4 sample, which calibration never reads. *Gain kept* = the share of the fine-tune's log-perplexity \
          gain over the base on TinyStories that the variant keeps; *KL to fine-tune* = mean KL(fine-tune ‖ model) \
          of the next-token distributions over the same TinyStories tokens, in nats (`eval ppl --teacher`): how \
-         faithfully the variant reproduces the fine-tune.\n",
+         faithfully the variant reproduces the fine-tune; *NLL vs fine-tune* = the variant's mean NLL per \
+         TinyStories token minus the fine-tune's, ± its standard error paired over the {} windows (`eval ppl \
+         --teacher`): differences smaller than about twice that error are not resolved by this text.\n",
         r["machine"].as_str().unwrap_or("?"),
         r["date"].as_str().unwrap_or("?"),
-        r["seconds"].as_f64().unwrap_or(0.0) / 60.0
+        r["seconds"].as_f64().unwrap_or(0.0) / 60.0,
+        rows[0]["eval"]["tiny_window_nll"].as_array().map_or(0, Vec::len)
     );
-    let _ = write!(m, "| model | size | compress | TinyStories ppl | gain kept | KL to fine-tune | C4 ppl |");
+    let _ = write!(m, "| model | size | compress | TinyStories ppl | gain kept | NLL vs fine-tune | KL to fine-tune | C4 ppl |");
     for (_, name) in TASKS {
         let _ = write!(m, " {name} |");
     }
     let _ = writeln!(m, " avg acc |");
-    let _ = writeln!(m, "|---|---|---|---|---|---|---|{}---|", "---|".repeat(TASKS.len()));
+    let _ = writeln!(m, "|---|---|---|---|---|---|---|---|{}---|", "---|".repeat(TASKS.len()));
     for row in &rows {
         let size = row["bytes"].as_f64().map_or("269.1 MB (bf16)".to_string(), |v| format!("{:.1} MB", v / 1e6));
         let secs = row["compress_seconds"].as_f64().map_or("–".to_string(), |v| format!("{v:.0} s"));
         let t = ppl(row, "tiny_ppl");
+        let gap = match (row["eval"]["tiny_nll_gap_to_finetune"].as_f64(), row["eval"]["tiny_nll_gap_std_error"].as_f64()) {
+            (Some(g), Some(se)) => format!("{g:+.4} ± {se:.4}"),
+            _ => "–".into(),
+        };
         let _ = write!(
             m,
-            "| {} | {size} | {secs} | {t:.3} | {:.1}% | {:.5} | {:.2} |",
+            "| {} | {size} | {secs} | {t:.3} | {:.1}% | {gap} | {:.5} | {:.2} |",
             row["label"].as_str().unwrap_or("?"),
             share(t, "tiny_ppl"),
             ppl(row, "tiny_kl_to_finetune"),
@@ -194,6 +227,27 @@ fn markdown(r: &Value) -> String {
             }
         }
         let _ = writeln!(m, " {:.1} |", 100.0 * accs.iter().sum::<f64>() / accs.len().max(1) as f64);
+    }
+    let by_label = |l: &str| rows.iter().find(|r| r["label"] == l);
+    let pairs: Vec<String> = ORDERING
+        .iter()
+        .filter_map(|&(a, b)| {
+            let (d, se) = paired(by_label(a)?, by_label(b)?)?;
+            let (ra, rb) = (by_label(a)?, by_label(b)?);
+            Some(format!(
+                "{a} − {b}: {d:+.4} ± {se:.4} nats ({:.3} vs {:.3}; KL to the fine-tune {:.5} vs {:.5})",
+                ppl(ra, "tiny_ppl"),
+                ppl(rb, "tiny_ppl"),
+                ppl(ra, "tiny_kl_to_finetune"),
+                ppl(rb, "tiny_kl_to_finetune")
+            ))
+        })
+        .collect();
+    if !pairs.is_empty() {
+        let _ = writeln!(m, "\nCalibration stage by stage, TinyStories mean NLL per token, paired over the same windows:\n");
+        for p in pairs {
+            let _ = writeln!(m, "- {p}");
+        }
     }
     let _ = writeln!(m, "\nacc_norm (per byte of continuation), same documents:\n");
     let _ = write!(m, "| model |");

@@ -30,8 +30,8 @@ pub enum CompressError {
     DTypeMismatch { name: String, base: delta_format::DType, finetuned: delta_format::DType },
     #[error("{model}: tensor `{name}` holds {value} at index {index}; refusing to compress non-finite weights")]
     NonFinite { model: &'static str, name: String, index: usize, value: f64 },
-    #[error("side file {}: {source}", path.display())]
-    SideFile { path: std::path::PathBuf, source: std::io::Error },
+    #[error("side file {}: {error}", path.display())]
+    SideFile { path: std::path::PathBuf, error: std::io::Error },
     #[error("calibration: {0}")]
     Calibration(String),
     #[error(transparent)]
@@ -227,7 +227,7 @@ fn changed_side_files(base: &Checkpoint, finetuned: &Checkpoint) -> Result<BTree
     let mut out = BTreeMap::new();
     for path in finetuned.side_files()? {
         let name = path.file_name().expect("listed file").to_string_lossy().to_string();
-        let ours = std::fs::read(&path).map_err(|source| CompressError::SideFile { path: path.clone(), source })?;
+        let ours = std::fs::read(&path).map_err(|source| CompressError::SideFile { path: path.clone(), error: source })?;
         let theirs = std::fs::read(base.dir().join(&name)).ok();
         if theirs.as_deref() != Some(ours.as_slice()) {
             out.insert(name, SideFile::from_bytes(ours));

@@ -23,6 +23,10 @@ pub enum Command {
 /// the pieces are concatenated; non-overlapping windows of WINDOW + 1 tokens step by WINDOW and a
 /// last partial window is dropped; ppl = exp(mean negative log-likelihood of the WINDOW predicted
 /// tokens of every window). Computed in f32 (on the CPU unless --device says otherwise).
+///
+/// Standard errors treat the windows as the independent samples. `--json` also lists every
+/// window's mean NLL (`window_nll`), so two runs on the same text can be compared window by
+/// window: the paired standard error of a difference is far smaller than either run's own.
 #[derive(clap::Args)]
 pub struct PplArgs {
     #[command(flatten)]
@@ -34,7 +38,8 @@ pub struct PplArgs {
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65536))]
     window: u32,
     /// Also measure how close the model is to this one (e.g. the fine-tune a delta was made
-    /// from): the mean KL(teacher ‖ model) of the next-token distributions, same windows.
+    /// from): the mean KL(teacher ‖ model) of the next-token distributions, same windows, and
+    /// the model's mean NLL minus the teacher's, with its standard error paired window by window.
     #[arg(long)]
     teacher: Option<PathBuf>,
     /// Windows per forward pass (more is faster, uses more memory).
@@ -80,22 +85,43 @@ fn ppl<B: Backend>(a: PplArgs, device: &B::Device) -> Result<()> {
         let out = serde_json::json!({
             "model": a.model.model, "delta": a.model.delta, "text": a.text,
             "delta_use": a.model.delta_use.name(), "device": a.model.device.name(),
-            "ppl": r.ppl, "mean_nll": r.mean_nll, "teacher": a.teacher, "kl_to_teacher": r.kl_to_teacher, "windows": r.windows, "predicted_tokens": r.predicted_tokens,
-            "window": a.window, "seconds": seconds, "tokens_per_second": tokens_per_s,
+            "ppl": r.ppl, "mean_nll": r.mean_nll, "nll_std_error": finite(r.nll_std_error),
+            "teacher": a.teacher, "kl_to_teacher": r.kl_to_teacher,
+            "teacher_ppl": r.gap_to_teacher.map(|g| g.reference_mean.exp()),
+            "nll_gap_to_teacher": r.gap_to_teacher.map(|g| g.difference), "nll_gap_std_error": r.gap_to_teacher.and_then(|g| finite(g.std_error)),
+            "windows": r.windows, "predicted_tokens": r.predicted_tokens,
+            "window": a.window, "seconds": seconds, "tokens_per_second": tokens_per_s, "window_nll": r.window_nll,
         });
         println!("{out}");
     } else {
         println!(
-            "perplexity {:.4} (mean NLL {:.5}) over {} windows x {} tokens of {} — {seconds:.1} s, {tokens_per_s:.0} tokens/s",
+            "perplexity {:.4} (mean NLL {:.5}{}) over {} windows x {} tokens of {} — {seconds:.1} s, {tokens_per_s:.0} tokens/s",
             r.ppl,
             r.mean_nll,
+            plus_minus(r.nll_std_error),
             r.windows,
             a.window,
             a.text.display()
         );
-        if let Some(kl) = r.kl_to_teacher {
+        if let (Some(kl), Some(g)) = (r.kl_to_teacher, r.gap_to_teacher) {
             println!("KL(teacher ‖ model) {kl:.5} nats per predicted token");
+            println!(
+                "teacher perplexity {:.4}; model's mean NLL minus the teacher's {:+.5}{} nats (paired over windows)",
+                g.reference_mean.exp(),
+                g.difference,
+                plus_minus(g.std_error)
+            );
         }
     }
     Ok(())
+}
+
+/// `None` (JSON null) for a standard error that one window cannot give.
+fn finite(x: f64) -> Option<f64> {
+    x.is_finite().then_some(x)
+}
+
+/// ` ± 0.01234`, or nothing for a standard error that one window cannot give.
+fn plus_minus(std_error: f64) -> String {
+    finite(std_error).map_or(String::new(), |e| format!(" ± {e:.5}"))
 }

@@ -32,6 +32,9 @@ fn refused(out: &Output, needle: &str, dir: &Path, before: &BTreeSet<String>) {
     assert_eq!(out.status.code(), Some(1), "expected exit 1, got {:?}; stderr: {err}", out.status.code());
     assert_eq!(err.trim_end().lines().count(), 1, "stderr is not one line: {err}");
     assert!(err.contains(needle), "stderr lacks `{needle}`: {err}");
+    // Each cause once: an error that prints its cause must not also hand it on as its source.
+    let parts: Vec<&str> = err.trim_end().split(": ").filter(|p| p.len() > 8).collect();
+    assert!(parts.iter().enumerate().all(|(i, p)| !parts[..i].contains(p)), "stderr repeats itself: {err}");
     assert!(out.stdout.is_empty(), "stdout not empty");
     assert_eq!(&listing(dir), before, "something was left behind in {}", dir.display());
 }
@@ -556,5 +559,51 @@ fn eval_tasks_scores_real_requests_and_refuses_bad_files() {
     let before_files = listing(tmp.path());
     for (file, needle) in [(&garbage, "garbage.jsonl:1"), (&bad_label, "label 5"), (&tmp.path().join("missing.jsonl.gz"), "missing.jsonl.gz"), (&mismatched, "twin of document 3")] {
         refused(&bitdelta(&["eval", "tasks", "--model", s(&ft), "--tasks", s(file)]), needle, tmp.path(), &before_files);
+    }
+}
+
+/// `eval ppl --teacher --json` on a short real text: its figures agree with each other and with
+/// a separate run of the teacher alone (its perplexity, and the gap paired window by window);
+/// bad input is refused in one line.
+#[test]
+fn eval_ppl_pairs_a_model_with_its_teacher_and_refuses_bad_input() {
+    let (base, ft) = smollm2();
+    let tmp = tempfile::tempdir().unwrap();
+    let heldout = std::fs::read_to_string(delta_tests::fixtures().join("text/tiny_heldout.utf8")).unwrap();
+    let text = tmp.path().join("short.txt");
+    std::fs::write(&text, &heldout[..heldout.char_indices().nth(2000).unwrap().0]).unwrap();
+    let run = |model: &Path, extra: &[&str]| {
+        let mut args = vec!["eval", "ppl", "--model", s(model), "--text", s(&text), "--window", "32", "--json"];
+        args.extend(extra);
+        serde_json::from_str::<serde_json::Value>(&ok(&bitdelta(&args))).unwrap()
+    };
+    let (r, t) = (run(&base, &["--teacher", s(&ft)]), run(&ft, &[]));
+    let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or_else(|| panic!("{k} missing: {v}"));
+    let w = |v: &serde_json::Value| -> Vec<f64> { v["window_nll"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect() };
+    let (wb, wf) = (w(&r), w(&t));
+    assert!(wb.len() >= 8 && wb.len() as u64 == r["windows"].as_u64().unwrap() && wf.len() == wb.len(), "{} windows", wb.len());
+    let mean = |x: &[f64]| x.iter().sum::<f64>() / x.len() as f64;
+    assert!((mean(&wb) - f(&r, "mean_nll")).abs() < 1e-9 && (f(&r, "ppl") - f(&r, "mean_nll").exp()).abs() < 1e-9);
+    assert!((f(&r, "teacher_ppl") / f(&t, "ppl") - 1.0).abs() < 1e-6, "teacher {} vs {}", f(&r, "teacher_ppl"), f(&t, "ppl"));
+    let d: Vec<f64> = wb.iter().zip(&wf).map(|(a, b)| a - b).collect();
+    let se = (d.iter().map(|x| (x - mean(&d)).powi(2)).sum::<f64>() / (d.len() - 1) as f64 / d.len() as f64).sqrt();
+    assert!((f(&r, "nll_gap_to_teacher") - mean(&d)).abs() < 1e-6 && mean(&d) > 0.05, "gap {} vs {}", f(&r, "nll_gap_to_teacher"), mean(&d));
+    assert!((f(&r, "nll_gap_std_error") - se).abs() < 1e-6, "{} vs {se}", f(&r, "nll_gap_std_error"));
+    let sb = (wb.iter().map(|x| (x - mean(&wb)).powi(2)).sum::<f64>() / (wb.len() - 1) as f64 / wb.len() as f64).sqrt();
+    assert!((f(&r, "nll_std_error") - sb).abs() < 1e-9, "{} vs {sb}", f(&r, "nll_std_error"));
+    assert!(t["nll_gap_to_teacher"].is_null() && t["teacher_ppl"].is_null());
+
+    let human = ok(&bitdelta(&["eval", "ppl", "--model", s(&base), "--text", s(&text), "--window", "32", "--teacher", s(&ft)]));
+    assert!(human.contains("KL(teacher ‖ model)") && human.contains(&format!("teacher perplexity {:.4}", f(&t, "ppl"))), "{human}");
+
+    let before = listing(tmp.path());
+    for (args, needle) in [
+        (vec!["--text", "missing.txt"], "missing.txt"),
+        (vec!["--text", s(&text), "--window", "60000"], "fewer than one window"),
+        (vec!["--text", s(&text), "--teacher", s(&tmp.path().join("nowhere"))], "nowhere"),
+    ] {
+        let mut a = vec!["eval", "ppl", "--model", s(&base)];
+        a.extend(args);
+        refused(&bitdelta(&a), needle, tmp.path(), &before);
     }
 }

@@ -10,8 +10,8 @@ use crate::dtype::DType;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FormatError {
-    #[error("{}: {source}", path.display())]
-    Io { path: PathBuf, source: io::Error },
+    #[error("{}: {error}", path.display())]
+    Io { path: PathBuf, error: io::Error },
 
     // ---- safetensors container ----
     #[error("file is {len} bytes, too short for a safetensors header (needs at least 8)")]
@@ -76,8 +76,8 @@ pub enum FormatError {
     BadShardIndex { path: PathBuf, reason: String },
     #[error("tensor `{name}` appears in two shards: {first} and {second}")]
     DuplicateTensor { name: String, first: String, second: String },
-    #[error("{}: in {}", source, path.display())]
-    InFile { path: PathBuf, source: Box<FormatError> },
+    #[error("{}: in {}", inner, path.display())]
+    InFile { path: PathBuf, inner: Box<FormatError> },
 
     // ---- writing ----
     #[error("writer: expected tensor `{expected}` next, got `{found}`")]
@@ -92,14 +92,14 @@ pub enum FormatError {
 
 impl FormatError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: io::Error) -> Self {
-        FormatError::Io { path: path.into(), source }
+        FormatError::Io { path: path.into(), error: source }
     }
 
     /// Attaches the file a parse error came from.
     pub fn in_file(self, path: impl Into<PathBuf>) -> Self {
         match self {
             e @ (FormatError::Io { .. } | FormatError::InFile { .. }) => e,
-            e => FormatError::InFile { path: path.into(), source: Box::new(e) },
+            e => FormatError::InFile { path: path.into(), inner: Box::new(e) },
         }
     }
 }

@@ -75,3 +75,49 @@ fn kl_to_a_teacher() {
     assert!(want > 0.01, "base and fine-tune differ: {want}");
     assert!((kl - want).abs() <= 1e-3 * want, "{kl} vs {want}");
 }
+
+/// Per-window NLLs, their standard error and the gap to a teacher paired window by window,
+/// against host arithmetic on plain forwards of each window (3 windows, 2 per batch).
+#[test]
+fn windows_and_the_gap_to_a_teacher() {
+    let (base, ft) = delta_tests::smollm2();
+    let load = |dir: &std::path::Path| {
+        let ckpt = Checkpoint::open(dir).unwrap();
+        Llama::<CpuBackend>::load(ModelConfig::load(dir).unwrap(), &Weights::new(&ckpt, None, Default::default()).unwrap()).unwrap()
+    };
+    let (b, f) = (load(&base), load(&ft));
+    let text = std::fs::read_to_string(delta_tests::fixtures().join("text/tiny_heldout.utf8")).unwrap();
+    let ids = token_stream(&Tokenizer::load(&base).unwrap(), &text).unwrap();
+    let window = 16;
+    let ids = &ids[..3 * window + 5];
+    let r = perplexity(&b, Some(&f), ids, window, 2, &mut |_, _| {}).unwrap();
+    let window_nll = |m: &Llama<CpuBackend>| -> Vec<f64> {
+        ids.windows(window + 1).step_by(window).map(|w| {
+            let logits = m.forward(&[w[..window].to_vec()]).unwrap().into_data().into_vec::<f32>().unwrap();
+            let vocab = logits.len() / window;
+            logits.chunks(vocab).zip(&w[1..]).map(|(row, &t)| -delta_tests::log_softmax(row)[t as usize]).sum::<f64>() / window as f64
+        }).collect()
+    };
+    let (nb, nf) = (window_nll(&b), window_nll(&f));
+    assert_eq!(nb.len(), 3);
+    for (got, want) in r.window_nll.iter().zip(&nb) {
+        assert!((got - want).abs() < 1e-4, "window NLL {got} vs {want}");
+    }
+    let mean = |x: &[f64]| x.iter().sum::<f64>() / x.len() as f64;
+    let se = |x: &[f64]| (x.iter().map(|v| (v - mean(x)).powi(2)).sum::<f64>() / 2.0 / 3.0).sqrt();
+    assert!((r.mean_nll - mean(&nb)).abs() < 1e-4 && (r.nll_std_error - se(&nb)).abs() < 1e-4, "{} ± {} vs {} ± {}", r.mean_nll, r.nll_std_error, mean(&nb), se(&nb));
+    let d: Vec<f64> = nb.iter().zip(&nf).map(|(x, y)| x - y).collect();
+    let g = r.gap_to_teacher.unwrap();
+    assert!(d.iter().all(|&x| x.abs() > 1e-2), "base and fine-tune differ on every window: {d:?}");
+    assert!((g.reference_mean - mean(&nf)).abs() < 1e-4, "teacher NLL {} vs {}", g.reference_mean, mean(&nf));
+    assert!((g.difference - mean(&d)).abs() < 1e-4 && (g.std_error - se(&d)).abs() < 1e-4, "gap {} ± {} vs {} ± {}", g.difference, g.std_error, mean(&d), se(&d));
+    assert!(perplexity(&b, None, ids, window, 2, &mut |_, _| {}).unwrap().gap_to_teacher.is_none());
+}
+
+#[test]
+fn paired_difference_by_hand() {
+    let d = delta_models::perplexity::paired_difference(&[3.0, 5.0, 4.0], &[1.0, 2.0, 3.0]);
+    // Differences 2, 3, 1: mean 2, sample variance 1, standard error 1/√3.
+    assert_eq!((d.reference_mean, d.difference), (2.0, 2.0));
+    assert!((d.std_error - 1.0 / 3f64.sqrt()).abs() < 1e-12, "{}", d.std_error);
+}
