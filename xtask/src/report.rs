@@ -232,8 +232,8 @@ fn markdown(r: &Value) -> String {
     let pairs: Vec<String> = ORDERING
         .iter()
         .filter_map(|&(a, b)| {
-            let (d, se) = paired(by_label(a)?, by_label(b)?)?;
             let (ra, rb) = (by_label(a)?, by_label(b)?);
+            let (d, se) = paired(ra, rb)?;
             Some(format!(
                 "{a} − {b}: {d:+.4} ± {se:.4} nats ({:.3} vs {:.3}; KL to the fine-tune {:.5} vs {:.5})",
                 ppl(ra, "tiny_ppl"),

@@ -43,18 +43,23 @@ fn protocol_edge_cases() {
     assert!(!a.contains(&0) && !b.contains(&0));
 }
 
-/// KL to a teacher: zero against itself; against another model, the mean over predicted tokens of
-/// Σ q·(log q − log p), checked at one window by host arithmetic in f64.
-#[test]
-fn kl_to_a_teacher() {
+/// The base and the fine-tune, and the held-out TinyStories token stream.
+fn pair_and_heldout_ids() -> (Llama<CpuBackend>, Llama<CpuBackend>, Vec<u32>) {
     let (base, ft) = delta_tests::smollm2();
     let load = |dir: &std::path::Path| {
         let ckpt = Checkpoint::open(dir).unwrap();
         Llama::<CpuBackend>::load(ModelConfig::load(dir).unwrap(), &Weights::new(&ckpt, None, Default::default()).unwrap()).unwrap()
     };
-    let (b, f) = (load(&base), load(&ft));
     let text = std::fs::read_to_string(delta_tests::fixtures().join("text/tiny_heldout.utf8")).unwrap();
     let ids = token_stream(&Tokenizer::load(&base).unwrap(), &text).unwrap();
+    (load(&base), load(&ft), ids)
+}
+
+/// KL to a teacher: zero against itself; against another model, the mean over predicted tokens of
+/// Σ q·(log q − log p), checked at one window by host arithmetic in f64.
+#[test]
+fn kl_to_a_teacher() {
+    let (b, f, ids) = pair_and_heldout_ids();
     let window = 32;
     let ids = &ids[..window + 1];
     let same = perplexity(&b, Some(&b), ids, window, 1, &mut |_, _| {}).unwrap();
@@ -80,14 +85,7 @@ fn kl_to_a_teacher() {
 /// against host arithmetic on plain forwards of each window (3 windows, 2 per batch).
 #[test]
 fn windows_and_the_gap_to_a_teacher() {
-    let (base, ft) = delta_tests::smollm2();
-    let load = |dir: &std::path::Path| {
-        let ckpt = Checkpoint::open(dir).unwrap();
-        Llama::<CpuBackend>::load(ModelConfig::load(dir).unwrap(), &Weights::new(&ckpt, None, Default::default()).unwrap()).unwrap()
-    };
-    let (b, f) = (load(&base), load(&ft));
-    let text = std::fs::read_to_string(delta_tests::fixtures().join("text/tiny_heldout.utf8")).unwrap();
-    let ids = token_stream(&Tokenizer::load(&base).unwrap(), &text).unwrap();
+    let (b, f, ids) = pair_and_heldout_ids();
     let window = 16;
     let ids = &ids[..3 * window + 5];
     let r = perplexity(&b, Some(&f), ids, window, 2, &mut |_, _| {}).unwrap();
