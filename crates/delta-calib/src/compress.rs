@@ -227,7 +227,7 @@ fn changed_side_files(base: &Checkpoint, finetuned: &Checkpoint) -> Result<BTree
     let mut out = BTreeMap::new();
     for path in finetuned.side_files()? {
         let name = path.file_name().expect("listed file").to_string_lossy().to_string();
-        let ours = std::fs::read(&path).map_err(|source| CompressError::SideFile { path: path.clone(), error: source })?;
+        let ours = std::fs::read(&path).map_err(|error| CompressError::SideFile { path: path.clone(), error })?;
         let theirs = std::fs::read(base.dir().join(&name)).ok();
         if theirs.as_deref() != Some(ours.as_slice()) {
             out.insert(name, SideFile::from_bytes(ours));

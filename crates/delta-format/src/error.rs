@@ -91,8 +91,8 @@ pub enum FormatError {
 }
 
 impl FormatError {
-    pub(crate) fn io(path: impl Into<PathBuf>, source: io::Error) -> Self {
-        FormatError::Io { path: path.into(), error: source }
+    pub(crate) fn io(path: impl Into<PathBuf>, error: io::Error) -> Self {
+        FormatError::Io { path: path.into(), error }
     }
 
     /// Attaches the file a parse error came from.

@@ -40,7 +40,7 @@ impl ChatTemplate {
         let config: serde_json::Value = match std::fs::read_to_string(&config_path) {
             Ok(text) => serde_json::from_str(&text).map_err(|e| ModelError::Config { path: config_path.clone(), reason: e.to_string() })?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => serde_json::Value::Null,
-            Err(source) => return Err(ModelError::Io { path: config_path, error: source }),
+            Err(error) => return Err(ModelError::Io { path: config_path, error }),
         };
         let token = |key: &str| match &config[key] {
             serde_json::Value::String(s) => s.clone(),
@@ -48,7 +48,7 @@ impl ChatTemplate {
         };
         let jinja = dir.join("chat_template.jinja");
         let (source, path) = if jinja.exists() {
-            (std::fs::read_to_string(&jinja).map_err(|source| ModelError::Io { path: jinja.clone(), error: source })?, jinja)
+            (std::fs::read_to_string(&jinja).map_err(|error| ModelError::Io { path: jinja.clone(), error })?, jinja)
         } else {
             let source = match &config["chat_template"] {
                 serde_json::Value::String(s) => s.clone(),

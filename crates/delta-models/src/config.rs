@@ -68,7 +68,7 @@ fn default_theta() -> f64 {
 impl ModelConfig {
     pub fn load(dir: &Path) -> Result<Self, ModelError> {
         let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path).map_err(|source| ModelError::Io { path: path.clone(), error: source })?;
+        let text = std::fs::read_to_string(&path).map_err(|error| ModelError::Io { path: path.clone(), error })?;
         let cfg: ModelConfig = serde_json::from_str(&text).map_err(|e| ModelError::Config { path: path.clone(), reason: e.to_string() })?;
         cfg.validate().map_err(|reason| ModelError::Config { path, reason })?;
         Ok(cfg)
