@@ -6,8 +6,9 @@
 //! - `ci` is the test command: fixtures, then `cargo test --workspace --release --features
 //!   delta-cli/wgpu` — the workspace with the wgpu backend, so the CubeCL kernels and the models
 //!   on them are tested too (on Mesa's lavapipe where there is no GPU).
-//! - `report [--limit N | --full]`: the quality report on the pair (`REPORT.md`, see `report.rs`).
-//! - `bench [pipeline|kernels]`: `pipeline` times compress, apply (against copying the
+//! - `report [--limit N | --full | --render]`: the quality report on the pair (`REPORT.md`, see
+//!   `report.rs`); `--render` rewrites the page from `report/report.json` without measuring.
+//! - `bench [pipeline|kernels|serve|plot]`: `pipeline` times compress, apply (against copying the
 //!   checkpoint) and generation on the pair (`target/bench/pipeline.json`); `kernels` runs the
 //!   criterion Fig. 4 sweep of the delta kernels with a bandwidth probe
 //!   (`target/bench/kernels.json`, plotted to `kernels.png`; `bench plot` redraws it); `serve` compares decoding 8 deltas at once in `bitdelta serve`
@@ -63,7 +64,7 @@ fn run() -> Result<()> {
                 "usage: cargo xtask <command>\n\n  fixtures [DIR]  build the real fixtures (default $DELTA_FIXTURES, else ~/.cache/delta-fixtures)\n  \
                  demo            compress the SmolLM2 pair, inspect, apply, verify, print a report\n  \
                  ci              fixtures, then cargo test --workspace --release --features delta-cli/wgpu\n                  (the CubeCL kernels and the models on the wgpu backend too)\n  \
-                 report [--limit N | --full]\n                  quality report on the pair: perplexity, zero-shot tasks (first N = 50 documents\n                  each by default), sizes, times -> REPORT.md, report/report.{{json,svg}}\n  \
+                 report [--limit N | --full | --render]\n                  quality report on the pair: perplexity, zero-shot tasks (first N = 50 documents\n                  each by default), sizes, times -> REPORT.md, report/report.{{json,svg}};\n                  --render rewrites REPORT.md and the plot from report/report.json\n  \
                  bench [pipeline|kernels|serve|plot]\n                  time compress / apply / generation on the pair (pipeline.json), the Fig. 4\n                  kernel sweep with a bandwidth probe (kernels.json + kernels.png), and multi-tenant\n                  serving against swapping merged models (serve.json); the first three by default;\n                  `plot` redraws kernels.png from kernels.json\n  \
                  gpu-kit [--backend cuda|wgpu]\n                  binaries, model config and script for the GPU checks on a lent machine -> .device/\n  \
                  random-pair LIKE OUT\n                  a random base / fine-tune pair shaped like LIKE/config.json in OUT/base, OUT/finetuned\n  \

@@ -55,7 +55,8 @@ pub fn report(args: &[String]) -> Result<()> {
         match a.as_str() {
             "--limit" => limit = Some(it.next().context("--limit needs a number")?.parse().context("--limit needs a number")?),
             "--full" => limit = None,
-            other => bail!("unknown report option `{other}` (--limit N, --full)"),
+            "--render" if args.len() == 1 => return render(),
+            other => bail!("unknown report option `{other}` (--limit N, --full, or --render alone)"),
         }
     }
     let started = Instant::now();
@@ -88,7 +89,7 @@ pub fn report(args: &[String]) -> Result<()> {
         // Its per-window NLLs pair variants up window by window (`paired`).
         let t = ppl(&tiny, Some(&ft))?;
         let (p_tiny, kl) = (t["ppl"].as_f64().unwrap_or(f64::NAN), t["kl_to_teacher"].as_f64().unwrap_or(f64::NAN));
-        let p_c4 = ppl(&c4, None)?["ppl"].as_f64().unwrap_or(f64::NAN);
+        let c = ppl(&c4, None)?;
         let mut a = with(vec!["eval".into(), "tasks".into(), "--model".into(), s(model).into()]);
         a.push("--tasks".into());
         a.extend(task_files.iter().map(|p| s(p).to_string()));
@@ -96,11 +97,12 @@ pub fn report(args: &[String]) -> Result<()> {
             a.extend(["--limit".into(), l.to_string()]);
         }
         let a: Vec<&str> = a.iter().map(String::as_str).collect();
-        let (tasks, _) = bitdelta_json(&bin, &a)?;
+        let (mut tasks, _) = bitdelta_json(&bin, &a)?;
+        compact_documents(&mut tasks);
         Ok(json!({
             "tiny_ppl": p_tiny, "tiny_kl_to_finetune": kl, "tiny_window_nll": t["window_nll"],
             "tiny_nll_gap_to_finetune": t["nll_gap_to_teacher"], "tiny_nll_gap_std_error": t["nll_gap_std_error"],
-            "c4_ppl": p_c4, "tasks": tasks,
+            "c4_ppl": c["ppl"].as_f64().unwrap_or(f64::NAN), "c4_window_nll": c["window_nll"], "tasks": tasks,
         }))
     };
 
@@ -133,22 +135,90 @@ pub fn report(args: &[String]) -> Result<()> {
     let dir = root().join("report");
     std::fs::create_dir_all(&dir)?;
     std::fs::write(dir.join("report.json"), serde_json::to_string_pretty(&out)?)?;
-    std::fs::write(dir.join("report.svg"), plot(&out))?;
-    std::fs::write(root().join("REPORT.md"), markdown(&out))?;
+    write_pages(&out)?;
     println!("{}", markdown(&out));
     eprintln!("wrote REPORT.md, report/report.json and report/report.svg in {:.0} s", started.elapsed().as_secs_f64());
     Ok(())
 }
 
-/// `a`'s held-out TinyStories mean NLL minus `b`'s, with its standard error paired window by window.
-fn paired(a: &Value, b: &Value) -> Option<(f64, f64)> {
-    let w = |r: &Value| -> Option<Vec<f64>> { r["eval"]["tiny_window_nll"].as_array()?.iter().map(Value::as_f64).collect() };
+/// `REPORT.md` and `report/report.svg` from the report's JSON.
+fn write_pages(out: &Value) -> Result<()> {
+    std::fs::write(root().join("report/report.svg"), plot(out))?;
+    std::fs::write(root().join("REPORT.md"), markdown(out))?;
+    Ok(())
+}
+
+/// `--render`: rewrites `REPORT.md` and the plot from `report/report.json` without measuring
+/// anything again (after a change to the page's layout).
+fn render() -> Result<()> {
+    let path = root().join("report/report.json");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {} (run `cargo xtask report` first)", path.display()))?;
+    let out: Value = serde_json::from_str(&text).with_context(|| format!("{} is not the report's JSON", path.display()))?;
+    if !out["rows"].is_array() {
+        bail!("{} holds no rows", path.display());
+    }
+    write_pages(&out)?;
+    eprintln!("wrote REPORT.md and report/report.svg from {}", path.display());
+    Ok(())
+}
+
+/// `a`'s mean NLL on a held-out text (`text`: `tiny` or `c4`) minus `b`'s, with its standard
+/// error paired window by window.
+fn paired(a: &Value, b: &Value, text: &str) -> Option<(f64, f64)> {
+    let w = |r: &Value| -> Option<Vec<f64>> { r["eval"][format!("{text}_window_nll")].as_array()?.iter().map(Value::as_f64).collect() };
     let (a, b) = (w(a)?, w(b)?);
     // As `delta_models::perplexity::paired_difference` (xtask does not build the models).
     let d: Vec<f64> = a.iter().zip(&b).map(|(x, y)| x - y).collect();
     let n = d.len() as f64;
     let mean = d.iter().sum::<f64>() / n;
     (a.len() == b.len() && d.len() > 1).then(|| (mean, (d.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0) / n).sqrt()))
+}
+
+/// Replaces each task's `documents` (every choice's log-likelihood, from `eval tasks --json`) by
+/// what the report pairs models on, as strings of space-separated choice indices: `labels`,
+/// `picks` (acc) and `picks_norm` (acc_norm), document by document in file order.
+fn compact_documents(tasks: &mut Value) {
+    for t in tasks["tasks"].as_array_mut().into_iter().flatten() {
+        let Some(docs) = t.as_object_mut().and_then(|o| o.remove("documents")) else { continue };
+        let docs = docs.as_array().cloned().unwrap_or_default();
+        for (key, field) in [("labels", "label"), ("picks", "pick"), ("picks_norm", "pick_norm")] {
+            let v: Vec<String> = docs.iter().map(|d| d[field].as_u64().map_or("?".into(), |i| i.to_string())).collect();
+            t[key] = Value::from(v.join(" "));
+        }
+    }
+}
+
+/// The right answers and a model's picks on one task, document by document.
+fn picks(row: &Value, task: &str, key: &str) -> Option<Vec<u64>> {
+    let t = row["eval"]["tasks"]["tasks"].as_array()?.iter().find(|t| t["task"] == task)?;
+    t[key].as_str()?.split(' ').map(|p| p.parse().ok()).collect()
+}
+
+/// Row `a`'s accuracy on `task` minus row `b`'s, on the same documents, with its standard error
+/// paired document by document, and the share of documents where both pick the same choice.
+fn paired_acc(a: &Value, b: &Value, task: &str) -> Option<(f64, f64, f64)> {
+    let (labels, pa, pb) = (picks(a, task, "labels")?, picks(a, task, "picks")?, picks(b, task, "picks")?);
+    if labels != picks(b, task, "labels")? || pa.len() != labels.len() || pb.len() != labels.len() || labels.len() < 2 {
+        return None;
+    }
+    let d: Vec<f64> = labels.iter().zip(pa.iter().zip(&pb)).map(|(l, (x, y))| (x == l) as u8 as f64 - (y == l) as u8 as f64).collect();
+    let n = d.len() as f64;
+    let mean = d.iter().sum::<f64>() / n;
+    let se = (d.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0) / n).sqrt();
+    let agree = pa.iter().zip(&pb).filter(|(x, y)| x == y).count() as f64 / n;
+    Some((mean, se, agree))
+}
+
+/// The mean over the five tasks of `paired_acc`'s difference, with its standard error (the tasks'
+/// documents are independent), and the agreement over all their documents pooled.
+fn paired_mean_acc(a: &Value, b: &Value) -> Option<(f64, f64, f64)> {
+    let per: Vec<(f64, f64, f64)> = TASKS.iter().map(|(t, _)| paired_acc(a, b, t)).collect::<Option<_>>()?;
+    let docs: Vec<f64> = TASKS.iter().map(|(t, _)| picks(a, t, "labels").map_or(0.0, |l| l.len() as f64)).collect();
+    let k = per.len() as f64;
+    let mean = per.iter().map(|p| p.0).sum::<f64>() / k;
+    let se = per.iter().map(|p| p.1 * p.1).sum::<f64>().sqrt() / k;
+    let agree = per.iter().zip(&docs).map(|(p, n)| p.2 * n).sum::<f64>() / docs.iter().sum::<f64>();
+    Some((mean, se, agree))
 }
 
 /// The ordering the method promises (#6: full ≤ layer-wise ≤ none for the same scales), pair by
@@ -172,13 +242,13 @@ fn markdown(r: &Value) -> String {
     let share = |p: f64, k: &str| 100.0 * (ppl(b, k).ln() - p.ln()) / (ppl(b, k).ln() - ppl(f, k).ln());
     let mut m = String::new();
     let _ = writeln!(m, "# Quality report: SmolLM2-135M-Instruct and its TinyStories fine-tune\n");
-    let limit = match r["limit"].as_u64() {
-        Some(l) => format!("the first {l} documents of each task"),
-        None => "every document of each task".into(),
+    let (limit, command) = match r["limit"].as_u64() {
+        Some(l) => (format!("the first {l} documents of each task"), format!("cargo xtask report --limit {l}")),
+        None => ("every document of each task".into(), "cargo xtask report --full".into()),
     };
     let _ = writeln!(
         m,
-        "Produced by `cargo xtask report` on {} ({}), {:.0} minutes in all. Compressed variants are \
+        "Produced by `{command}` on {} ({}), {:.0} minutes in all. Compressed variants are \
          applied to the base through `--delta` (merged in the base dtype, as `bitdelta apply` writes them); \
          calibration text: the C4 sample (`text/c4.utf8`). Zero-shot accuracy over {limit} (`bitdelta eval tasks`; \
          acc = argmax of the continuation's summed log-likelihood, ± its standard error); perplexity with the \
@@ -233,9 +303,11 @@ fn markdown(r: &Value) -> String {
         .iter()
         .filter_map(|&(a, b)| {
             let (ra, rb) = (by_label(a)?, by_label(b)?);
-            let (d, se) = paired(ra, rb)?;
+            let (d, se) = paired(ra, rb, "tiny")?;
+            let c4 = paired(ra, rb, "c4").map_or(String::new(), |(d, se)| format!("; C4 {d:+.4} ± {se:.4} nats ({:.2} vs {:.2})", ppl(ra, "c4_ppl"), ppl(rb, "c4_ppl")));
+            let tasks = paired_mean_acc(ra, rb).map_or(String::new(), |(d, se, _)| format!("; mean accuracy {:+.1} ± {:.1} points", 100.0 * d, 100.0 * se));
             Some(format!(
-                "{a} − {b}: {d:+.4} ± {se:.4} nats ({:.3} vs {:.3}; KL to the fine-tune {:.5} vs {:.5})",
+                "{a} − {b}: TinyStories {d:+.4} ± {se:.4} nats ({:.3} vs {:.3}; KL to the fine-tune {:.5} vs {:.5}){c4}{tasks}",
                 ppl(ra, "tiny_ppl"),
                 ppl(rb, "tiny_ppl"),
                 ppl(ra, "tiny_kl_to_finetune"),
@@ -244,9 +316,33 @@ fn markdown(r: &Value) -> String {
         })
         .collect();
     if !pairs.is_empty() {
-        let _ = writeln!(m, "\nCalibration stage by stage, TinyStories mean NLL per token, paired over the same windows:\n");
+        let _ = writeln!(m, "\nCalibration stage by stage: mean NLL per token on held-out TinyStories and C4, paired over the same windows, and mean zero-shot accuracy, paired over the same documents:\n");
         for p in pairs {
             let _ = writeln!(m, "- {p}");
+        }
+    }
+    // Accuracy against the fine-tune's, document by document: far tighter than the tables'
+    // unpaired errors, since close variants answer most documents alike.
+    if rows.len() > 2 {
+        let _ = writeln!(
+            m,
+            "\nZero-shot accuracy minus the fine-tune's, in points, ± its standard error paired document by document \
+             (the same documents; mean over the five tasks); *agree* = share of all these documents where the model picks \
+             the fine-tune's answer:\n"
+        );
+        let _ = write!(m, "| model |");
+        for (_, name) in TASKS {
+            let _ = write!(m, " {name} |");
+        }
+        let _ = writeln!(m, " mean | agree |\n|---|{}---|---|", "---|".repeat(TASKS.len()));
+        for row in rows.iter().filter(|r| r["label"] != "fine-tune") {
+            let _ = write!(m, "| {} |", row["label"].as_str().unwrap_or("?"));
+            for (task, _) in TASKS {
+                let cell = paired_acc(row, f, task).map_or("–".into(), |(d, se, _)| format!("{:+.1} ± {:.1}", 100.0 * d, 100.0 * se));
+                let _ = write!(m, " {cell} |");
+            }
+            let cells = paired_mean_acc(row, f).map_or(("–".into(), "–".into()), |(d, se, agree)| (format!("{:+.1} ± {:.1}", 100.0 * d, 100.0 * se), format!("{:.1}%", 100.0 * agree)));
+            let _ = writeln!(m, " {} | {} |", cells.0, cells.1);
         }
     }
     let _ = writeln!(m, "\nacc_norm (per byte of continuation), same documents:\n");
@@ -302,4 +398,32 @@ fn plot(r: &Value) -> String {
     chart(&mut sv, panel + 90.0, "Mean zero-shot accuracy over the five tasks, % (axis from the lowest − 2)", &acc, amin - 2.0, amax, &|v| format!("{v:.1}"));
     sv.push_str("</svg>\n");
     sv
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A row as `evaluate` builds it, with one task's documents as `eval tasks --json` lists them.
+    fn row(labels: [u64; 4], picks: [u64; 4]) -> Value {
+        let documents: Vec<Value> = labels.iter().zip(picks).map(|(l, p)| json!({ "label": l, "pick": p, "pick_norm": 0, "loglik": [-1.0, -2.0, -3.0] })).collect();
+        let mut tasks = json!({ "tasks": [{ "task": "arc_easy", "documents": documents }] });
+        compact_documents(&mut tasks);
+        json!({ "eval": { "tasks": tasks } })
+    }
+
+    #[test]
+    fn accuracy_paired_document_by_document() {
+        let (a, b) = (row([0, 1, 2, 0], [0, 1, 0, 0]), row([0, 1, 2, 0], [0, 0, 2, 1]));
+        let t = &a["eval"]["tasks"]["tasks"][0];
+        assert_eq!((t["labels"].as_str(), t["picks"].as_str(), t["picks_norm"].as_str()), (Some("0 1 2 0"), Some("0 1 0 0"), Some("0 0 0 0")));
+        assert!(t.get("documents").is_none());
+        // Right or wrong per document: a 1 1 0 1, b 1 0 1 0; differences 0 1 −1 1, mean 1/4,
+        // sample variance 11/12, standard error √(11/48); the same pick on the first only.
+        let (d, se, agree) = paired_acc(&a, &b, "arc_easy").unwrap();
+        assert!((d - 0.25).abs() < 1e-12 && (se - (11.0f64 / 48.0).sqrt()).abs() < 1e-12 && (agree - 0.25).abs() < 1e-12, "{d} {se} {agree}");
+        // Other right answers: not the same documents, no pairing.
+        assert!(paired_acc(&a, &row([0, 1, 2, 1], [0, 1, 0, 0]), "arc_easy").is_none());
+        assert!(paired_acc(&a, &b, "piqa").is_none());
+    }
 }

@@ -101,7 +101,7 @@ pub struct Compressed {
     pub base: BaseFingerprint,
     pub architecture: String,
     pub options: CompressOptions,
-    /// How the scales were fitted (`none`, `layerwise`), and the calibration report, if any.
+    /// How the scales were fitted (`none`, `layerwise`, `full`), and the calibration report, if any.
     pub calibration: String,
     pub calibration_report: Option<serde_json::Value>,
 }

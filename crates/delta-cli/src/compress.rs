@@ -83,7 +83,7 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = ScaleArg::Auto)]
     scale: ScaleArg,
     /// How scales are fitted: from the weights alone, layer by layer on calibration text, or
-    /// layer by layer and then end to end (`full`, ~8 min for a 135M model on 2 CPU cores).
+    /// layer by layer and then end to end (`full`, ~7 min for a 135M model on 2 CPU cores).
     #[arg(long, value_enum, default_value_t = CalibrateArg::Full)]
     calibrate: CalibrateArg,
     /// Calibration text (UTF-8). Default: text/c4.utf8 of the fixtures ($DELTA_FIXTURES, else

@@ -29,6 +29,10 @@ use crate::ui;
 /// `Answer:`), not a document of its own. Twins are skipped unless `--uncond` is given; then they
 /// are scored too and `acc_uncond` picks the choice with the highest log-likelihood gain over its
 /// twin (log p(choice | context) − log p(choice | Answer:)).
+///
+/// `--json` also lists every document's scores (`documents`: its `doc_id`, `label`, each choice's
+/// `loglik`, and the choice `acc` and `acc_norm` pick), so that two models scored on the same
+/// file can be compared document by document.
 #[derive(clap::Args)]
 pub struct TasksArgs {
     #[command(flatten)]
@@ -91,6 +95,25 @@ struct TaskResult {
     acc_uncond_stderr: Option<f64>,
     request_tokens: usize,
     seconds: f64,
+    documents: Vec<DocScore>,
+}
+
+/// One document's scores.
+#[derive(Serialize)]
+struct DocScore {
+    doc_id: u64,
+    label: usize,
+    /// Each choice's summed log-likelihood, in `idx` order.
+    loglik: Vec<f64>,
+    /// The choice with the highest `loglik` (`acc`), and with the highest per byte (`acc_norm`).
+    pick: usize,
+    pick_norm: usize,
+    /// With `--uncond`, for a document with a twin: the twin's log-likelihoods and the choice
+    /// whose log-likelihood gains most from the context.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    loglik_uncond: Option<Vec<f64>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pick_uncond: Option<usize>,
 }
 
 /// Reads a request file into (task name, documents): every document in file order, twins
@@ -155,31 +178,27 @@ fn read_docs(path: &Path, limit: Option<u64>) -> Result<(String, Vec<Doc>)> {
 /// a batch (one row per continuation token) around 0.2 GB.
 const BATCH_TOKENS: usize = 2048;
 
-/// Counts over a task's documents.
-#[derive(Default)]
-struct Tally {
-    right: usize,
-    right_norm: usize,
-    /// Documents scored with their twin, and those `acc_uncond` gets right.
-    with_twin: usize,
-    right_uncond: usize,
-    tokens: usize,
+/// Index of the largest value (the first of equal ones).
+fn argmax(v: impl Iterator<Item = f64>) -> usize {
+    v.enumerate().fold((0, f64::NEG_INFINITY), |best, (i, x)| if x > best.1 { (i, x) } else { best }).0
 }
 
 /// Scores a batch: `seqs` holds each document's choices, followed by its twin's where `owners`
 /// says it has one.
-fn score_batch<B: Backend>(model: &delta_models::Llama<B>, seqs: &[Vec<EncodedChoice>], owners: &[(&Doc, bool)], tally: &mut Tally) -> Result<()> {
+fn score_batch<B: Backend>(model: &delta_models::Llama<B>, seqs: &[Vec<EncodedChoice>], owners: &[(&Doc, bool)], out: &mut Vec<DocScore>) -> Result<()> {
     let mut scores = score_documents(model, seqs)?.into_iter();
     for &(doc, twin) in owners {
-        let s = scores.next().expect("one score list per sequence");
-        let argmax = |f: &dyn Fn(usize) -> f64| (0..s.len()).fold(0, |best, i| if f(i) > f(best) { i } else { best });
-        tally.right += (argmax(&|i| s[i].loglik) == doc.label) as usize;
-        tally.right_norm += (argmax(&|i| s[i].loglik / doc.choices[i].1.len().max(1) as f64) == doc.label) as usize;
-        if twin {
-            let u = scores.next().expect("the twin's scores follow");
-            tally.with_twin += 1;
-            tally.right_uncond += (argmax(&|i| s[i].loglik - u[i].loglik) == doc.label) as usize;
-        }
+        let loglik: Vec<f64> = scores.next().expect("one score list per sequence").iter().map(|s| s.loglik).collect();
+        let loglik_uncond: Option<Vec<f64>> = twin.then(|| scores.next().expect("the twin's scores follow").iter().map(|s| s.loglik).collect());
+        out.push(DocScore {
+            doc_id: doc.id,
+            label: doc.label,
+            pick: argmax(loglik.iter().copied()),
+            pick_norm: argmax(loglik.iter().zip(&doc.choices).map(|(l, c)| l / c.1.len().max(1) as f64)),
+            pick_uncond: loglik_uncond.as_ref().map(|u| argmax(loglik.iter().zip(u).map(|(l, u)| l - u))),
+            loglik,
+            loglik_uncond,
+        });
     }
     Ok(())
 }
@@ -203,7 +222,7 @@ fn tasks<B: Backend>(a: TasksArgs, device: &B::Device) -> Result<()> {
     for ((task, docs), file) in files.iter().zip(&a.tasks) {
         let t0 = Instant::now();
         bar.set_message(task.clone());
-        let mut tally = Tally::default();
+        let (mut scored, mut tokens) = (Vec::with_capacity(docs.len()), 0usize);
         let (mut seqs, mut owners, mut pending) = (Vec::new(), Vec::new(), 0usize);
         for (i, doc) in docs.iter().enumerate() {
             let mut own = vec![encode(&doc.choices)?];
@@ -211,32 +230,35 @@ fn tasks<B: Backend>(a: TasksArgs, device: &B::Device) -> Result<()> {
                 own.push(encode(t)?);
             }
             let n: usize = own.iter().flatten().map(|e| e.context.len() + e.continuation.len()).sum();
-            (pending, tally.tokens) = (pending + n, tally.tokens + n);
+            (pending, tokens) = (pending + n, tokens + n);
             owners.push((doc, own.len() == 2));
             seqs.extend(own);
             if pending >= BATCH_TOKENS || i + 1 == docs.len() {
-                score_batch(model, &seqs, &owners, &mut tally)?;
+                score_batch(model, &seqs, &owners, &mut scored)?;
                 bar.inc(owners.len() as u64);
                 (pending, seqs, owners) = (0, Vec::new(), Vec::new());
             }
         }
-        let n = docs.len().max(1) as f64;
-        let (acc, acc_norm) = (tally.right as f64 / n, tally.right_norm as f64 / n);
-        let stderr = |p: f64, n: f64| (p * (1.0 - p) / (n - 1.0).max(1.0)).sqrt();
-        let acc_uncond = (tally.with_twin > 0).then(|| tally.right_uncond as f64 / tally.with_twin as f64);
+        let share = |right: usize, n: usize| right as f64 / n.max(1) as f64;
+        let stderr = |p: f64, n: usize| (p * (1.0 - p) / (n as f64 - 1.0).max(1.0)).sqrt();
+        let count = |pick: &dyn Fn(&DocScore) -> Option<usize>| scored.iter().filter(|d| pick(d) == Some(d.label)).count();
+        let (acc, acc_norm) = (share(count(&|d| Some(d.pick)), docs.len()), share(count(&|d| Some(d.pick_norm)), docs.len()));
+        let with_twin = scored.iter().filter(|d| d.pick_uncond.is_some()).count();
+        let acc_uncond = (with_twin > 0).then(|| share(count(&|d| d.pick_uncond), with_twin));
         results.push(TaskResult {
             task: task.clone(),
             file: file.clone(),
             docs: docs.len(),
             acc,
-            acc_stderr: stderr(acc, n),
+            acc_stderr: stderr(acc, docs.len()),
             acc_norm,
-            acc_norm_stderr: stderr(acc_norm, n),
+            acc_norm_stderr: stderr(acc_norm, docs.len()),
             twins: docs.iter().filter(|d| d.twin.is_some()).count(),
             acc_uncond,
-            acc_uncond_stderr: acc_uncond.map(|p| stderr(p, tally.with_twin as f64)),
-            request_tokens: tally.tokens,
+            acc_uncond_stderr: acc_uncond.map(|p| stderr(p, with_twin)),
+            request_tokens: tokens,
             seconds: t0.elapsed().as_secs_f64(),
+            documents: scored,
         });
     }
     bar.finish_and_clear();

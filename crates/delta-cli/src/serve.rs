@@ -22,7 +22,8 @@ use delta_serve::{EngineOptions, ServeOptions};
 ///
 /// Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (`stream: true`
 /// streams server-sent events), GET /health. Errors are JSON {"error": {"message", "type",
-/// "code"}}: 400 malformed request, 404 unknown model, 409 delta that cannot be loaded.
+/// "code"}}: 400 malformed request, 404 unknown model or endpoint, 409 delta that cannot be
+/// loaded, 500 the server's own failure.
 /// Request fields: model, prompt / messages, max_tokens, temperature, top_p, seed, stop, stream,
 /// n (up to 16 choices; choice i samples with seed + i), logprobs (completions: 0-20
 /// alternatives; chat: true, with top_logprobs 0-20), ignore_eos.
@@ -82,6 +83,6 @@ fn serve<B: Backend>(a: Args, device: &B::Device) -> Result<()> {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "listening on http://{addr}");
         let _ = out.flush();
-    })
-    .map_err(anyhow::Error::msg)
+    })?;
+    Ok(())
 }

@@ -506,6 +506,17 @@ fn eval_tasks_scores_real_requests_and_refuses_bad_files() {
         let acc = t["acc"].as_f64().unwrap();
         // Three documents: the accuracy is a count of them.
         assert!([0.0, 1.0 / 3.0, 2.0 / 3.0, 1.0].iter().any(|v| (v - acc).abs() < 1e-12), "{acc}");
+        // The documents behind it: the accuracy is the share of picks that hit the label, and
+        // each pick is its document's highest log-likelihood.
+        let documents = t["documents"].as_array().unwrap();
+        assert_eq!(documents.len(), 3);
+        let hits = documents.iter().filter(|d| d["pick"] == d["label"]).count();
+        assert!((acc - hits as f64 / 3.0).abs() < 1e-12);
+        for d in documents {
+            let loglik: Vec<f64> = d["loglik"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+            assert!(loglik.iter().all(|l| l.is_finite() && *l < 0.0), "{loglik:?}");
+            assert!(loglik.iter().all(|l| *l <= loglik[d["pick"].as_u64().unwrap() as usize]));
+        }
     }
 
     // The real ARC-Easy file holds each question twice: as itself and, numbered 1,000,000 + k, as
@@ -546,6 +557,33 @@ fn eval_tasks_scores_real_requests_and_refuses_bad_files() {
     assert_eq!(uncond["request_tokens"].as_u64().unwrap(), 2 * plain["request_tokens"].as_u64().unwrap());
     assert_eq!((uncond["acc"].as_f64(), uncond["acc_norm"].as_f64()), (plain["acc"].as_f64(), plain["acc_norm"].as_f64()));
     assert!([0.0, 0.25, 0.5, 0.75, 1.0].contains(&uncond["acc_uncond"].as_f64().unwrap()));
+    // Every document's scores: picks by hand from the log-likelihoods (per byte of the
+    // continuation for acc_norm; the gain over the twin for acc_uncond), the accuracies from the
+    // picks. A twin is its document again, so it scores the same, and a request scores the same
+    // in either run, packed with different neighbours.
+    let values = |v: &serde_json::Value| -> Vec<f64> { v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect() };
+    let first_max = |v: &[f64]| (0..v.len()).fold(0, |best, i| if v[i] > v[best] { i } else { best });
+    let (plain_docs, uncond_docs) = (plain["documents"].as_array().unwrap(), uncond["documents"].as_array().unwrap());
+    assert_eq!((plain_docs.len(), uncond_docs.len()), (4, 4));
+    let mut hits = [0usize; 3];
+    for (k, ((d, u), (label, _, choices))) in plain_docs.iter().zip(uncond_docs).zip(&docs).enumerate() {
+        assert_eq!((d["doc_id"].as_u64(), d["label"].as_u64()), (Some(k as u64), Some(*label as u64)));
+        assert!(d.get("loglik_uncond").is_none() && d.get("pick_uncond").is_none());
+        let (loglik, twin) = (values(&d["loglik"]), values(&u["loglik_uncond"]));
+        assert_eq!(loglik.len(), 2);
+        for (a, b) in loglik.iter().zip(values(&u["loglik"])).chain(loglik.iter().zip(twin.clone())) {
+            assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+        }
+        let per_byte: Vec<f64> = loglik.iter().zip(choices).map(|(l, c)| l / c.len() as f64).collect();
+        let gain: Vec<f64> = values(&u["loglik"]).iter().zip(&twin).map(|(l, t)| l - t).collect();
+        let picks = [first_max(&loglik), first_max(&per_byte), first_max(&gain)];
+        assert_eq!([d["pick"].as_u64(), d["pick_norm"].as_u64(), u["pick_uncond"].as_u64()], picks.map(|p| Some(p as u64)));
+        for (h, p) in hits.iter_mut().zip(picks) {
+            *h += (p == *label) as usize;
+        }
+    }
+    let shares = [plain["acc"].as_f64(), plain["acc_norm"].as_f64(), uncond["acc_uncond"].as_f64()];
+    assert_eq!(shares, hits.map(|h| Some(h as f64 / 4.0)));
     let limited = run(&["--uncond", "--limit", "3"]);
     assert_eq!((limited["docs"].as_u64(), limited["twins"].as_u64()), (Some(3), Some(3)));
 

@@ -1,7 +1,8 @@
 //! `bitdelta serve` on the real pair, over loopback: greedy outputs equal `bitdelta generate`
 //! for several deltas decoded in the same batch; errors are JSON with the right status; a load
 //! test with a delta hot-added and others evicted while it runs loses and mixes up nothing;
-//! `logprobs` match the reference logits and `n` choices match `generate` with their seeds.
+//! `logprobs` match the reference logits and `n` choices match `generate` with their seeds; a
+//! server that cannot start says why in one line.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -372,10 +373,39 @@ fn logprobs_follow_the_reference_and_choices_follow_generate() {
     }
 }
 
+/// Runs `bitdelta serve ARGS`, which must refuse to start: exit 1 with one line on stderr (which
+/// is returned). A server that starts prints `listening on …` and runs on; one that refuses
+/// closes stdout without a line.
+fn refused_to_start(args: &[&str]) -> String {
+    let mut child = Command::new(BIN).arg("serve").args(args).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.as_mut().unwrap()), &mut first).unwrap();
+    if !first.is_empty() {
+        child.kill().unwrap();
+        panic!("the server started with {args:?}: {first}");
+    }
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    err
+}
+
 #[test]
-fn a_broken_chat_template_stops_the_server_at_start() {
+fn the_server_refuses_to_start_on_bad_folders_a_broken_template_or_a_taken_port() {
     let (base, _) = smollm2();
     let tmp = tempfile::tempdir().unwrap();
+    let empty = tmp.path().join("deltas");
+    std::fs::create_dir(&empty).unwrap();
+    let missing = tmp.path().join("missing");
+    let err = refused_to_start(&["--base", s(&missing), "--deltas", s(&empty)]);
+    assert!(err.contains("--base") && err.contains("missing") && err.contains("is not a folder"), "{err}");
+    let err = refused_to_start(&["--base", s(&base), "--deltas", s(&base.join("config.json"))]);
+    assert!(err.contains("--deltas") && err.contains("config.json") && err.contains("is not a folder"), "{err}");
+    // A folder without a checkpoint.
+    let err = refused_to_start(&["--base", s(&empty), "--deltas", s(&empty)]);
+    assert!(err.contains("reading the base"), "{err}");
+
     let copy = tmp.path().join("base");
     std::fs::create_dir(&copy).unwrap();
     for entry in std::fs::read_dir(&base).unwrap() {
@@ -389,25 +419,12 @@ fn a_broken_chat_template_stops_the_server_at_start() {
             std::os::unix::fs::symlink(&path, copy.join(name)).unwrap();
         }
     }
-    let empty = tmp.path().join("deltas");
-    std::fs::create_dir(&empty).unwrap();
-    let mut child = Command::new(BIN)
-        .args(["serve", "--base", s(&copy), "--deltas", s(&empty), "--addr", "127.0.0.1:0"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    // A server that starts prints `listening on …` and runs on; one that refuses closes stdout
-    // without a line.
-    let mut first = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.as_mut().unwrap()), &mut first).unwrap();
-    if !first.is_empty() {
-        child.kill().unwrap();
-        panic!("the server started despite a broken chat template: {first}");
-    }
-    let out = child.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    let err = refused_to_start(&["--base", s(&copy), "--deltas", s(&empty), "--addr", "127.0.0.1:0"]);
     assert!(err.contains("chat template") && err.contains("tokenizer_config.json"), "{err}");
+
+    // The base loads, the port is taken.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let err = refused_to_start(&["--base", s(&base), "--deltas", s(&empty), "--addr", &addr]);
+    assert!(err.contains(&format!("binding {addr}")), "{err}");
 }

@@ -1,4 +1,25 @@
+use std::path::PathBuf;
+
 use axum::http::StatusCode;
+use delta_format::FormatError;
+use delta_models::ModelError;
+
+/// Why the server did not start (nothing is served then).
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{flag} {} is not a folder", path.display())]
+    NotAFolder { flag: &'static str, path: PathBuf },
+    /// The base checkpoint cannot be read.
+    #[error("reading the base: {error}")]
+    Base { error: FormatError },
+    /// The base's config, tokenizer, chat template or weights (`what`: which).
+    #[error("{what}: {error}")]
+    Model { what: &'static str, error: ModelError },
+    /// The runtime, the socket.
+    #[error("{what}: {error}")]
+    Io { what: String, error: std::io::Error },
+}
+
 
 /// Why a request was not served; each maps to an HTTP status and an OpenAI-style error body.
 #[derive(Debug, thiserror::Error)]

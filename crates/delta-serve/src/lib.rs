@@ -21,7 +21,7 @@ use burn::tensor::backend::Backend;
 use delta_models::{Llama, ModelConfig, Tokenizer, Weights};
 
 pub use engine::EngineOptions;
-pub use error::ServeError;
+pub use error::{ServeError, StartError};
 
 pub struct ServeOptions {
     pub base: PathBuf,
@@ -34,19 +34,20 @@ pub struct ServeOptions {
 }
 
 /// Loads the base on `device`, starts the engine and returns the app, ready to be served.
-pub fn build<B: Backend>(o: &ServeOptions, device: &B::Device) -> Result<axum::Router, String> {
+pub fn build<B: Backend>(o: &ServeOptions, device: &B::Device) -> Result<axum::Router, StartError> {
     for (flag, dir) in [("--base", &o.base), ("--deltas", &o.deltas)] {
         if !dir.is_dir() {
-            return Err(format!("{flag} {} is not a folder", dir.display()));
+            return Err(StartError::NotAFolder { flag, path: dir.clone() });
         }
     }
-    let ckpt = Checkpoint::open(&o.base).map_err(|e| format!("reading the base: {e}"))?;
-    let cfg = ModelConfig::load(&o.base).map_err(|e| e.to_string())?;
-    let tokenizer = Tokenizer::load(&o.base).map_err(|e| e.to_string())?;
+    let model = |what| move |error| StartError::Model { what, error };
+    let ckpt = Checkpoint::open(&o.base).map_err(|error| StartError::Base { error })?;
+    let cfg = ModelConfig::load(&o.base).map_err(model("reading the base's config"))?;
+    let tokenizer = Tokenizer::load(&o.base).map_err(model("loading the tokenizer"))?;
     // No template: /v1/chat/completions answers 400; a broken one stops the server here.
-    let template = ChatTemplate::find(&o.base).map_err(|e| format!("reading the chat template: {e}"))?;
-    let weights = Weights::<B>::new(&ckpt, None, device.clone()).map_err(|e| e.to_string())?;
-    let base = Arc::new(Llama::load(cfg, &weights).map_err(|e| format!("loading the base: {e}"))?);
+    let template = ChatTemplate::find(&o.base).map_err(model("reading the chat template"))?;
+    let weights = Weights::<B>::new(&ckpt, None, device.clone()).map_err(model("loading the base"))?;
+    let base = Arc::new(Llama::load(cfg, &weights).map_err(model("loading the base"))?);
     ckpt.release_pages();
     let base_name = o.base_name.clone().unwrap_or_else(|| o.base.canonicalize().unwrap_or(o.base.clone()).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "base".into()));
     let eos = base.cfg.eos_token_ids();
@@ -66,13 +67,14 @@ pub fn build<B: Backend>(o: &ServeOptions, device: &B::Device) -> Result<axum::R
 
 /// Serves on `addr` with the models on `device` until Ctrl-C (or SIGTERM), calling `ready` with
 /// the bound address once the base is loaded and the port is open (port 0 picks a free one).
-pub fn run<B: Backend>(o: &ServeOptions, device: &B::Device, addr: &str, ready: impl FnOnce(std::net::SocketAddr)) -> Result<(), String> {
+pub fn run<B: Backend>(o: &ServeOptions, device: &B::Device, addr: &str, ready: impl FnOnce(std::net::SocketAddr)) -> Result<(), StartError> {
     let app = build::<B>(o, device)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| format!("starting the async runtime: {e}"))?;
+    let io = |what: String| move |error| StartError::Io { what, error };
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(io("starting the async runtime".into()))?;
     runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("binding {addr}: {e}"))?;
-        ready(listener.local_addr().map_err(|e| e.to_string())?);
-        axum::serve(listener, app).with_graceful_shutdown(shutdown()).await.map_err(|e| format!("serving: {e}"))
+        let listener = tokio::net::TcpListener::bind(addr).await.map_err(io(format!("binding {addr}")))?;
+        ready(listener.local_addr().map_err(io("reading the bound address".into()))?);
+        axum::serve(listener, app).with_graceful_shutdown(shutdown()).await.map_err(io("serving".into()))
     })
 }
 
