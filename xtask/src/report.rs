@@ -167,11 +167,16 @@ fn render() -> Result<()> {
 fn paired(a: &Value, b: &Value, text: &str) -> Option<(f64, f64)> {
     let w = |r: &Value| -> Option<Vec<f64>> { r["eval"][format!("{text}_window_nll")].as_array()?.iter().map(Value::as_f64).collect() };
     let (a, b) = (w(a)?, w(b)?);
-    // As `delta_models::perplexity::paired_difference` (xtask does not build the models).
     let d: Vec<f64> = a.iter().zip(&b).map(|(x, y)| x - y).collect();
+    (a.len() == b.len() && d.len() > 1).then(|| mean_and_std_error(&d))
+}
+
+/// The mean of paired differences and its standard error (sample variance over n − 1, divided
+/// by n), as `delta_models::perplexity::paired_difference` (xtask does not build the models).
+fn mean_and_std_error(d: &[f64]) -> (f64, f64) {
     let n = d.len() as f64;
     let mean = d.iter().sum::<f64>() / n;
-    (a.len() == b.len() && d.len() > 1).then(|| (mean, (d.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0) / n).sqrt()))
+    (mean, (d.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0) / n).sqrt())
 }
 
 /// Replaces each task's `documents` (every choice's log-likelihood, from `eval tasks --json`) by
@@ -202,10 +207,8 @@ fn paired_acc(a: &Value, b: &Value, task: &str) -> Option<(f64, f64, f64)> {
         return None;
     }
     let d: Vec<f64> = labels.iter().zip(pa.iter().zip(&pb)).map(|(l, (x, y))| (x == l) as u8 as f64 - (y == l) as u8 as f64).collect();
-    let n = d.len() as f64;
-    let mean = d.iter().sum::<f64>() / n;
-    let se = (d.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0) / n).sqrt();
-    let agree = pa.iter().zip(&pb).filter(|(x, y)| x == y).count() as f64 / n;
+    let (mean, se) = mean_and_std_error(&d);
+    let agree = pa.iter().zip(&pb).filter(|(x, y)| x == y).count() as f64 / d.len() as f64;
     Some((mean, se, agree))
 }
 
