@@ -4,7 +4,8 @@ use axum::http::StatusCode;
 use delta_format::FormatError;
 use delta_models::ModelError;
 
-/// Why the server did not start (nothing is served then).
+/// Why `build` / `run` returned: the server did not start (nothing is served then), or, for
+/// `Io { what: "serving" }`, the listener failed while serving.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("{flag} {} is not a folder", path.display())]
@@ -19,7 +20,6 @@ pub enum StartError {
     #[error("{what}: {error}")]
     Io { what: String, error: std::io::Error },
 }
-
 
 /// Why a request was not served; each maps to an HTTP status and an OpenAI-style error body.
 #[derive(Debug, thiserror::Error)]
