@@ -6,8 +6,7 @@ use delta_calib::{calibrate_layerwise, compress, CompressOptions, LayerFit, Laye
 use delta_format::{Checkpoint, ScaleMode};
 use delta_models::CpuBackend;
 
-mod common;
-use common::{pair, Pair, HELDOUT, N};
+use crate::common::{pair, Pair, HELDOUT, N};
 
 fn f32s(c: &Checkpoint, name: &str) -> Vec<f64> {
     c.tensor(name).unwrap().as_f32().unwrap().iter().map(|&x| x as f64).collect()

@@ -9,8 +9,7 @@ use delta_models::{CpuBackend, Llama, ModelConfig, Weights};
 use delta_tests::tiny::VOCAB;
 use delta_tests::Rng;
 
-mod common;
-use common::{pair, Pair, T};
+use crate::common::{pair, Pair, T};
 
 const SAMPLES: usize = 16;
 const HELDOUT: usize = 4;

@@ -1,4 +1,3 @@
-#![allow(dead_code)]
 //! A tiny f32 base / fine-tune pair (Qwen3 layout) and calibration samples, shared by the
 //! calibration tests.
 

@@ -10,8 +10,7 @@ use delta_models::CpuBackend;
 use delta_tests::tiny::VOCAB;
 use delta_tests::Rng;
 
-mod common;
-use common::{pair, Pair, HELDOUT, T};
+use crate::common::{pair, Pair, HELDOUT, T};
 
 #[cfg(feature = "wgpu")]
 type Gpu = delta_models::cube::WgpuBackend;

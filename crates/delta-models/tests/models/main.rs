@@ -1,0 +1,10 @@
+//! delta-models' integration tests, one module per subject, in one test binary: each binary
+//! links its own copy of Burn, so one instead of seven saves CI minutes of compiling and linking.
+
+mod architectures;
+mod cube;
+mod delta_linear;
+mod multi;
+mod perplexity;
+mod reference_logits;
+mod tasks;
