@@ -6,7 +6,6 @@
 //! is staged — [`Llama::embed`], [`Llama::block`], [`Llama::head`] — because calibration needs the
 //! activations between blocks and Burn has no forward hooks.
 
-use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 
@@ -56,17 +55,34 @@ impl<B: Backend> RmsNorm<B> {
 
     /// Normalises over the last dimension: `w ⊙ x / sqrt(mean(x²) + eps)`.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        self.normalise(x) * self.weight.clone().unsqueeze::<D>()
+        match self.on_host(&x, Some(&self.weight)) {
+            Some(y) => y,
+            None => self.normalise(x) * self.weight.clone().unsqueeze::<D>(),
+        }
     }
 
     /// `x / sqrt(mean(x²) + eps)` over the last dimension, before the weight (which a batch of
     /// several models applies per row).
     pub fn normalise<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        if let Some(y) = self.on_host(&x, None) {
+            return y;
+        }
         let var = (x.clone() * x.clone()).mean_dim(D - 1);
         // Divide, never `recip()`: Burn 0.21's NdArray backend computes `recip` on larger tensors
         // with the approximate SIMD reciprocal (2.7e-4 relative error, measured), which made
         // logits depend on the sequence length. Division is correctly rounded.
         x / var.add_scalar(self.eps).sqrt()
+    }
+
+    /// On the CPU backend, the norm (times `weight` when given) on the host, row by row
+    /// ([`crate::host::rms_norm`]); `None` on any other.
+    fn on_host<const D: usize>(&self, x: &Tensor<B, D>, weight: Option<&Tensor<B, 1>>) -> Option<Tensor<B, D>> {
+        if !crate::host::is_cpu::<B>() {
+            return None;
+        }
+        let dims = x.dims();
+        let rows = dims[..D - 1].iter().product();
+        crate::host::rms_norm(&x.clone().reshape([rows, dims[D - 1]]), weight, self.eps).map(|y| y.reshape(dims))
     }
 }
 
@@ -111,6 +127,14 @@ impl Rope {
     /// cos and sin tables `[positions.len(), head_dim]`, a row per position.
     pub fn tables_at<B: Backend>(&self, positions: &[usize], device: &B::Device) -> (Tensor<B, 2>, Tensor<B, 2>) {
         let (t, d) = (positions.len(), self.inv_freq.len() * 2);
+        let (cos, sin) = self.host_tables(positions);
+        let make = |v: Vec<f32>| Tensor::<B, 2>::from_data(TensorData::new(v, [t, d]), device);
+        (make(cos), make(sin))
+    }
+
+    /// [`Rope::tables_at`] as row-major values on the host.
+    pub fn host_tables(&self, positions: &[usize]) -> (Vec<f32>, Vec<f32>) {
+        let (t, d) = (positions.len(), self.inv_freq.len() * 2);
         let (mut cos, mut sin) = (Vec::with_capacity(t * d), Vec::with_capacity(t * d));
         for &p in positions {
             // cat(freqs, freqs): the same angles for both halves of the head.
@@ -122,8 +146,7 @@ impl Rope {
                 }
             }
         }
-        let make = |v: Vec<f32>| Tensor::<B, 2>::from_data(TensorData::new(v, [t, d]), device);
-        (make(cos), make(sin))
+        (cos, sin)
     }
 
     /// `x`: `[b, heads, t, d]`: x·cos + rotate_half(x)·sin.
@@ -169,6 +192,14 @@ pub struct Packed {
 pub struct Segment {
     pub len: usize,
     pub visible: Vec<bool>,
+}
+
+/// What every layer of a packed forward shares: the RoPE tables of its positions and, per segment,
+/// its first token, its length and its additive mask `[len, len]` — as row-major values for the
+/// CPU backend's attention on the host ([`crate::host::attend_packed`]), as tensors for any other.
+enum PackedLayout<B: Backend> {
+    Host { cos: Vec<f32>, sin: Vec<f32>, segments: Vec<(usize, usize, Vec<f32>)> },
+    Tensors { cos: Tensor<B, 2>, sin: Tensor<B, 2>, segments: Vec<(usize, usize, Tensor<B, 2>)> },
 }
 
 /// One layer's keys (after RoPE) and values for the positions seen so far, `[b, kv_heads, t, d]`.
@@ -306,20 +337,30 @@ impl<B: Backend> Attention<B> {
         self.softmax_context(q, k, v, mask).swap_dims(1, 2).reshape([b * t, h * d])
     }
 
-    /// [`Attention::attend`] for one packed sequence (see [`Packed`]): q, k, v of all its tokens,
-    /// and per segment its start, length and additive mask `[len, len]`; no token sees another
-    /// segment.
-    pub fn attend_packed(&self, q: Tensor<B, 2>, k: Tensor<B, 2>, v: Tensor<B, 2>, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>, segments: &[(usize, usize, Tensor<B, 2>)]) -> Tensor<B, 2> {
-        let (h, d, t) = (self.heads, self.head_dim, q.dims()[0]);
-        let (q, k, v) = self.heads_rotated(q, k, v, 1, cos, sin);
-        let parts = segments
-            .iter()
-            .map(|(start, len, mask)| {
-                let part = |x: &Tensor<B, 4>| x.clone().narrow(2, *start, *len);
-                self.softmax_context(part(&q), part(&k), part(&v), Some(mask.clone()))
-            })
-            .collect();
-        Tensor::cat(parts, 2).swap_dims(1, 2).reshape([t, h * d])
+    /// [`Attention::attend`] for one packed sequence (see [`Packed`]): q, k, v of all its tokens;
+    /// no token sees another segment.
+    fn attend_packed(&self, q: Tensor<B, 2>, k: Tensor<B, 2>, v: Tensor<B, 2>, layout: &PackedLayout<B>) -> Tensor<B, 2> {
+        let (h, kv, d, t) = (self.heads, self.kv_heads, self.head_dim, q.dims()[0]);
+        match layout {
+            PackedLayout::Host { cos, sin, segments } => {
+                let (q, k) = match (&self.q_norm, &self.k_norm) {
+                    (Some(qn), Some(kn)) => (qn.forward(q.reshape([t, h, d])).reshape([t, h * d]), kn.forward(k.reshape([t, kv, d])).reshape([t, kv * d])),
+                    _ => (q, k),
+                };
+                crate::host::attend_packed(&q, &k, &v, cos, sin, h, kv, segments).expect("a host layout only on the CPU backend")
+            }
+            PackedLayout::Tensors { cos, sin, segments } => {
+                let (q, k, v) = self.heads_rotated(q, k, v, 1, cos, sin);
+                let parts = segments
+                    .iter()
+                    .map(|(start, len, mask)| {
+                        let part = |x: &Tensor<B, 4>| x.clone().narrow(2, *start, *len);
+                        self.softmax_context(part(&q), part(&k), part(&v), Some(mask.clone()))
+                    })
+                    .collect();
+                Tensor::cat(parts, 2).swap_dims(1, 2).reshape([t, h * d])
+            }
+        }
     }
 
     /// q, k, v `[b·t, ·]` -> `[b, heads, t, d]`, `[b, kv, t, d]` ×2, q and k normalised (Qwen3)
@@ -387,7 +428,7 @@ fn repeat_kv<B: Backend>(x: Tensor<B, 4>, n: usize) -> Tensor<B, 4> {
 
 impl<B: Backend> Mlp<B> {
     pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        self.down_proj.forward(silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x))
+        self.down_proj.forward(crate::host::silu_mul(self.gate_proj.forward(x.clone()), self.up_proj.forward(x)))
     }
 }
 
@@ -513,20 +554,27 @@ impl<B: Backend> Llama<B> {
             }
             let pos = &p.positions[start..start + s.len];
             let window = self.cfg.sliding_window();
-            let mask = (0..s.len * s.len)
+            let mask: Vec<f32> = (0..s.len * s.len)
                 .map(|n| {
                     let (i, j) = (n / s.len, n % s.len);
                     let visible = s.visible[n] && window.is_none_or(|w| pos[i].abs_diff(pos[j]) < w);
                     if visible { 0.0 } else { f32::NEG_INFINITY }
                 })
                 .collect();
-            segments.push((start, s.len, Tensor::<B, 2>::from_data(TensorData::new(mask, [s.len, s.len]), &self.device)));
+            segments.push((start, s.len, mask));
             start += s.len;
         }
         let mut x = self.embed(std::slice::from_ref(&p.ids))?;
-        let (cos, sin) = self.rope.tables_at(&p.positions, &self.device);
+        let layout = if crate::host::is_cpu::<B>() {
+            let (cos, sin) = self.rope.host_tables(&p.positions);
+            PackedLayout::Host { cos, sin, segments }
+        } else {
+            let (cos, sin) = self.rope.tables_at(&p.positions, &self.device);
+            let tensor = |len: usize, mask: Vec<f32>| Tensor::<B, 2>::from_data(TensorData::new(mask, [len, len]), &self.device);
+            PackedLayout::Tensors { cos, sin, segments: segments.into_iter().map(|(start, len, mask)| (start, len, tensor(len, mask))).collect() }
+        };
         for i in 0..self.layers.len() {
-            x = self.block_with(i, x, |a, q, k, v| a.attend_packed(q, k, v, &cos, &sin, &segments));
+            x = self.block_with(i, x, |a, q, k, v| a.attend_packed(q, k, v, &layout));
         }
         let hidden = self.cfg.hidden_size;
         let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(rows.iter().map(|&r| r as i64).collect::<Vec<_>>(), [rows.len()]), &self.device);

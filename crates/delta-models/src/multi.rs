@@ -12,7 +12,6 @@
 //! `DeltaLinear` would; attention runs per sequence against its own KV cache. That is the
 //! multi-tenant decode step of `bitdelta serve`.
 
-use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use delta_format::{Checkpoint, CompressedWeight, DeltaArtifact};
@@ -184,7 +183,7 @@ pub fn step_batch<B: Backend>(base: &Llama<B>, seqs: &mut [SeqStep<'_, B>]) -> R
         }
         let h = x + project(3, Tensor::cat(contexts, 0));
         let n = norm_rows(h.clone(), &|m| &m.layers[i].post_attention_layernorm);
-        let m = project(6, silu(project(4, n.clone())) * project(5, n));
+        let m = project(6, crate::host::silu_mul(project(4, n.clone()), project(5, n)));
         x = h + m;
     }
     for s in seqs.iter_mut() {
