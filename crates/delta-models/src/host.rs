@@ -140,10 +140,10 @@ pub fn attend_packed<B: Backend>(q: &Tensor<B, 2>, k: &Tensor<B, 2>, v: &Tensor<
                 let kv_col = head / group * d;
                 for i in 0..len {
                     let qi = &q[(start + i) * width + head * d..][..d];
-                    let visible = &mask[i * len..(i + 1) * len];
+                    let mask = &mask[i * len..(i + 1) * len];
                     let mut max = f32::NEG_INFINITY;
                     for j in 0..len {
-                        p[j] = if visible[j] == f32::NEG_INFINITY { f32::NEG_INFINITY } else { dot(qi, &k[(start + j) * kv_width + kv_col..][..d]) * scale + visible[j] };
+                        p[j] = if mask[j] == f32::NEG_INFINITY { f32::NEG_INFINITY } else { dot(qi, &k[(start + j) * kv_width + kv_col..][..d]) * scale + mask[j] };
                         max = max.max(p[j]);
                     }
                     let mut sum = 0f32;
@@ -176,8 +176,8 @@ pub fn silu_mul<B: Backend>(gate: Tensor<B, 2>, up: Tensor<B, 2>) -> Tensor<B, 2
     let [rows, width] = gate.dims();
     let mut out = with_values(&gate, |g| g.to_vec());
     with_values(&up, |u| {
-        out.par_chunks_mut(width).zip(u.par_chunks(width)).with_min_len(8).for_each(|(g, u)| {
-            for (g, &u) in g.iter_mut().zip(u) {
+        each_row(&mut out, width, |r, g| {
+            for (g, &u) in g.iter_mut().zip(&u[r * width..(r + 1) * width]) {
                 *g = *g / (1.0 + (-*g).exp()) * u;
             }
         })
@@ -194,7 +194,7 @@ pub fn rms_norm<B: Backend>(x: &Tensor<B, 2>, weight: Option<&Tensor<B, 1>>, eps
     let [rows, width] = x.dims();
     let weight = weight.map(|w| w.to_data().convert::<f32>().into_vec::<f32>().expect("f32 tensor"));
     let mut out = with_values(x, |x| x.to_vec());
-    out.par_chunks_mut(width).with_min_len(8).for_each(|row| {
+    each_row(&mut out, width, |_, row| {
         let mean = row.iter().map(|v| v * v).sum::<f32>() / width as f32;
         let norm = (mean + eps as f32).sqrt();
         match &weight {
@@ -203,6 +203,16 @@ pub fn rms_norm<B: Backend>(x: &Tensor<B, 2>, weight: Option<&Tensor<B, 1>>, eps
         }
     });
     Some(Tensor::from_data(TensorData::new(out, [rows, width]), &x.device()))
+}
+
+/// `f(r, row r)` over the rows of `values`, in parallel when there is enough work to pay for
+/// waking the thread pool (not for a decode step's single row).
+fn each_row(values: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    if values.len() < 1 << 15 {
+        values.chunks_mut(width).enumerate().for_each(|(r, row)| f(r, row));
+    } else {
+        values.par_chunks_mut(width).enumerate().with_min_len(8).for_each(|(r, row)| f(r, row));
+    }
 }
 
 /// `a · b`, in eight running sums so that it vectorises.
