@@ -9,11 +9,12 @@
 use std::path::Path;
 
 use burn::tensor::backend::Backend;
-use delta_calib::{compress, CompressOptions, ScaleChoice};
 use delta_format::{Checkpoint, DeltaArtifact, ScaleMode};
 use delta_models::multi::{step_batch, SeqStep, Tenant};
 use delta_models::{CpuBackend, KvCache, Llama, ModelConfig, Projection, Weights};
 use delta_tests::tiny::{self, IDS};
+
+use crate::support;
 
 #[cfg(feature = "wgpu")]
 type Gpu = delta_models::cube::WgpuBackend;
@@ -56,12 +57,9 @@ fn delta_linear_kernels_give_the_cpu_logits_for_every_mode() {
     let (base_dir, ft_dir) = delta_tests::smollm2();
     let (base, ft) = (Checkpoint::open(&base_dir).unwrap(), Checkpoint::open(&ft_dir).unwrap());
     let tmp = tempfile::tempdir().unwrap();
-    let ids: Vec<u32> = (0..40).map(|k| [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 2][k % 10]).collect();
+    let ids = support::chat_prompt_40();
     for mode in ScaleMode::ALL {
-        let options = CompressOptions { scale: ScaleChoice::Fixed(mode), ..CompressOptions::default() };
-        let path = tmp.path().join(format!("{mode}.bitdelta.safetensors"));
-        compress(&base, &ft, &options, &mut |_, _, _| {}).unwrap().write(&path, &ft, false).unwrap();
-        let artifact = DeltaArtifact::open(&path).unwrap();
+        let artifact = support::artifact(&base, &ft, mode, tmp.path());
         let (cpu, gpu) = (load::<CpuBackend>(&base_dir, Some(&artifact)), load::<Gpu>(&base_dir, Some(&artifact)));
         let packed = gpu.layers.iter().flat_map(|l| l.projections()).filter(|p| matches!(p, Projection::Delta(_))).count();
         assert_eq!(packed, 210, "every block linear keeps its delta packed");
@@ -80,7 +78,7 @@ fn delta_linear_kernels_give_the_cpu_logits_for_every_mode() {
         eprintln!("{mode}: prefill {d:.2e}, decode {step:.2e} (relative to the largest logit)");
         assert!(d <= 1e-4 && step <= 1e-4, "{mode}: GPU logits differ from the CPU's by {d} (prefill), {step} (decode)");
         let bytes: usize = gpu.layers.iter().flat_map(|l| l.projections()).map(|p| if let Projection::Delta(d) = p { d.device.device_bytes() } else { 0 }).sum();
-        assert!(bytes > 0 && bytes as f64 <= 1.2 * artifact_bytes(&path) as f64, "{mode}: {bytes} bytes of deltas on the device");
+        assert!(bytes > 0 && bytes as f64 <= 1.2 * artifact_bytes(artifact.path()) as f64, "{mode}: {bytes} bytes of deltas on the device");
     }
 }
 
@@ -118,12 +116,7 @@ fn a_batch_of_different_deltas_gives_the_cpu_logits_on_the_gpu_backend() {
     let tmp = tempfile::tempdir().unwrap();
     let artifacts: Vec<DeltaArtifact> = [ScaleMode::Scalar, ScaleMode::PerOutput, ScaleMode::PerInput]
         .into_iter()
-        .map(|mode| {
-            let options = CompressOptions { scale: ScaleChoice::Fixed(mode), ..CompressOptions::default() };
-            let path = tmp.path().join(format!("{mode}.bitdelta.safetensors"));
-            compress(&base, &ft, &options, &mut |_, _, _| {}).unwrap().write(&path, &ft, false).unwrap();
-            DeltaArtifact::open(&path).unwrap()
-        })
+        .map(|mode| support::artifact(&base, &ft, mode, tmp.path()))
         .collect();
     let ((cpu, _), (gpu, on_device)) = (batched_steps::<CpuBackend>(&base_dir, &artifacts), batched_steps::<Gpu>(&base_dir, &artifacts));
     // Every tenant's deltas went to the device: the kernels ran, not the host fallback.

@@ -1,10 +1,11 @@
 //! Base + artifact through `DeltaLinear` (signs kept packed) against dense merged weights, on the
 //! real pair, for every scale mode.
 
-use delta_calib::{compress, CompressOptions, ScaleChoice};
-use delta_format::{Checkpoint, DeltaArtifact, ScaleMode};
+use delta_format::{Checkpoint, ScaleMode};
 use delta_models::llama::Linear;
 use delta_models::{CpuBackend, Llama, ModelConfig, Projection, Weights};
+
+use crate::support;
 
 type B = CpuBackend;
 
@@ -37,13 +38,9 @@ fn delta_linear_matches_dense_merged_weights_for_every_mode() {
     let (base, ft) = (Checkpoint::open(&base_dir).unwrap(), Checkpoint::open(&ft_dir).unwrap());
     let cfg = ModelConfig::load(&base_dir).unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    // A chat-formatted prompt of 40 tokens, past the 32-token mark where length-dependent bugs showed.
-    let ids: Vec<u32> = (0..40).map(|k| [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 2][k % 10]).collect();
+    let ids = support::chat_prompt_40();
     for mode in ScaleMode::ALL {
-        let options = CompressOptions { scale: ScaleChoice::Fixed(mode), ..CompressOptions::default() };
-        let path = tmp.path().join(format!("{mode}.bitdelta.safetensors"));
-        compress(&base, &ft, &options, &mut |_, _, _| {}).unwrap().write(&path, &ft, false).unwrap();
-        let artifact = DeltaArtifact::open(&path).unwrap();
+        let artifact = support::artifact(&base, &ft, mode, tmp.path());
 
         let fused = Llama::load(cfg.clone(), &Weights::<B>::new(&base, Some(&artifact), Default::default()).unwrap().fused()).unwrap();
         let mut dense = Llama::load(cfg.clone(), &Weights::<B>::new(&base, Some(&artifact), Default::default()).unwrap().fused()).unwrap();

@@ -7,4 +7,5 @@ mod delta_linear;
 mod multi;
 mod perplexity;
 mod reference_logits;
+mod support;
 mod tasks;

@@ -1,10 +1,12 @@
 //! Many fine-tunes on one base (`delta_models::multi`), on the real pair: a batched step over
 //! sequences of different deltas gives each sequence the logits of its own model run alone.
 
-use delta_calib::{compress, CompressOptions, ScaleChoice};
+use delta_calib::{compress, CompressOptions};
 use delta_format::{Checkpoint, DeltaArtifact, ScaleMode};
 use delta_models::multi::{step_batch, SeqStep, Tenant};
 use delta_models::{CpuBackend, KvCache, Llama, ModelConfig, Weights};
+
+use crate::support;
 
 type B = CpuBackend;
 
@@ -26,13 +28,7 @@ fn a_batch_of_different_deltas_gives_each_sequence_its_own_models_logits() {
     let tmp = tempfile::tempdir().unwrap();
     let base = Llama::<B>::load(cfg.clone(), &Weights::new(&base_ckpt, None, Default::default()).unwrap()).unwrap();
 
-    let mut artifacts = Vec::new();
-    for mode in [ScaleMode::Scalar, ScaleMode::PerOutput, ScaleMode::PerInput] {
-        let options = CompressOptions { scale: ScaleChoice::Fixed(mode), ..CompressOptions::default() };
-        let path = tmp.path().join(format!("{mode}.bitdelta.safetensors"));
-        compress(&base_ckpt, &ft, &options, &mut |_, _, _| {}).unwrap().write(&path, &ft, false).unwrap();
-        artifacts.push(DeltaArtifact::open(&path).unwrap());
-    }
+    let artifacts: Vec<DeltaArtifact> = [ScaleMode::Scalar, ScaleMode::PerOutput, ScaleMode::PerInput].into_iter().map(|mode| support::artifact(&base_ckpt, &ft, mode, tmp.path())).collect();
     let tenants: Vec<Tenant<B>> = artifacts.iter().map(|a| Tenant::new(&base, &base_ckpt, a).unwrap()).collect();
     for (t, a) in tenants.iter().zip(&artifacts) {
         // Packed signs, scales and the f32 copies of the changed norms: about the artifact's size.
