@@ -33,6 +33,7 @@ use delta_kernels::gemm::delta_matmul_add;
 use delta_models::host::with_values;
 use delta_models::llama::{Block, Linear, PROJECTIONS};
 use delta_models::{DeltaLinear, Llama, ModelConfig, ModelError, Projection, Weights};
+use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::compress::{CompressError, Compressed};
@@ -401,33 +402,58 @@ fn gemm_tn(a: &[f32], b: &[f32], k: usize, m: usize, n: usize) -> Vec<f32> {
     c
 }
 
-/// Solves A·x = b in place (x in `b`) for symmetric positive definite A `[n, n]`.
+/// Solves A·x = b in place (x in `b`) for symmetric positive definite A `[n, n]`, row-major; A's
+/// lower triangle becomes the Cholesky factor L, its upper triangle scratch. `None` if A is not
+/// positive definite (or holds NaN).
+///
+/// Blocked, so that almost all of the n³/3 multiply-adds are one GEMM per panel: for each panel
+/// of `PANEL` columns, factor its diagonal block, solve the rows below it against that block
+/// (rows in parallel), then subtract the panel's outer product from the trailing matrix. An
+/// unblocked loop is a chain of dependent scalar operations: 1.2 G of them for `down_proj`'s
+/// 1,536 columns, seconds per layer.
 fn cholesky_solve(a: &mut [f64], b: &mut [f64], n: usize) -> Option<()> {
-    for j in 0..n {
-        let mut d = a[j * n + j];
-        for k in 0..j {
-            d -= a[j * n + k] * a[j * n + k];
-        }
-        if d.is_nan() || d <= 0.0 {
-            return None;
-        }
-        let d = d.sqrt();
-        a[j * n + j] = d;
-        for i in j + 1..n {
-            let (row_i, row_j) = (i * n, j * n);
-            let mut s = a[row_i + j];
-            for k in 0..j {
-                s -= a[row_i + k] * a[row_j + k];
+    const PANEL: usize = 64;
+    assert_eq!((a.len(), b.len()), (n * n, n));
+    for k0 in (0..n).step_by(PANEL) {
+        let k1 = (k0 + PANEL).min(n);
+        // The diagonal block; columns before k0 are already subtracted by the trailing updates.
+        for j in k0..k1 {
+            let (row_j, d) = (j * n, a[j * n + j] - dot(&a[j * n + k0..j * n + j], &a[j * n + k0..j * n + j]));
+            if !(d > 0.0) {
+                return None;
             }
-            a[row_i + j] = s / d;
+            let d = d.sqrt();
+            a[row_j + j] = d;
+            for i in j + 1..k1 {
+                let s = a[i * n + j] - dot(&a[i * n + k0..i * n + j], &a[row_j + k0..row_j + j]);
+                a[i * n + j] = s / d;
+            }
+        }
+        if k1 == n {
+            break;
+        }
+        // The panel below the diagonal block: L[i, k0..k1] solves L[i, ·]·Lₖₖᵀ = A[i, k0..k1].
+        let (head, below) = a.split_at_mut(k1 * n);
+        let diag = &head[k0 * n..];
+        below.par_chunks_mut(n).for_each(|row| {
+            for j in k0..k1 {
+                let s = row[j] - dot(&row[k0..j], &diag[(j - k0) * n + k0..(j - k0) * n + j]);
+                row[j] = s / diag[(j - k0) * n + j];
+            }
+        });
+        // The trailing matrix: A[k1.., k1..] −= P·Pᵀ with P = L[k1.., k0..k1]. P and the trailing
+        // block are disjoint column ranges of the same rows.
+        let m = n - k1;
+        let p = a.as_mut_ptr();
+        // SAFETY: P is read at rows k1..n, columns k0..k1 (row stride n); C is written at rows
+        // k1..n, columns k1..n. Both lie inside `a` and never overlap.
+        unsafe {
+            let panel = p.add(k1 * n + k0) as *const f64;
+            matrixmultiply::dgemm(m, k1 - k0, m, -1.0, panel, n as isize, 1, panel, 1, n as isize, 1.0, p.add(k1 * n + k1), n as isize, 1);
         }
     }
     for i in 0..n {
-        let mut s = b[i];
-        for k in 0..i {
-            s -= a[i * n + k] * b[k];
-        }
-        b[i] = s / a[i * n + i];
+        b[i] = (b[i] - dot(&a[i * n..i * n + i], &b[..i])) / a[i * n + i];
     }
     for i in (0..n).rev() {
         let mut s = b[i];
@@ -437,6 +463,19 @@ fn cholesky_solve(a: &mut [f64], b: &mut [f64], n: usize) -> Option<()> {
         b[i] = s / a[i * n + i];
     }
     Some(())
+}
+
+/// A dot product in eight independent sums, so that it vectorises.
+fn dot(x: &[f64], y: &[f64]) -> f64 {
+    let mut acc = [0f64; 8];
+    let (xc, yc) = (x.chunks_exact(8), y.chunks_exact(8));
+    let tail: f64 = xc.remainder().iter().zip(yc.remainder()).map(|(p, q)| p * q).sum();
+    for (p, q) in xc.zip(yc) {
+        for l in 0..8 {
+            acc[l] += p[l] * q[l];
+        }
+    }
+    acc.iter().sum::<f64>() + tail
 }
 
 #[cfg(test)]
@@ -451,6 +490,40 @@ mod tests {
         cholesky_solve(&mut a, &mut b, 2).unwrap();
         assert!((b[0] - 1.0).abs() < 1e-12 && (b[1] + 2.0).abs() < 1e-12, "{b:?}");
         assert!(cholesky_solve(&mut [1.0, 2.0, 2.0, 1.0], &mut [0.0, 0.0], 2).is_none());
+    }
+
+    #[test]
+    fn blocked_cholesky_solves_systems_across_panels() {
+        // n = 150: two whole panels of 64 columns and a partial one. A = MᵀM + I.
+        let n = 150;
+        let m: Vec<f64> = (0..n * n).map(|k| (k * 7919 % 1009) as f64 / 1009.0 - 0.5).collect();
+        let a: Vec<f64> = (0..n * n)
+            .map(|ij| {
+                let (i, j) = (ij / n, ij % n);
+                (0..n).map(|k| m[k * n + i] * m[k * n + j]).sum::<f64>() + if i == j { 1.0 } else { 0.0 }
+            })
+            .collect();
+        let x: Vec<f64> = (0..n).map(|i| (i as f64 * 0.37).sin()).collect();
+        let b: Vec<f64> = (0..n).map(|i| (0..n).map(|j| a[i * n + j] * x[j]).sum()).collect();
+        let (mut l, mut got) = (a.clone(), b.clone());
+        cholesky_solve(&mut l, &mut got, n).unwrap();
+        let err = got.iter().zip(&x).map(|(g, w)| (g - w).abs()).fold(0f64, f64::max);
+        assert!(err <= 1e-9, "largest error {err}");
+        // L·Lᵀ gives A back, entry by entry.
+        for i in 0..n {
+            for j in 0..=i {
+                let llt: f64 = (0..=j).map(|k| l[i * n + k] * l[j * n + k]).sum();
+                assert!((llt - a[i * n + j]).abs() <= 1e-9 * a[i * n + i], "({i}, {j}): {llt} vs {}", a[i * n + j]);
+            }
+        }
+        // A pivot that fails in the last panel, and a NaN in the second, are refused.
+        let identity = |n: usize| (0..n * n).map(|ij| if ij / n == ij % n { 1.0 } else { 0.0 }).collect::<Vec<f64>>();
+        let mut bad = identity(n);
+        bad[140 * n + 140] = -1.0;
+        assert!(cholesky_solve(&mut bad, &mut vec![1.0; n], n).is_none());
+        let mut bad = identity(n);
+        bad[100 * n + 90] = f64::NAN;
+        assert!(cholesky_solve(&mut bad, &mut vec![1.0; n], n).is_none());
     }
 
     #[test]
