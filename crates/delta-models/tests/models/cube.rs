@@ -64,14 +64,13 @@ fn delta_linear_kernels_give_the_cpu_logits_for_every_mode() {
         let packed = gpu.layers.iter().flat_map(|l| l.projections()).filter(|p| matches!(p, Projection::Delta(_))).count();
         assert_eq!(packed, 210, "every block linear keeps its delta packed");
 
-        // 40 rows: the merged weight formed on the device, then one GEMM.
-        let d = rel_diff(&values(gpu.forward(&[ids.clone()]).unwrap()), &values(cpu.forward(&[ids.clone()]).unwrap()));
-        // 1 row after a cached prefill: the delta term added into the base product.
+        // A 37-row prefill: the merged weight formed on the device, then one GEMM; every row's
+        // logits compared. Then 3 decoded rows: the delta term added into the base product.
         let (mut c_cache, mut g_cache) = (KvCache::<CpuBackend>::new(cpu.layers.len()), KvCache::<Gpu>::new(gpu.layers.len()));
-        cpu.step(&[ids[..30].to_vec()], &mut c_cache).unwrap();
-        gpu.step(&[ids[..30].to_vec()], &mut g_cache).unwrap();
+        let (c, g) = (cpu.step_all(&[ids[..37].to_vec()], &mut c_cache).unwrap(), gpu.step_all(&[ids[..37].to_vec()], &mut g_cache).unwrap());
+        let d = rel_diff(&values(g), &values(c));
         let mut step = 0f32;
-        for &t in &ids[30..33] {
+        for &t in &ids[37..] {
             let (c, g) = (cpu.step(&[vec![t]], &mut c_cache).unwrap(), gpu.step(&[vec![t]], &mut g_cache).unwrap());
             step = step.max(rel_diff(&values(g), &values(c)));
         }
