@@ -29,6 +29,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 use delta_format::checkpoint::Checkpoint;
 use delta_format::{CompressedWeight, ScaleMode};
+use delta_kernels::dense::dot;
 use delta_kernels::gemm::delta_matmul_add;
 use delta_models::host::with_values;
 use delta_models::llama::{Block, Linear, PROJECTIONS};
@@ -275,8 +276,18 @@ fn fit_layer<B: Backend>(d: &mut DeltaLinear<B>, y_t: &Tensor<B, 2>, x_s: &Tenso
     let (mut scored, mut train_mse) = (BTreeMap::new(), BTreeMap::new());
     let mut best: Option<(f64, String, CompressedWeight<'static>)> = None;
     let candidates_scalar = candidates.iter().find(|(l, _)| l == "scalar").cloned();
+    // The training MSE (for the report) of a candidate with one scale per output row (scalar,
+    // per-output) follows from P without another product over the training rows.
+    let train = |w: &CompressedWeight<'_>| -> Result<f64, CompressError> {
+        if p.is_empty() || !matches!(w.mode, ScaleMode::Scalar | ScaleMode::PerOutput) {
+            return mse(w, x_tr, r_tr);
+        }
+        let row_scale: Vec<f32> = if w.mode == ScaleMode::Scalar { vec![w.scales[0]; out] } else { w.scales.to_vec() };
+        let sum: f64 = p.chunks_exact(out).zip(r_tr.chunks_exact(out)).map(|(pr, rr)| (0..out).map(|i| ((rr[i] - row_scale[i] * pr[i]) as f64).powi(2)).sum::<f64>()).sum();
+        Ok(sum / r_tr.len().max(1) as f64)
+    };
     for (label, w) in candidates {
-        train_mse.insert(label.clone(), mse(&w, x_tr, r_tr)?);
+        train_mse.insert(label.clone(), train(&w)?);
         let mse = heldout_mse(&w)?;
         scored.insert(label.clone(), mse);
         if best.as_ref().is_none_or(|(m, _, _)| mse < *m) {
@@ -463,19 +474,6 @@ fn cholesky_solve(a: &mut [f64], b: &mut [f64], n: usize) -> Option<()> {
         b[i] = s / a[i * n + i];
     }
     Some(())
-}
-
-/// A dot product in eight independent sums, so that it vectorises.
-fn dot(x: &[f64], y: &[f64]) -> f64 {
-    let mut acc = [0f64; 8];
-    let (xc, yc) = (x.chunks_exact(8), y.chunks_exact(8));
-    let tail: f64 = xc.remainder().iter().zip(yc.remainder()).map(|(p, q)| p * q).sum();
-    for (p, q) in xc.zip(yc) {
-        for l in 0..8 {
-            acc[l] += p[l] * q[l];
-        }
-    }
-    acc.iter().sum::<f64>() + tail
 }
 
 #[cfg(test)]

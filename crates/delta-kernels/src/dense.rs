@@ -17,6 +17,23 @@ const INPUT_BLOCK: usize = 64;
 /// Most accumulator floats a task of [`dense_matmul_t`] keeps (64 KiB, inside L2).
 pub(crate) const MAX_ACC_FLOATS: usize = 16 << 10;
 
+/// `a · b` in eight running sums, so that it vectorises (f32 or f64; the sums' order is fixed, so
+/// the result does not depend on the caller's threads).
+pub fn dot<T>(a: &[T], b: &[T]) -> T
+where
+    T: Copy + Default + std::ops::Add<Output = T> + std::ops::Mul<Output = T> + std::iter::Sum,
+{
+    let mut acc = [T::default(); 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: T = ca.remainder().iter().zip(cb.remainder()).map(|(&x, &y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] = acc[l] + x[l] * y[l];
+        }
+    }
+    acc.into_iter().sum::<T>() + tail
+}
+
 /// `Y = X · W` for a weight given as `wt` (`[in, out]`, row-major — the transposed layout the
 /// models keep): the decode-shaped product. Each weight is read once for all `rows` of X, output
 /// columns are split across threads, and nothing is packed or copied (a general GEMM packs the

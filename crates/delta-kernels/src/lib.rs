@@ -6,7 +6,8 @@
 //! - [`gemm`]: the delta term `Y += X·Δ̂ᵀ` with signs kept packed, for one delta or a batch whose
 //!   rows each pick a resident delta (fast path + f64 reference oracle); on AVX-512 CPUs its
 //!   decode-shaped sums come from `subset_sums` (16 output rows per register, table lookups).
-//! - [`dense`]: the base product `Y = X·W` of a decode step, read in place (no packing).
+//! - [`dense`]: the base product `Y = X·W` of a decode step, read in place (no packing), and a
+//!   vectorising dot product.
 //! - [`fused`]: a decode step's whole projection, base product and delta terms, in one pass.
 //! - [`convert`]: bf16 / f16 / f32 conversions (round to nearest even).
 //!

@@ -16,6 +16,7 @@ use burn::backend::ndarray::NdArrayTensor;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use delta_format::CompressedWeight;
+use delta_kernels::dense::dot;
 use rayon::prelude::*;
 
 use crate::CpuBackend;
@@ -213,19 +214,6 @@ fn each_row(values: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sy
     } else {
         values.par_chunks_mut(width).enumerate().with_min_len(8).for_each(|(r, row)| f(r, row));
     }
-}
-
-/// `a · b`, in eight running sums so that it vectorises.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in ca.zip(cb) {
-        for l in 0..8 {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 /// `(max, log Σ exp)` of a row of logits, the sum in f64: log p(i) = row[i] − the second value.
