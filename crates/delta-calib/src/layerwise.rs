@@ -19,6 +19,10 @@
 //! Streaming: one block of teacher and student is in memory at a time (loaded when the walk gets
 //! to it, dropped after), plus the two activation streams of all samples.
 //!
+//! The student is not run through its layers a second time: each fit returns the calibrated
+//! layer's output on its input, the base product it needed for R plus the kept delta's term (for a
+//! scalar or per-output fit, P scaled row by row; P is computed on every row for that).
+//!
 //! Any Burn backend: the forward passes run on it (a GPU's, with `delta-models`' `wgpu` / `cuda`
 //! features), the fits on the host from the layer inputs and residuals read back.
 
@@ -26,7 +30,7 @@ use std::collections::BTreeMap;
 
 use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
-use burn::tensor::Tensor;
+use burn::tensor::{Tensor, TensorData};
 use delta_format::checkpoint::Checkpoint;
 use delta_format::{CompressedWeight, ScaleMode};
 use delta_kernels::dense::dot;
@@ -116,12 +120,13 @@ pub fn calibrate_layerwise<B: Backend>(
     let total = c.weights.len();
     let mut fits = Vec::with_capacity(total);
     // `y_t`: the teacher layer's output on the teacher's input; `x_s`: the student's input.
-    let mut fit_one = |y_t: &Tensor<B, 2>, student_proj: &mut Projection<B>, x_s: &Tensor<B, 2>| -> Result<(), CompressError> {
-        let Projection::Delta(d) = student_proj else { return Ok(()) };
-        let fit = fit_layer(d, y_t, x_s, train_rows, opts)?;
+    // Returns the student layer's output on `x_s`, calibrated where it has a delta.
+    let mut fit_one = |y_t: &Tensor<B, 2>, student_proj: &mut Projection<B>, x_s: &Tensor<B, 2>| -> Result<Tensor<B, 2>, CompressError> {
+        let Projection::Delta(d) = student_proj else { return Ok(student_proj.forward(x_s.clone())) };
+        let (fit, y_s) = fit_layer(d, y_t, x_s, train_rows, opts)?;
         progress(fits.len() + 1, total, &fit.name);
         fits.push(fit);
-        Ok(())
+        Ok(y_s)
     };
 
     // The student's embeddings are the fine-tune's, as `apply` gives them.
@@ -158,29 +163,28 @@ pub fn calibrate_layerwise<B: Backend>(
         // Each teacher output is computed once: as a fit's target and for the teacher's forward.
         let h_t = flat(lt.input_layernorm.forward(x_t.clone()));
         let h_s = flat(ls.input_layernorm.forward(x_s.clone()));
+        // The student's outputs come out of the fits (no second product through its layers).
         let (q_t, k_t, v_t) = (at.q_proj.forward(h_t.clone()), at.k_proj.forward(h_t.clone()), at.v_proj.forward(h_t));
-        fit_one(&q_t, &mut ls.self_attn.q_proj, &h_s)?;
-        fit_one(&k_t, &mut ls.self_attn.k_proj, &h_s)?;
-        fit_one(&v_t, &mut ls.self_attn.v_proj, &h_s)?;
+        let q_s = fit_one(&q_t, &mut ls.self_attn.q_proj, &h_s)?;
+        let k_s = fit_one(&k_t, &mut ls.self_attn.k_proj, &h_s)?;
+        let v_s = fit_one(&v_t, &mut ls.self_attn.v_proj, &h_s)?;
         let ctx_t = at.attend(q_t, k_t, v_t, n, &cos, &sin, None);
-        let a = &ls.self_attn;
-        let ctx_s = a.attend(a.q_proj.forward(h_s.clone()), a.k_proj.forward(h_s.clone()), a.v_proj.forward(h_s), n, &cos, &sin, None);
+        let ctx_s = ls.self_attn.attend(q_s, k_s, v_s, n, &cos, &sin, None);
         let o_t = at.o_proj.forward(ctx_t);
-        fit_one(&o_t, &mut ls.self_attn.o_proj, &ctx_s)?;
+        let o_s = fit_one(&o_t, &mut ls.self_attn.o_proj, &ctx_s)?;
         let a_t = x_t + o_t.reshape([n, t, hidden]);
-        let a_s = x_s + ls.self_attn.o_proj.forward(ctx_s).reshape([n, t, hidden]);
+        let a_s = x_s + o_s.reshape([n, t, hidden]);
         let h_t = flat(lt.post_attention_layernorm.forward(a_t.clone()));
         let h_s = flat(ls.post_attention_layernorm.forward(a_s.clone()));
         let (gate_t, up_t) = (mt.gate_proj.forward(h_t.clone()), mt.up_proj.forward(h_t));
-        fit_one(&gate_t, &mut ls.mlp.gate_proj, &h_s)?;
-        fit_one(&up_t, &mut ls.mlp.up_proj, &h_s)?;
+        let gate_s = fit_one(&gate_t, &mut ls.mlp.gate_proj, &h_s)?;
+        let up_s = fit_one(&up_t, &mut ls.mlp.up_proj, &h_s)?;
         let act_t = silu(gate_t) * up_t;
-        let m = &ls.mlp;
-        let act_s = silu(m.gate_proj.forward(h_s.clone())) * m.up_proj.forward(h_s);
+        let act_s = silu(gate_s) * up_s;
         let down_t = mt.down_proj.forward(act_t);
-        fit_one(&down_t, &mut ls.mlp.down_proj, &act_s)?;
+        let down_s = fit_one(&down_t, &mut ls.mlp.down_proj, &act_s)?;
         x_t = a_t + down_t.reshape([n, t, hidden]);
-        x_s = a_s + ls.mlp.down_proj.forward(act_s).reshape([n, t, hidden]);
+        x_s = a_s + down_s.reshape([n, t, hidden]);
         // Carry the kept modes and scales of this block back into the artifact.
         for (k, p) in mine {
             if let Some(Projection::Delta(d)) = ls.projection_mut(p) {
@@ -208,42 +212,57 @@ fn host<B: Backend>(x: &Tensor<B, 2>) -> Vec<f32> {
     with_values(x, <[f32]>::to_vec)
 }
 
-/// Fits one layer and installs the kept candidate in `d`.
-fn fit_layer<B: Backend>(d: &mut DeltaLinear<B>, y_t: &Tensor<B, 2>, x_s: &Tensor<B, 2>, train_rows: usize, opts: &LayerwiseOptions) -> Result<LayerFit, CompressError> {
+/// `X·Δ̂ᵀ` for rows `x` of the layer's input: from `p` = X·Sᵀ on the same rows where it was
+/// computed (not empty) and `w` has one scale per output row (scalar, per-output), else by a product.
+fn delta_out(w: &CompressedWeight<'_>, x: &[f32], p: &[f32]) -> Result<Vec<f32>, CompressError> {
+    let out = w.rows();
+    if !p.is_empty() && matches!(w.mode, ScaleMode::Scalar | ScaleMode::PerOutput) {
+        let row_scale: Vec<f32> = if w.mode == ScaleMode::Scalar { vec![w.scales[0]; out] } else { w.scales.to_vec() };
+        return Ok(p.chunks_exact(out).flat_map(|pr| pr.iter().zip(&row_scale).map(|(v, s)| v * s)).collect());
+    }
+    let mut y = vec![0f32; x.len() / w.cols().max(1) * out];
+    delta_matmul_add(w, x, &mut y)?;
+    Ok(y)
+}
+
+/// Fits one layer, installs the kept candidate in `d` and returns the fit with the calibrated
+/// layer's output on `x_s` (the base product plus the kept delta's).
+fn fit_layer<B: Backend>(d: &mut DeltaLinear<B>, y_t: &Tensor<B, 2>, x_s: &Tensor<B, 2>, train_rows: usize, opts: &LayerwiseOptions) -> Result<(LayerFit, Tensor<B, 2>), CompressError> {
     let (modes, keep_initial) = (&opts.modes, opts.keep_initial);
     let (out, inp) = (d.delta.rows(), d.delta.cols());
     let xs = host(x_s);
     // R = what the delta must add: teacher output minus the student's base product (with bias).
+    let base_out = host(&d.base.forward(x_s.clone()));
     let mut r = host(y_t);
-    r.iter_mut().zip(host(&d.base.forward(x_s.clone()))).for_each(|(a, b)| *a -= b);
+    r.iter_mut().zip(&base_out).for_each(|(a, b)| *a -= b);
     let (x_tr, x_ho) = xs.split_at(train_rows * inp);
     let (r_tr, r_ho) = r.split_at(train_rows * out);
     let with = |mode: ScaleMode, scales: Vec<f32>| CompressedWeight { name: d.delta.name.clone(), mode, signs: d.delta.signs.clone(), scales: scales.into() };
-    let mse = |w: &CompressedWeight<'_>, x: &[f32], r: &[f32]| -> Result<f64, CompressError> {
-        let mut y = vec![0f32; r.len()];
-        delta_matmul_add(w, x, &mut y)?;
-        Ok(y.iter().zip(r).map(|(a, b)| ((b - a) as f64).powi(2)).sum::<f64>() / r.len().max(1) as f64)
-    };
-    let heldout_mse = |w: &CompressedWeight<'_>| mse(w, x_ho, r_ho);
-    let init = d.delta.clone();
-    let init_mse = heldout_mse(&init)?;
-    let init_label = format!("{} (weight-space)", init.mode.name());
-    let mut candidates: Vec<(String, CompressedWeight<'static>)> = if keep_initial { vec![(init_label, init.clone())] } else { Vec::new() };
-
-    // P = X·Sᵀ on the training rows, for the scalar and per-output fits.
-    let p = if modes.iter().any(|m| matches!(m, ScaleMode::Scalar | ScaleMode::PerOutput)) {
-        let mut p = vec![0f32; r_tr.len()];
-        delta_matmul_add(&with(ScaleMode::Scalar, vec![1.0]), x_tr, &mut p)?;
+    // P = X·Sᵀ on every row, for the scalar and per-output fits (training rows), the MSEs of
+    // candidates with one scale per output row, and the student's output.
+    let p_all = if modes.iter().any(|m| matches!(m, ScaleMode::Scalar | ScaleMode::PerOutput)) {
+        let mut p = vec![0f32; r.len()];
+        delta_matmul_add(&with(ScaleMode::Scalar, vec![1.0]), &xs, &mut p)?;
         p
     } else {
         Vec::new()
     };
+    let (p, p_ho) = p_all.split_at(if p_all.is_empty() { 0 } else { r_tr.len() });
+    let mse = |w: &CompressedWeight<'_>, x: &[f32], r: &[f32], p: &[f32]| -> Result<f64, CompressError> {
+        let y = delta_out(w, x, p)?;
+        Ok(y.iter().zip(r).map(|(a, b)| ((b - a) as f64).powi(2)).sum::<f64>() / r.len().max(1) as f64)
+    };
+    let heldout_mse = |w: &CompressedWeight<'_>| mse(w, x_ho, r_ho, p_ho);
+    let init = d.delta.clone();
+    let init_mse = heldout_mse(&init)?;
+    let init_label = format!("{} (weight-space)", init.mode.name());
+    let mut candidates: Vec<(String, CompressedWeight<'static>)> = if keep_initial { vec![(init_label, init.clone())] } else { Vec::new() };
     for &mode in modes {
         if let Solver::AdamW { epochs, lr, batch_rows } = opts.solver {
             if mode == ScaleMode::TwoSided {
                 continue;
             }
-            let scales = adamw_fit(&with(mode, initial_scales(&init, mode)?), x_tr, r_tr, &p, epochs, lr, batch_rows)?;
+            let scales = adamw_fit(&with(mode, initial_scales(&init, mode)?), x_tr, r_tr, p, epochs, lr, batch_rows)?;
             if scales.iter().any(|s| !s.is_finite()) {
                 return Err(CompressError::Calibration(format!("{}: the {} AdamW fit diverged (non-finite scales)", d.delta.name, mode.name())));
             }
@@ -276,18 +295,8 @@ fn fit_layer<B: Backend>(d: &mut DeltaLinear<B>, y_t: &Tensor<B, 2>, x_s: &Tenso
     let (mut scored, mut train_mse) = (BTreeMap::new(), BTreeMap::new());
     let mut best: Option<(f64, String, CompressedWeight<'static>)> = None;
     let candidates_scalar = candidates.iter().find(|(l, _)| l == "scalar").cloned();
-    // The training MSE (for the report) of a candidate with one scale per output row (scalar,
-    // per-output) follows from P without another product over the training rows.
-    let train = |w: &CompressedWeight<'_>| -> Result<f64, CompressError> {
-        if p.is_empty() || !matches!(w.mode, ScaleMode::Scalar | ScaleMode::PerOutput) {
-            return mse(w, x_tr, r_tr);
-        }
-        let row_scale: Vec<f32> = if w.mode == ScaleMode::Scalar { vec![w.scales[0]; out] } else { w.scales.to_vec() };
-        let sum: f64 = p.chunks_exact(out).zip(r_tr.chunks_exact(out)).map(|(pr, rr)| (0..out).map(|i| ((rr[i] - row_scale[i] * pr[i]) as f64).powi(2)).sum::<f64>()).sum();
-        Ok(sum / r_tr.len().max(1) as f64)
-    };
     for (label, w) in candidates {
-        train_mse.insert(label.clone(), train(&w)?);
+        train_mse.insert(label.clone(), mse(&w, x_tr, r_tr, p)?);
         let mse = heldout_mse(&w)?;
         scored.insert(label.clone(), mse);
         if best.as_ref().is_none_or(|(m, _, _)| mse < *m) {
@@ -304,10 +313,13 @@ fn fit_layer<B: Backend>(d: &mut DeltaLinear<B>, y_t: &Tensor<B, 2>, x_s: &Tenso
             w = sw;
         }
     }
+    let mut y_s = delta_out(&w, &xs, &p_all)?;
+    y_s.iter_mut().zip(&base_out).for_each(|(y, b)| *y += b);
+    let y_s = Tensor::from_data(TensorData::new(y_s, [xs.len() / inp.max(1), out]), &x_s.device());
     let fit = LayerFit { name: w.name.to_string(), kept, mode: w.mode, heldout_mse: scored, train_mse, init_mse };
     // A new layer, so no device copy of the old scales outlives them.
     *d = DeltaLinear::new(d.base.clone(), w)?;
-    Ok(fit)
+    Ok((fit, y_s))
 }
 
 /// The weight-space scales of `w` expressed in `mode` (means of the row / column factors).

@@ -2,11 +2,12 @@
 //! layer's inputs are the same in teacher and student (embedding and norm are the fine-tune's),
 //! so its least-squares scales have a closed form this test evaluates in f64 independently.
 
+use burn::tensor::Tensor;
 use delta_calib::{calibrate_layerwise, compress, CompressOptions, LayerFit, LayerwiseOptions, ScaleChoice, Solver};
-use delta_format::{Checkpoint, ScaleMode};
-use delta_models::CpuBackend;
+use delta_format::{Checkpoint, DeltaArtifact, ScaleMode};
+use delta_models::{CpuBackend, Llama, ModelConfig, Weights};
 
-use crate::common::{pair, Pair, HELDOUT, N};
+use crate::common::{pair, Pair, HELDOUT, N, T};
 
 fn f32s(c: &Checkpoint, name: &str) -> Vec<f64> {
     c.tensor(name).unwrap().as_f32().unwrap().iter().map(|&x| x as f64).collect()
@@ -163,4 +164,44 @@ fn a_vector_must_beat_the_scalar_fit_by_the_margin() {
             assert!(fits.iter().all(|f| f.kept == "scalar"), "nothing beats the scalar fit by 99.9%");
         }
     }
+}
+
+/// A later layer is fitted on the inputs of the calibrated student: the held-out MSE stage 1
+/// reports for block 1's q_proj is the one measured by applying the written artifact to the base
+/// and running block 0 with the model's own forward — and not the one on the teacher's inputs
+/// (checked to differ, so the test can tell them apart).
+#[test]
+fn later_layers_are_fitted_on_the_calibrated_students_inputs() {
+    let p = pair();
+    let mut c = compress(&p.base, &p.ft, &CompressOptions { scale: ScaleChoice::Auto, ..CompressOptions::default() }, &mut |_, _, _| {}).unwrap();
+    let modes = vec![ScaleMode::Scalar, ScaleMode::PerOutput, ScaleMode::PerInput];
+    let lw = LayerwiseOptions { solver: Solver::Exact, modes, heldout: HELDOUT, keep_initial: true, vector_margin: 0.0 };
+    let fits = calibrate_layerwise::<CpuBackend>(&mut c, &p.base, &p.ft, &p.samples, &lw, &Default::default(), &mut |_, _, _| {}).unwrap();
+    eprintln!("block 0 kept: {:?}", fits[..7].iter().map(|f| f.kept.as_str()).collect::<Vec<_>>());
+    let path = p._tmp.path().join("layerwise.bitdelta.safetensors");
+    c.write(&path, &p.ft, false).unwrap();
+    let artifact = DeltaArtifact::open(&path).unwrap();
+    let cfg = ModelConfig::load(p.ft.dir()).unwrap();
+    let hidden = cfg.hidden_size;
+    let student = Llama::<CpuBackend>::load(cfg.clone(), &Weights::new(&p.base, Some(&artifact), Default::default()).unwrap()).unwrap();
+    let teacher = Llama::<CpuBackend>::load(cfg, &Weights::new(&p.ft, None, Default::default()).unwrap()).unwrap();
+    let heldout = &p.samples[N - HELDOUT..];
+    let (cos, sin) = teacher.rope_tables(T);
+    // Block 1's q_proj input: block 0's output, normalised.
+    let q1_input = |m: &Llama<CpuBackend>| -> Tensor<CpuBackend, 2> {
+        let x = m.block(0, m.embed(heldout).unwrap(), &cos, &sin);
+        m.layers[1].input_layernorm.forward(x).reshape([HELDOUT * T, hidden])
+    };
+    let values = |t: Tensor<CpuBackend, 2>| t.into_data().into_vec::<f32>().unwrap();
+    let target = values(teacher.layers[1].self_attn.q_proj.forward(q1_input(&teacher)));
+    let mse = |x: Tensor<CpuBackend, 2>| {
+        let y = values(student.layers[1].self_attn.q_proj.forward(x));
+        y.iter().zip(&target).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>() / y.len() as f64
+    };
+    let fit = fits.iter().find(|f| f.name == "model.layers.1.self_attn.q_proj.weight").unwrap();
+    let reported = fit.heldout_mse[&fit.kept];
+    let (on_student, on_teacher) = (mse(q1_input(&student)), mse(q1_input(&teacher)));
+    eprintln!("block 1 q_proj held-out MSE: reported {reported:.6e}, on the student's inputs {on_student:.6e}, on the teacher's {on_teacher:.6e}");
+    assert!((reported - on_student).abs() <= 1e-3 * on_student, "stage 1 reported {reported}, the student's inputs give {on_student}");
+    assert!((on_teacher - on_student).abs() > 1e-2 * on_student, "the teacher's inputs give {on_teacher}, too close to tell apart");
 }
