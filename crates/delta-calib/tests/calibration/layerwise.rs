@@ -1,6 +1,7 @@
 //! Stage 1 against fits computed here from the raw weights: on a tiny f32 model pair, the first
 //! layer's inputs are the same in teacher and student (embedding and norm are the fine-tune's),
-//! so its least-squares scales have a closed form this test evaluates in f64 independently.
+//! so its least-squares scales have a closed form this test evaluates in f64 independently. A
+//! later layer's inputs are checked against the written artifact run through the model.
 
 use burn::tensor::Tensor;
 use delta_calib::{calibrate_layerwise, compress, CompressOptions, LayerFit, LayerwiseOptions, ScaleChoice, Solver};
