@@ -441,7 +441,9 @@ fn cholesky_solve(a: &mut [f64], b: &mut [f64], n: usize) -> Option<()> {
         let k1 = (k0 + PANEL).min(n);
         // The diagonal block; columns before k0 are already subtracted by the trailing updates.
         for j in k0..k1 {
-            let (row_j, d) = (j * n, a[j * n + j] - dot(&a[j * n + k0..j * n + j], &a[j * n + k0..j * n + j]));
+            let row_j = j * n;
+            let l_j = &a[row_j + k0..row_j + j];
+            let d = a[row_j + j] - dot(l_j, l_j);
             if !(d > 0.0) {
                 return None;
             }
