@@ -91,7 +91,7 @@ impl<B: Backend> ScaledDelta<B> {
             Some(c) => x.clone() * c.clone(),
             None => x.clone(),
         };
-        let d = xc.matmul(self.delta_t.clone());
+        let d = crate::host::matmul(xc, &self.delta_t);
         let d = match &self.rows {
             Some(r) => d * r.clone(),
             None => d,

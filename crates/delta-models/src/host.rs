@@ -1,9 +1,12 @@
-//! The CPU fast path for decode-shaped products. Burn's NdArray matmul hands every product to a
-//! general GEMM that packs the whole weight first, which at one or a few rows costs more than
-//! the product itself (measured: 4.7 tokens/s decode on SmolLM2-135M). On the CPU backend, few-row
+//! The CPU fast paths: products on the host values in place, and the work between them. Burn's
+//! NdArray matmul hands every product to a general GEMM that packs the whole weight first, which
+//! at one or a few rows costs more than the product itself (measured: 4.7 tokens/s decode on
+//! SmolLM2-135M). On the CPU backend, few-row
 //! products read the weight in place, with any packed delta terms in the same pass
-//! (`delta_kernels::fused::dense_delta_matmul_t`); everything else —
-//! and every other backend — goes through Burn. The element-wise work between the products —
+//! (`delta_kernels::fused::dense_delta_matmul_t`); larger products are one GEMM on both operands
+//! in place ([`product`]; Burn's copies them first), and so are a constant weight's products and
+//! their input gradients under autodiff ([`frozen_product`], stage 2 of calibration). Every other
+//! backend goes through Burn. The element-wise work between the products —
 //! RMSNorm ([`rms_norm`]), `silu(gate) ⊙ up` ([`silu_mul`]) and a packed batch's RoPE and
 //! attention ([`attend_packed`]) — runs on the host too, in parallel over rows or segments, in
 //! one pass each instead of Burn's one single-threaded pass and fresh tensor per operation
@@ -12,9 +15,14 @@
 
 use std::any::{Any, TypeId};
 
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{unary, Backward, Ops, OpsKind};
 use burn::backend::ndarray::NdArrayTensor;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::ops::FloatTensorOps;
+use burn::tensor::{Tensor, TensorData, TensorPrimitive};
 use delta_format::CompressedWeight;
 use delta_kernels::dense::dot;
 use rayon::prelude::*;
@@ -25,9 +33,98 @@ use crate::CpuBackend;
 /// all rows either way; beyond this Burn's blocked GEMM wins on arithmetic).
 pub const FEW_ROWS: usize = 16;
 
-/// `x · wt` (`x`: `[rows, in]`, `wt`: `[in, out]`).
+/// `x · wt` (`x`: `[rows, in]`, `wt`: `[in, out]`). On the CPU backend, with or without autodiff
+/// (`wt` then a constant), on the host values in place ([`few_rows`], [`product`],
+/// [`frozen_product`]); through Burn on every other backend.
 pub fn matmul<B: Backend>(x: Tensor<B, 2>, wt: &Tensor<B, 2>) -> Tensor<B, 2> {
-    few_rows(&x, wt, &[], &[]).unwrap_or_else(|| x.matmul(wt.clone()))
+    few_rows(&x, wt, &[], &[])
+        .or_else(|| product(&x, wt))
+        .or_else(|| frozen_product(&x, wt))
+        .unwrap_or_else(|| x.matmul(wt.clone()))
+}
+
+/// `x · wt` as one GEMM on the host values in place, when `B` is the CPU backend (`None`
+/// otherwise). Burn's NdArray matmul copies both operands first, whatever their layout.
+pub fn product<B: Backend>(x: &Tensor<B, 2>, wt: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
+    let x = (x as &dyn Any).downcast_ref::<Tensor<CpuBackend, 2>>()?;
+    let wt = (wt as &dyn Any).downcast_ref::<Tensor<CpuBackend, 2>>()?;
+    let y = gemm(&x.clone().into_primitive().tensor(), &wt.clone().into_primitive().tensor(), false)?;
+    cast(Tensor::<CpuBackend, 2>::from_primitive(TensorPrimitive::Float(y)))
+}
+
+/// The CPU backend under autodiff, as stage 2 of calibration trains on it.
+type AutodiffCpu = burn::backend::Autodiff<CpuBackend>;
+
+/// `x · wt` for a constant `wt` (no gradient flows to it) under autodiff on the CPU backend
+/// (`None` for any other backend, or a `wt` that is tracked). The product and, in the backward
+/// pass, `x`'s gradient `g · wtᵀ` are GEMMs on the host values in place. Burn's matmul copies
+/// both operands forward, and for the gradient transposes the weight element by element: in
+/// stage 2 of calibration on the CPU (perf, the pair), 56% of the main thread's time.
+pub fn frozen_product<B: Backend>(x: &Tensor<B, 2>, wt: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
+    let x = (x as &dyn Any).downcast_ref::<Tensor<AutodiffCpu, 2>>()?.clone().into_primitive().tensor();
+    let wt = (wt as &dyn Any).downcast_ref::<Tensor<AutodiffCpu, 2>>()?.clone().into_primitive().tensor();
+    if wt.is_tracked() {
+        return None;
+    }
+    let wt = wt.primitive;
+    let y = gemm(&x.primitive, &wt, false)?;
+    let y = match FrozenProduct.prepare::<NoCheckpointing>([x.node.clone()]).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => prep.finish(wt, y),
+        OpsKind::UnTracked(prep) => prep.finish(y),
+    };
+    cast(Tensor::<AutodiffCpu, 2>::from_primitive(TensorPrimitive::Float(y)))
+}
+
+/// The backward step of [`frozen_product`]; its state is `wt`.
+#[derive(Debug)]
+struct FrozenProduct;
+
+impl Backward<CpuBackend, 1> for FrozenProduct {
+    type State = NdArrayTensor;
+
+    fn backward(self, ops: Ops<NdArrayTensor, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let wt = ops.state;
+        unary::<CpuBackend, _>(ops.parents, ops.node, grads, |g| {
+            gemm(&g, &wt, true).unwrap_or_else(|| CpuBackend::float_matmul(g, CpuBackend::float_transpose(wt.clone())))
+        });
+    }
+}
+
+/// `a · b` (`b_t`: `a · bᵀ`) for 2-d f32 tensors of the CPU backend, one `matrixmultiply` GEMM
+/// reading both through their strides (transposed or not, no copy). `None` for another dtype, a
+/// negative stride, an empty or mismatched shape.
+///
+/// `matrixmultiply` packs the right operand on the calling thread and splits the left one's rows
+/// among its threads, packing included. A weight (`n` columns) wider than the activations are
+/// tall (`m` rows) is therefore made the left operand: `cᵀ = bᵀ·aᵀ`, written straight into
+/// row-major `c` through its strides. On the pair's LM head (128 rows, 49,152 columns) the
+/// single-threaded packing of the weight was a third of the GEMM's time.
+fn gemm(a: &NdArrayTensor, b: &NdArrayTensor, b_t: bool) -> Option<NdArrayTensor> {
+    let (NdArrayTensor::F32(a), NdArrayTensor::F32(b)) = (a, b) else { return None };
+    let (a, b) = (a.view(), b.view());
+    let (&[m, k], &[rsa, csa]) = (a.shape(), a.strides()) else { return None };
+    let (&[b0, b1], &[rs0, cs0]) = (b.shape(), b.strides()) else { return None };
+    let (bk, n, rsb, csb) = if b_t { (b1, b0, cs0, rs0) } else { (b0, b1, rs0, cs0) };
+    if bk != k || m == 0 || k == 0 || n == 0 || [rsa, csa, rsb, csb].iter().any(|&s| s < 0) {
+        return None;
+    }
+    let mut c = vec![0f32; m * n];
+    // SAFETY: `a` is m×k and `b` (as read) k×n with the strides of their views, which address
+    // only their own elements; `c` is a fresh row-major m×n buffer, addressed as such or (in the
+    // second call) as its n×m transpose.
+    unsafe {
+        if n <= m {
+            matrixmultiply::sgemm(m, k, n, 1.0, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, 0.0, c.as_mut_ptr(), n as isize, 1);
+        } else {
+            matrixmultiply::sgemm(n, k, m, 1.0, b.as_ptr(), csb, rsb, a.as_ptr(), csa, rsa, 0.0, c.as_mut_ptr(), 1, n as isize);
+        }
+    }
+    Some(Tensor::<CpuBackend, 2>::from_data(TensorData::new(c, [m, n]), &Default::default()).into_primitive().tensor())
+}
+
+/// `t` as a tensor of `B`, when `B` is `t`'s backend.
+fn cast<A: Backend, B: Backend>(t: Tensor<A, 2>) -> Option<Tensor<B, 2>> {
+    (Box::new(t) as Box<dyn Any>).downcast::<Tensor<B, 2>>().ok().map(|t| *t)
 }
 
 /// `x · wt` plus, for every row r with `idx[r] = Some(d)`, the packed delta term `x[r]·Δ̂_dᵀ`

@@ -4,6 +4,7 @@
 mod architectures;
 mod cube;
 mod delta_linear;
+mod host;
 mod multi;
 mod perplexity;
 mod reference_logits;
