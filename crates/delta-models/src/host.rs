@@ -1,17 +1,17 @@
 //! The CPU fast paths: products on the host values in place, and the work between them. Burn's
 //! NdArray matmul hands every product to a general GEMM that packs the whole weight first, which
 //! at one or a few rows costs more than the product itself (measured: 4.7 tokens/s decode on
-//! SmolLM2-135M). On the CPU backend, few-row
-//! products read the weight in place, with any packed delta terms in the same pass
-//! (`delta_kernels::fused::dense_delta_matmul_t`); larger products are one GEMM on both operands
-//! in place ([`product`]; Burn's copies them first), and so are a constant weight's products and
-//! their input gradients under autodiff ([`frozen_product`], stage 2 of calibration). Every other
-//! backend goes through Burn. The element-wise work between the products —
-//! RMSNorm ([`rms_norm`]), `silu(gate) ⊙ up` ([`silu_mul`]) and a packed batch's RoPE and
-//! attention ([`attend_packed`]) — runs on the host too, in parallel over rows or segments, in
-//! one pass each instead of Burn's one single-threaded pass and fresh tensor per operation
-//! (measured: most of a packed forward's non-GEMM time). Also the host-side arithmetic on logits
-//! ([`logsumexp`]) that scoring and perplexity do row by row instead of through softmax tensors.
+//! SmolLM2-135M). On the CPU backend, few-row products read the weight in place, with any packed
+//! delta terms in the same pass (`delta_kernels::fused::dense_delta_matmul_t`); larger products
+//! are one GEMM on both operands in place ([`product`]; Burn's copies them first), and so are a
+//! constant weight's products and their input gradients under autodiff ([`frozen_product`],
+//! stage 2 of calibration). Every other backend goes through Burn. The element-wise work between
+//! the products — RMSNorm ([`rms_norm`]), `silu(gate) ⊙ up` ([`silu_mul`]) and a packed batch's
+//! RoPE and attention ([`attend_packed`]) — runs on the host too, in parallel over rows or
+//! segments, in one pass each instead of Burn's one single-threaded pass and fresh tensor per
+//! operation (measured: most of a packed forward's non-GEMM time). Also the host-side arithmetic
+//! on logits ([`logsumexp`]) that scoring and perplexity do row by row instead of through softmax
+//! tensors.
 
 use std::any::{Any, TypeId};
 
@@ -30,7 +30,7 @@ use rayon::prelude::*;
 use crate::CpuBackend;
 
 /// Up to this many rows the in-place product beats the packing GEMM (it reads the weight once for
-/// all rows either way; beyond this Burn's blocked GEMM wins on arithmetic).
+/// all rows either way; beyond this a blocked GEMM, [`product`], wins on arithmetic).
 pub const FEW_ROWS: usize = 16;
 
 /// `x · wt` (`x`: `[rows, in]`, `wt`: `[in, out]`). On the CPU backend, with or without autodiff
@@ -97,8 +97,9 @@ impl Backward<CpuBackend, 1> for FrozenProduct {
 /// `matrixmultiply` packs the right operand on the calling thread and splits the left one's rows
 /// among its threads, packing included. A weight (`n` columns) wider than the activations are
 /// tall (`m` rows) is therefore made the left operand: `cᵀ = bᵀ·aᵀ`, written straight into
-/// row-major `c` through its strides. On the pair's LM head (128 rows, 49,152 columns) the
-/// single-threaded packing of the weight was a third of the GEMM's time.
+/// row-major `c` through its strides. In stage 2 on the pair (LM head: 128 rows, 49,152
+/// columns) packing was a third of the GEMMs' samples, all on the calling thread; transposed, it
+/// is split between the threads (stage 2's time moved within the host's noise; BENCHMARKS.md).
 fn gemm(a: &NdArrayTensor, b: &NdArrayTensor, b_t: bool) -> Option<NdArrayTensor> {
     let (NdArrayTensor::F32(a), NdArrayTensor::F32(b)) = (a, b) else { return None };
     let (a, b) = (a.view(), b.view());
