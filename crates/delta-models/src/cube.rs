@@ -90,12 +90,6 @@ mod on {
         (t as &dyn Any).downcast_ref::<Tensor<C, 2>>().cloned()
     }
 
-    /// `t` back as a tensor of `B` (which is `C`).
-    fn back<B: Backend, C: Backend>(t: Tensor<C, 2>) -> Option<Tensor<B, 2>> {
-        let boxed: Box<dyn Any> = Box::new(t);
-        boxed.downcast::<Tensor<B, 2>>().ok().map(|t| *t)
-    }
-
     /// The contiguous f32 buffer of `t`; `None` for another dtype.
     fn buffer<R: CubeRuntime, C: Backend<FloatTensorPrimitive = CubeTensor<R>>>(t: Tensor<C, 2>) -> Option<CubeTensor<R>> {
         let p = into_contiguous(t.into_primitive().tensor());
@@ -140,7 +134,7 @@ mod on {
             unsafe { resident.merge_t(&client, wp.handle.clone(), merged.handle.clone()) };
             x.matmul(float(merged))
         };
-        back(y)
+        crate::same_backend(y)
     }
 
     pub fn batched<B, R, C>(x: &Tensor<B, 2>, wt: &Tensor<B, 2>, deltas: &[(&CompressedWeight<'_>, &DeviceDelta)], row_delta: &[Option<usize>]) -> Option<Tensor<B, 2>>
@@ -165,6 +159,6 @@ mod on {
             // ids_h holds ids.len() row indices below rows. Launches on one client run in order.
             unsafe { resident.add_product(&client, xp.handle.clone(), rows, Some((ids_h, ids.len())), yp.handle.clone()) };
         }
-        back(float::<R, C>(yp))
+        crate::same_backend(float::<R, C>(yp))
     }
 }

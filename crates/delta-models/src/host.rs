@@ -49,7 +49,7 @@ pub fn product<B: Backend>(x: &Tensor<B, 2>, wt: &Tensor<B, 2>) -> Option<Tensor
     let x = (x as &dyn Any).downcast_ref::<Tensor<CpuBackend, 2>>()?;
     let wt = (wt as &dyn Any).downcast_ref::<Tensor<CpuBackend, 2>>()?;
     let y = gemm(&x.clone().into_primitive().tensor(), &wt.clone().into_primitive().tensor(), false)?;
-    cast(Tensor::<CpuBackend, 2>::from_primitive(TensorPrimitive::Float(y)))
+    crate::same_backend(Tensor::<CpuBackend, 2>::from_primitive(TensorPrimitive::Float(y)))
 }
 
 /// The CPU backend under autodiff, as stage 2 of calibration trains on it.
@@ -72,7 +72,7 @@ pub fn frozen_product<B: Backend>(x: &Tensor<B, 2>, wt: &Tensor<B, 2>) -> Option
         OpsKind::Tracked(prep) => prep.finish(wt, y),
         OpsKind::UnTracked(prep) => prep.finish(y),
     };
-    cast(Tensor::<AutodiffCpu, 2>::from_primitive(TensorPrimitive::Float(y)))
+    crate::same_backend(Tensor::<AutodiffCpu, 2>::from_primitive(TensorPrimitive::Float(y)))
 }
 
 /// The backward step of [`frozen_product`]; its state is `wt`.
@@ -121,11 +121,6 @@ fn gemm(a: &NdArrayTensor, b: &NdArrayTensor, b_t: bool) -> Option<NdArrayTensor
         }
     }
     Some(Tensor::<CpuBackend, 2>::from_data(TensorData::new(c, [m, n]), &Default::default()).into_primitive().tensor())
-}
-
-/// `t` as a tensor of `B`, when `B` is `t`'s backend.
-fn cast<A: Backend, B: Backend>(t: Tensor<A, 2>) -> Option<Tensor<B, 2>> {
-    (Box::new(t) as Box<dyn Any>).downcast::<Tensor<B, 2>>().ok().map(|t| *t)
 }
 
 /// `x · wt` plus, for every row r with `idx[r] = Some(d)`, the packed delta term `x[r]·Δ̂_dᵀ`
