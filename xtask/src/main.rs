@@ -19,6 +19,8 @@
 //!   `random-pair LIKE OUT` makes the random stand-in pair they run on (see `gpu_kit.rs`).
 //! - `tiny-models DIR` (maintainers) writes the tiny checkpoint of every architecture variant,
 //!   for `fixtures/tiny/reference.py` to compute reference logits with `transformers`.
+//! - `interpolate BASE FINETUNED ALPHA OUT` (maintainers) writes base + α·(fine-tune − base) on
+//!   the block linears (see `interpolate.rs`).
 //! - `vendor-finetune BASE FINETUNED` (maintainers) re-encodes the fine-tune as
 //!   `fixtures/smollm2/finetuned.ulpdelta`, the form the fixture builder reads.
 
@@ -29,6 +31,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 
 mod gpu_kit;
+mod interpolate;
 mod plot;
 mod report;
 mod serve_bench;
@@ -58,6 +61,7 @@ fn run() -> Result<()> {
         Some("gpu-kit") => gpu_kit::gpu_kit(&args[1..]),
         Some("random-pair") if args.len() == 3 => gpu_kit::random_pair(Path::new(&args[1]), Path::new(&args[2])),
         Some("tiny-models") if args.len() == 2 => tiny_models(Path::new(&args[1])),
+        Some("interpolate") => interpolate::interpolate(&args[1..]),
         Some("vendor-finetune") if args.len() == 3 => vendor_finetune(Path::new(&args[1]), Path::new(&args[2])),
         _ => {
             eprintln!(
@@ -69,6 +73,7 @@ fn run() -> Result<()> {
                  gpu-kit [--backend cuda|wgpu]\n                  binaries, model config and script for the GPU checks on a lent machine -> .device/\n  \
                  random-pair LIKE OUT\n                  a random base / fine-tune pair shaped like LIKE/config.json in OUT/base, OUT/finetuned\n  \
                  tiny-models DIR write the tiny architecture checkpoints (for fixtures/tiny/reference.py)\n  \
+                 interpolate BASE FINETUNED ALPHA OUT\n                  base + ALPHA·(fine-tune − base) on the block linears, in f32 (maintainers)\n  \
                  vendor-finetune BASE FINETUNED\n                  re-encode the fine-tune into fixtures/smollm2/finetuned.ulpdelta (maintainers)"
             );
             std::process::exit(2);
