@@ -7,7 +7,9 @@
 //! are the fine-tuned layer's outputs in the *teacher* (the fine-tune) on the same text. With
 //! R = Y_teacher − X·W_baseᵀ (what the delta must add) and S the signs:
 //! - scalar, Δ̂ = αS: with P = X·Sᵀ, α = ⟨P, R⟩ / ⟨P, P⟩ (least squares, exact);
-//! - per-output, Δ̂[i, :] = r_i·S[i, :]: r_i = ⟨P[:, i], R[:, i]⟩ / ‖P[:, i]‖² (separable, exact);
+//! - per-output, Δ̂[i, :] = r_i·S[i, :]: r_i = ⟨P[:, i], R[:, i]⟩ / ‖P[:, i]‖² (separable, exact;
+//!   with the same tiny ridge as per-input below, so a row the data never excites keeps its
+//!   weight-space scale);
 //! - per-input, Δ̂ = S·diag(c): the normal equations ((XᵀX) ⊙ (SᵀS))·c = diag(XᵀR·S)… solved by
 //!   Cholesky in f64, with a tiny ridge towards the weight-space scales for columns the data never
 //!   excites.
@@ -274,16 +276,7 @@ fn fit_layer<B: Backend>(d: &mut DeltaLinear<B>, y_t: &Tensor<B, 2>, x_s: &Tenso
                 let (num, den) = p.iter().zip(r_tr).fold((0f64, 0f64), |(n, d), (&p, &r)| (n + p as f64 * r as f64, d + p as f64 * p as f64));
                 if den > 0.0 { vec![(num / den) as f32] } else { continue }
             }
-            ScaleMode::PerOutput => {
-                let (mut num, mut den) = (vec![0f64; out], vec![0f64; out]);
-                for (pr, rr) in p.chunks_exact(out).zip(r_tr.chunks_exact(out)) {
-                    for i in 0..out {
-                        num[i] += pr[i] as f64 * rr[i] as f64;
-                        den[i] += pr[i] as f64 * pr[i] as f64;
-                    }
-                }
-                num.iter().zip(&den).map(|(n, d)| if *d > 0.0 { (n / d) as f32 } else { 0.0 }).collect()
-            }
+            ScaleMode::PerOutput => per_output_fit(p, r_tr, out, &initial_scales(&init, mode)?),
             ScaleMode::PerInput => per_input_fit(&d.delta, x_tr, r_tr, train_rows)?,
             ScaleMode::TwoSided => continue,
         };
@@ -394,6 +387,22 @@ fn adamw_fit(w: &CompressedWeight<'_>, x: &[f32], r: &[f32], p: &[f32], epochs: 
     Ok(scales.iter().map(|&s| s as f32).collect())
 }
 
+/// Least-squares per-output scales from `p` = X·Sᵀ and the residual `r` (both `[rows, out]`):
+/// s[i] = ⟨P[:, i], R[:, i]⟩ / ⟨P[:, i], P[:, i]⟩, with the same ridge as [`per_input_fit`] (1e-6
+/// of the mean ⟨P[:, i], P[:, i]⟩, towards the weight-space scales `prior`): a row the data
+/// hardly excites keeps about its weight-space scale instead of a noisy or zero one.
+fn per_output_fit(p: &[f32], r: &[f32], out: usize, prior: &[f32]) -> Vec<f32> {
+    let (mut num, mut den) = (vec![0f64; out], vec![0f64; out]);
+    for (pr, rr) in p.chunks_exact(out).zip(r.chunks_exact(out)) {
+        for i in 0..out {
+            num[i] += pr[i] as f64 * rr[i] as f64;
+            den[i] += pr[i] as f64 * pr[i] as f64;
+        }
+    }
+    let lambda = (1e-6 * den.iter().sum::<f64>() / out.max(1) as f64).max(f64::MIN_POSITIVE);
+    (0..out).map(|i| ((num[i] + lambda * prior[i] as f64) / (den[i] + lambda)) as f32).collect()
+}
+
 /// Least-squares per-input scales: ((XᵀX) ⊙ (SᵀS))·c = b with b[j] = Σ_i S[i, j]·(XᵀR)[j, i].
 fn per_input_fit(w: &CompressedWeight<'_>, x: &[f32], r: &[f32], rows: usize) -> Result<Vec<f32>, CompressError> {
     let (out, inp) = (w.rows(), w.cols());
@@ -493,6 +502,29 @@ fn cholesky_solve(a: &mut [f64], b: &mut [f64], n: usize) -> Option<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn per_output_fit_recovers_planted_scales_and_keeps_the_prior_where_there_is_no_signal() {
+        // R[:, i] = s[i]·P[:, i] for rows 0..3; row 3 gets no excitation (P[:, 3] = 0).
+        let (rows, out) = (50, 4);
+        let planted = [0.5f32, -2.0, 3e-3, 0.0];
+        let prior = [0.1f32, 0.2, 0.3, 0.04];
+        let mut p = vec![0f32; rows * out];
+        let mut r = vec![0f32; rows * out];
+        for t in 0..rows {
+            for i in 0..3 {
+                let v = ((t * 7 + i * 13) % 11) as f32 - 5.0;
+                p[t * out + i] = v;
+                r[t * out + i] = planted[i] * v;
+            }
+        }
+        let s = per_output_fit(&p, &r, out, &prior);
+        for i in 0..3 {
+            // The ridge moves a fitted scale by ~1e-6 of its distance to the prior.
+            assert!((s[i] - planted[i]).abs() <= 1e-5, "row {i}: {} against {}", s[i], planted[i]);
+        }
+        assert_eq!(s[3], prior[3], "an unexcited row keeps its weight-space scale");
+    }
 
     #[test]
     fn cholesky_solves_a_known_system() {
