@@ -24,7 +24,7 @@ const WEIGHT_STD: f32 = 0.02;
 const CHANGE_STD: f32 = 0.002;
 
 /// Files of a model folder besides the weights that travel with it, where present.
-const SIDE_FILES: [&str; 4] = ["config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"];
+pub(crate) const SIDE_FILES: [&str; 4] = ["config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"];
 
 pub fn random_pair(like: &Path, out: &Path) -> Result<()> {
     let text = std::fs::read_to_string(like.join("config.json")).with_context(|| format!("reading {}/config.json", like.display()))?;

@@ -8,11 +8,11 @@
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
+use delta_format::atomic::AtomicDir;
 use delta_format::{Checkpoint, DType};
 use delta_tests::RawTensor;
 
-/// Side files of a model folder copied from the fine-tune, where present.
-const SIDE_FILES: [&str; 4] = ["config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"];
+use crate::gpu_kit::SIDE_FILES;
 
 pub fn interpolate(args: &[String]) -> Result<()> {
     let [base, finetuned, alpha, out] = args else { bail!("usage: cargo xtask interpolate BASE FINETUNED ALPHA OUT") };
@@ -21,6 +21,8 @@ pub fn interpolate(args: &[String]) -> Result<()> {
     if out.exists() {
         bail!("{} exists; give a new folder", out.display());
     }
+    // Written under a temporary name and moved into place at the end: never half a folder.
+    let dir = AtomicDir::create(out, false)?;
     let (b, f) = (Checkpoint::open(base)?, Checkpoint::open(finetuned)?);
     let values = |c: &Checkpoint, name: &str| -> Result<(Vec<usize>, Vec<f32>)> {
         let v = c.tensor(name).with_context(|| format!("{}: no tensor {name}", c.dir().display()))?;
@@ -49,14 +51,14 @@ pub fn interpolate(args: &[String]) -> Result<()> {
     if mixed == 0 {
         bail!("{}: no block linear weights (model.layers.*proj.weight) to interpolate", finetuned.display());
     }
-    std::fs::create_dir_all(out).with_context(|| out.display().to_string())?;
     let views = tensors.iter().map(|t| Ok((t.name.clone(), safetensors::tensor::TensorView::new(t.dtype, t.shape.clone(), &t.data)?)));
     let views: Vec<_> = views.collect::<Result<_, safetensors::SafeTensorError>>()?;
-    let file = out.join("model.safetensors");
+    let file = dir.path().join("model.safetensors");
     safetensors::serialize_to_file(views, None, &file).with_context(|| file.display().to_string())?;
     for side in SIDE_FILES.iter().filter(|s| finetuned.join(s).is_file()) {
-        std::fs::copy(finetuned.join(side), out.join(side)).with_context(|| out.join(side).display().to_string())?;
+        std::fs::copy(finetuned.join(side), dir.path().join(side)).with_context(|| finetuned.join(side).display().to_string())?;
     }
+    dir.commit()?;
     eprintln!("{}: base + {alpha}·(fine-tune − base) on {mixed} block linears, the rest the fine-tune's (f32)", out.display());
     Ok(())
 }
