@@ -325,7 +325,7 @@ fn generate_follows_the_reference_and_refuses_bad_requests() {
     let before_model = listing(&no_template);
     let before = listing(tmp.path());
     refused(&bitdelta(&["generate", "--model", s(&no_template), "--chat", "--prompt", "hi"]), "no chat template", &no_template, &before_model);
-    refused(&bitdelta(&["generate", "--model", s(&ft), "--prompt", "hi", "--temperature=-1"]), "--temperature", tmp.path(), &before);
+    refused(&bitdelta(&["generate", "--model", s(&ft), "--prompt", "hi", "--temperature", "-1"]), "--temperature", tmp.path(), &before);
     refused(&bitdelta(&["generate", "--model", s(&ft), "--prompt", "hi", "--temperature", "nan"]), "--temperature", tmp.path(), &before);
     refused(&bitdelta(&["generate", "--model", s(&ft), "--prompt", ""]), "no tokens", tmp.path(), &before);
     refused(&bitdelta(&["generate", "--model", s(&tmp.path().join("missing")), "--prompt", "hi"]), "missing", tmp.path(), &before);
@@ -392,6 +392,10 @@ fn full_calibration_runs_both_stages_on_the_real_pair() {
     let mut bad = args.clone();
     bad.extend(["--distill-lr", "0"]);
     refused(&bitdelta(&bad), "--distill-lr", tmp.path(), &before);
+    // A negative value is a value (our range message), not an unknown flag `-1` (clap's).
+    let mut negative = args.clone();
+    negative.extend(["--distill-lr", "-1"]);
+    refused(&bitdelta(&negative), "--distill-lr must be a positive number, not -1", tmp.path(), &before);
 
     let report: serde_json::Value = serde_json::from_str(&ok(&bitdelta(&args))).unwrap();
     assert_eq!(report["calibration"], "full");
