@@ -387,9 +387,13 @@ fn adamw_fit(w: &CompressedWeight<'_>, x: &[f32], r: &[f32], p: &[f32], epochs: 
     Ok(scales.iter().map(|&s| s as f32).collect())
 }
 
+/// The vector fits' ridge towards the weight-space scales, as a fraction of the mean diagonal of
+/// their normal equations: only rows / columns the data hardly excites move noticeably.
+const RIDGE: f64 = 1e-6;
+
 /// Least-squares per-output scales from `p` = X·Sᵀ and the residual `r` (both `[rows, out]`):
-/// s[i] = ⟨P[:, i], R[:, i]⟩ / ⟨P[:, i], P[:, i]⟩, with the same ridge as [`per_input_fit`] (1e-6
-/// of the mean ⟨P[:, i], P[:, i]⟩, towards the weight-space scales `prior`): a row the data
+/// s[i] = ⟨P[:, i], R[:, i]⟩ / ⟨P[:, i], P[:, i]⟩, with [`RIDGE`] as in [`per_input_fit`] (of the
+/// mean ⟨P[:, i], P[:, i]⟩, towards the weight-space scales `prior`): a row the data
 /// hardly excites keeps about its weight-space scale instead of a noisy or zero one.
 fn per_output_fit(p: &[f32], r: &[f32], out: usize, prior: &[f32]) -> Vec<f32> {
     let (mut num, mut den) = (vec![0f64; out], vec![0f64; out]);
@@ -399,7 +403,7 @@ fn per_output_fit(p: &[f32], r: &[f32], out: usize, prior: &[f32]) -> Vec<f32> {
             den[i] += pr[i] as f64 * pr[i] as f64;
         }
     }
-    let lambda = (1e-6 * den.iter().sum::<f64>() / out.max(1) as f64).max(f64::MIN_POSITIVE);
+    let lambda = (RIDGE * den.iter().sum::<f64>() / out.max(1) as f64).max(f64::MIN_POSITIVE);
     (0..out).map(|i| ((num[i] + lambda * prior[i] as f64) / (den[i] + lambda)) as f32).collect()
 }
 
@@ -412,10 +416,9 @@ fn per_input_fit(w: &CompressedWeight<'_>, x: &[f32], r: &[f32], rows: usize) ->
     let xtr = gemm_tn(x, r, rows, inp, out);
     let mut a: Vec<f64> = xtx.iter().zip(&sts).map(|(p, q)| *p as f64 * *q as f64).collect();
     let mut b: Vec<f64> = (0..inp).map(|j| (0..out).map(|i| s[i * inp + j] as f64 * xtr[j * out + i] as f64).sum()).collect();
-    // A ridge of 1e-6 of the mean diagonal, pulling towards the weight-space scales: only columns
-    // the data hardly excites move noticeably.
+    // [`RIDGE`] of the mean diagonal, pulling towards the weight-space scales.
     let c0: Vec<f64> = initial_scales(w, ScaleMode::PerInput)?.iter().map(|&c| c as f64).collect();
-    let lambda = 1e-6 * (0..inp).map(|j| a[j * inp + j]).sum::<f64>() / inp as f64;
+    let lambda = RIDGE * (0..inp).map(|j| a[j * inp + j]).sum::<f64>() / inp as f64;
     for j in 0..inp {
         a[j * inp + j] += lambda.max(f64::MIN_POSITIVE);
         b[j] += lambda * c0[j];
