@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
+use delta_format::checkpoint::is_block_linear;
 use delta_tests::{tiny, write_folder, RawTensor, Rng};
 
 use crate::{cargo, fixtures, root, s, sh, target_dir};
@@ -24,7 +25,7 @@ const WEIGHT_STD: f32 = 0.02;
 const CHANGE_STD: f32 = 0.002;
 
 /// Files of a model folder besides the weights that travel with it, where present.
-pub(crate) const SIDE_FILES: [&str; 4] = ["config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"];
+const SIDE_FILES: [&str; 4] = ["config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"];
 
 pub fn random_pair(like: &Path, out: &Path) -> Result<()> {
     let text = std::fs::read_to_string(like.join("config.json")).with_context(|| format!("reading {}/config.json", like.display()))?;
@@ -38,7 +39,7 @@ pub fn random_pair(like: &Path, out: &Path) -> Result<()> {
     for (name, shape) in &shapes {
         let count: usize = shape.iter().product();
         let b: Vec<f32> = if name.ends_with("norm.weight") { vec![1.0; count] } else { (0..count).map(|_| w * rng.uniform()).collect() };
-        let changed = name.starts_with("model.layers.") && name.ends_with("proj.weight");
+        let changed = is_block_linear(name, shape);
         let f: Vec<f32> = if changed { b.iter().map(|v| v + dw * rng.uniform()).collect() } else { b.clone() };
         base.push(RawTensor::from_f32(name, safetensors::Dtype::BF16, shape, &b));
         ft.push(RawTensor::from_f32(name, safetensors::Dtype::BF16, shape, &f));

@@ -9,10 +9,9 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use delta_format::atomic::AtomicDir;
+use delta_format::checkpoint::is_block_linear;
 use delta_format::{Checkpoint, DType};
 use delta_tests::RawTensor;
-
-use crate::gpu_kit::SIDE_FILES;
 
 pub fn interpolate(args: &[String]) -> Result<()> {
     let [base, finetuned, alpha, out] = args else { bail!("usage: cargo xtask interpolate BASE FINETUNED ALPHA OUT") };
@@ -38,7 +37,7 @@ pub fn interpolate(args: &[String]) -> Result<()> {
     let mut mixed = 0;
     for name in f.names() {
         let (shape, mut ft) = values(&f, name)?;
-        if name.starts_with("model.layers.") && name.ends_with("proj.weight") {
+        if is_block_linear(name, &shape) {
             let (base_shape, bw) = values(&b, name)?;
             if base_shape != shape {
                 bail!("{name}: base shape {base_shape:?}, fine-tune shape {shape:?}");
@@ -49,14 +48,15 @@ pub fn interpolate(args: &[String]) -> Result<()> {
         tensors.push(RawTensor::from_f32(name, safetensors::Dtype::F32, &shape, &ft));
     }
     if mixed == 0 {
-        bail!("{}: no block linear weights (model.layers.*proj.weight) to interpolate", finetuned.display());
+        bail!("{}: no block linear weights (rank-2 `.weight` tensors under a numbered block) to interpolate", finetuned.display());
     }
     let views = tensors.iter().map(|t| Ok((t.name.clone(), safetensors::tensor::TensorView::new(t.dtype, t.shape.clone(), &t.data)?)));
     let views: Vec<_> = views.collect::<Result<_, safetensors::SafeTensorError>>()?;
     let file = dir.path().join("model.safetensors");
     safetensors::serialize_to_file(views, None, &file).with_context(|| file.display().to_string())?;
-    for side in SIDE_FILES.iter().filter(|s| finetuned.join(s).is_file()) {
-        std::fs::copy(finetuned.join(side), dir.path().join(side)).with_context(|| finetuned.join(side).display().to_string())?;
+    for side in f.side_files()? {
+        let name = side.file_name().context("a side file without a name")?;
+        std::fs::copy(&side, dir.path().join(name)).with_context(|| side.display().to_string())?;
     }
     dir.commit()?;
     eprintln!("{}: base + {alpha}·(fine-tune − base) on {mixed} block linears, the rest the fine-tune's (f32)", out.display());

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use delta_format::artifact::{write_artifact, ArtifactContents, SideFile};
-use delta_format::checkpoint::Checkpoint;
+use delta_format::checkpoint::{is_block_linear, Checkpoint};
 use delta_format::dtype::shape_string;
 use delta_format::{BaseFingerprint, CompressedWeight, FormatError, ScaleMode};
 use delta_kernels::delta::two_sided_error;
@@ -104,17 +104,6 @@ pub struct Compressed {
     /// How the scales were fitted (`none`, `layerwise`, `full`), and the calibration report, if any.
     pub calibration: String,
     pub calibration_report: Option<serde_json::Value>,
-}
-
-/// True for the linear weights inside transformer blocks: rank-2 `…weight` tensors under a
-/// numbered block (`model.layers.N.…`, `transformer.h.N.…`, `blocks.N.…`). Embeddings, the LM
-/// head and norms are never compressed.
-pub fn is_block_linear(name: &str, shape: &[usize]) -> bool {
-    if shape.len() != 2 || !name.ends_with(".weight") {
-        return false;
-    }
-    let parts: Vec<&str> = name.split('.').collect();
-    parts.windows(2).any(|w| matches!(w[0], "layers" | "h" | "blocks" | "block") && w[1].parse::<usize>().is_ok())
 }
 
 /// Checks the pair and compresses it. `on_tensor(done, total, name)` is called after each tensor.
@@ -268,21 +257,5 @@ impl Compressed {
             ),
         };
         Ok(write_artifact(path, &contents, overwrite)?)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn block_linear_names() {
-        assert!(is_block_linear("model.layers.0.self_attn.q_proj.weight", &[576, 576]));
-        assert!(is_block_linear("transformer.h.11.mlp.c_fc.weight", &[8, 4]));
-        assert!(!is_block_linear("model.layers.0.input_layernorm.weight", &[576]));
-        assert!(!is_block_linear("model.embed_tokens.weight", &[49152, 576]));
-        assert!(!is_block_linear("lm_head.weight", &[49152, 576]));
-        assert!(!is_block_linear("model.layers.0.self_attn.q_proj.bias", &[576, 1]));
-        assert!(!is_block_linear("model.layers.x.mlp.up_proj.weight", &[4, 4]));
     }
 }

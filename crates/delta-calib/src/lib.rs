@@ -16,4 +16,4 @@ pub mod picture;
 
 pub use distill::{distill, DistillLoss, DistillOptions, DistillProgress, DistillReport};
 pub use layerwise::{calibrate_layerwise, LayerFit, LayerwiseOptions, Solver};
-pub use compress::{compress, is_block_linear, CompressError, CompressOptions, Compressed, ScaleChoice, WeightReport};
+pub use compress::{compress, CompressError, CompressOptions, Compressed, ScaleChoice, WeightReport};

@@ -231,6 +231,17 @@ impl Checkpoint {
     }
 }
 
+/// True for the linear weights inside transformer blocks, the weights a delta compresses: rank-2
+/// `…weight` tensors under a numbered block (`model.layers.N.…`, `transformer.h.N.…`,
+/// `blocks.N.…`). Embeddings, the LM head and norms are never compressed.
+pub fn is_block_linear(name: &str, shape: &[usize]) -> bool {
+    if shape.len() != 2 || !name.ends_with(".weight") {
+        return false;
+    }
+    let parts: Vec<&str> = name.split('.').collect();
+    parts.windows(2).any(|w| matches!(w[0], "layers" | "h" | "blocks" | "block") && w[1].parse::<usize>().is_ok())
+}
+
 /// Weight files and indexes are not side files; neither are hidden files.
 pub fn is_side_file(name: &str) -> bool {
     const WEIGHT_SUFFIXES: [&str; 10] =
@@ -262,6 +273,17 @@ pub fn parse_size(s: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn block_linear_names() {
+        assert!(is_block_linear("model.layers.0.self_attn.q_proj.weight", &[576, 576]));
+        assert!(is_block_linear("transformer.h.11.mlp.c_fc.weight", &[8, 4]));
+        assert!(!is_block_linear("model.layers.0.input_layernorm.weight", &[576]));
+        assert!(!is_block_linear("model.embed_tokens.weight", &[49152, 576]));
+        assert!(!is_block_linear("lm_head.weight", &[49152, 576]));
+        assert!(!is_block_linear("model.layers.0.self_attn.q_proj.bias", &[576, 1]));
+        assert!(!is_block_linear("model.layers.x.mlp.up_proj.weight", &[4, 4]));
+    }
 
     #[test]
     fn side_files_and_sizes() {

@@ -4,7 +4,8 @@
 //!   reading with one typed error per broken rule, and writing.
 //! - [`sign`], [`scale`]: how sign masks are packed and how scales are laid out per mode.
 //! - [`fingerprint`]: the base fingerprint that ties an artifact to the base it was made for.
-//! - [`checkpoint`]: Hugging Face model folders (single or sharded safetensors) over mmap.
+//! - [`checkpoint`]: Hugging Face model folders (single or sharded safetensors) over mmap, and
+//!   which of their tensors are block linears (the weights a delta compresses).
 //! - [`safetensors`]: the container itself — a zero-copy validating parser and the one
 //!   streaming writer every file goes through.
 //! - [`atomic`]: temp-file-and-rename output, so no half-written file ever has its final name.
