@@ -9,10 +9,15 @@
 //! 3e-4 and one of 3e-2 move by the same fraction, which is what lets vector scales train at the
 //! learning rate that suits a scalar.
 //!
+//! The student holds each `W` whole, at the current multipliers, and moves it after every Adam
+//! step (`delta_models::ScaledDelta`): a sample then costs three products per layer — the
+//! forward one, the input's gradient, and `x·Δ̂₀ᵀ` for the multipliers' gradients — instead of
+//! four for the base and the delta apart. Only `W` and Δ̂₀ are kept, so memory is as before.
+//!
 //! The teacher is needed only for its logits: they are computed once for every sample, before
 //! training, into an unnamed scratch file ([`DistillOptions::scratch_dir`]; 4 bytes per logit,
 //! ≈ 25 MB per 128-token sample of SmolLM2), and the teacher's projection weights are freed one by
-//! one as the student's replacements (base and Δ̂₀) are built — one model's weights in memory,
+//! one as the student's replacements (`W` and Δ̂₀) are built — one model's weights in memory,
 //! not two.
 //! The student shares every tensor the compression does not touch (embeddings, norms, biases,
 //! head) with the teacher.
@@ -94,12 +99,13 @@ pub struct DistillReport {
     pub seconds: f64,
 }
 
-/// One compressed weight's trainable multipliers and the fixed tensors they scale.
+/// One compressed weight's trainable multipliers and the tensors they scale.
 struct Trainable<B: Backend> {
     name: String,
     mode: ScaleMode,
-    /// The base layer (base weight, the fine-tune's bias) and `Δ̂₀ᵀ` (`[in, out]`).
-    base: Linear<AB<B>>,
+    /// The weight at the current multipliers, `W_base + Δ̂₀ ⊙ (θ_r·θ_cᵀ)` (as `Wᵀ`, moved after
+    /// every update), with the fine-tune's bias; and `Δ̂₀ᵀ` (`[in, out]`).
+    merged: Linear<AB<B>>,
     delta_t: Tensor<AB<B>, 2>,
     /// Row multipliers θ_r (`[1, out]`) and column multipliers θ_c (`[1, in]`), where the mode has them.
     rows: Option<Adam>,
@@ -135,13 +141,28 @@ impl Adam {
 }
 
 impl<B: Backend> Trainable<B> {
-    /// The layer with the current multipliers (tracked for gradients when `grad`), and those.
+    /// The layer with the current multipliers, and those: tracked for gradients when `grad`;
+    /// without them (the merged weight alone, one product) when not.
     fn layer(&self, grad: bool) -> (Projection<AB<B>>, Thetas<B>) {
         let device = self.delta_t.device();
-        let r = self.rows.as_ref().map(|a| a.tensor::<B>([1, a.theta.len()], grad, &device));
-        let c = self.cols.as_ref().map(|a| a.tensor::<B>([1, a.theta.len()], grad, &device));
-        let layer = ScaledDelta { base: self.base.clone(), delta_t: self.delta_t.clone(), rows: r.clone(), cols: c.clone() };
+        let r = self.rows.as_ref().filter(|_| grad).map(|a| a.tensor::<B>([1, a.theta.len()], true, &device));
+        let c = self.cols.as_ref().filter(|_| grad).map(|a| a.tensor::<B>([1, a.theta.len()], true, &device));
+        let layer = ScaledDelta { merged: self.merged.clone(), delta_t: self.delta_t.clone(), rows: r.clone(), cols: c.clone() };
         (Projection::Scaled(layer), (r, c))
+    }
+
+    /// One Adam step on the multipliers (gradients `gr`, `gc`), the merged weight moved with them.
+    fn step(&mut self, gr: &[f64], gc: &[f64], lr: f64, t: i32) {
+        let theta = |a: &Option<Adam>| a.as_ref().map_or(Vec::new(), |a| a.theta.clone());
+        let before = (theta(&self.rows), theta(&self.cols));
+        for (adam, g) in [(self.rows.as_mut(), gr), (self.cols.as_mut(), gc)] {
+            if let Some(adam) = adam {
+                adam.step(g, lr, t);
+            }
+        }
+        let after = (theta(&self.rows), theta(&self.cols));
+        let moved = ScaledDelta::<B>::moved(self.merged.weight_t.clone().inner(), &self.delta_t.clone().inner(), (&before.0, &before.1), (&after.0, &after.1));
+        self.merged.weight_t = Tensor::from_inner(moved);
     }
 
     /// The trained scales in the artifact's layout for `mode`.
@@ -203,18 +224,20 @@ pub fn distill<B: Backend>(
         let Some(proj) = projection_mut(&mut student, &w.name) else {
             return Err(CompressError::Calibration(format!("{}: not a projection of the model", w.name)));
         };
-        let base = Linear { weight_t: Tensor::from_inner(base_weights.matrix_t(&w.name, out, inp)?), bias: proj.linear().bias.clone() };
         let f = ScaleFactors::new(&w.name, w.mode, &w.scales, out, inp)?;
         let mut d = vec![0f32; inp * out];
         d.par_chunks_mut(out).enumerate().for_each(|(j, row)| row.iter_mut().enumerate().for_each(|(i, v)| *v = f.delta_hat(&w.signs, i, j)));
-        let delta_t = Tensor::<AB<B>, 2>::from_data(TensorData::new(d, [inp, out]), device);
+        let delta_t = Tensor::<B, 2>::from_data(TensorData::new(d, [inp, out]), device);
+        // All multipliers start at 1: the merged weight is W_base + Δ̂₀.
+        let merged = Linear { weight_t: Tensor::from_inner(base_weights.matrix_t(&w.name, out, inp)? + delta_t.clone()), bias: proj.linear().bias.clone() };
+        let delta_t = Tensor::from_inner(delta_t);
         let (rows, cols) = match w.mode {
             ScaleMode::Scalar => (Some(Adam::ones(1)), None),
             ScaleMode::PerOutput => (Some(Adam::ones(out)), None),
             ScaleMode::PerInput => (None, Some(Adam::ones(inp))),
             ScaleMode::TwoSided => (Some(Adam::ones(out)), Some(Adam::ones(inp))),
         };
-        let tr = Trainable { name: w.name.to_string(), mode: w.mode, base, delta_t, rows, cols };
+        let tr = Trainable { name: w.name.to_string(), mode: w.mode, merged, delta_t, rows, cols };
         *proj = tr.layer(false).0;
         trainables.push(tr);
     }
@@ -266,15 +289,13 @@ pub fn distill<B: Backend>(
         }
         // Cosine decay from lr to 0 over the run.
         let lr = opts.lr * 0.5 * (1.0 + (std::f64::consts::PI * step as f64 / steps as f64).cos());
+        if let Some(tr) = trainables.iter().zip(&grads).find(|(_, (gr, gc))| gr.iter().chain(gc).any(|v| !v.is_finite())).map(|(tr, _)| tr) {
+            return Err(CompressError::Calibration(format!("stage 2 diverged at step {}: a non-finite gradient for {}", step + 1, tr.name)));
+        }
         for (tr, (gr, gc)) in trainables.iter_mut().zip(grads) {
-            if gr.iter().chain(&gc).any(|v| !v.is_finite()) {
-                return Err(CompressError::Calibration(format!("stage 2 diverged at step {}: a non-finite gradient for {}", step + 1, tr.name)));
-            }
-            for (adam, g) in [(tr.rows.as_mut(), gr), (tr.cols.as_mut(), gc)] {
-                if let Some(adam) = adam {
-                    adam.step(&g, lr, step as i32 + 1);
-                }
-            }
+            tr.step(&gr, &gc, lr, step as i32 + 1);
+            // Into the student at once, so the weight it replaces is freed before the next moves.
+            *projection_mut(&mut student, &tr.name).expect("checked when built") = tr.layer(false).0;
         }
         train_losses.push(value);
         progress(DistillProgress::Step { step: step + 1, steps, loss: value });
@@ -408,7 +429,7 @@ fn lift<B: Backend>(m: &Llama<B>) -> Llama<AB<B>> {
         Projection::Dense(l) => Projection::Dense(linear(l)),
         Projection::Delta(d) => Projection::Dense(Linear { weight_t: t(&d.merged_weight_t()), bias: d.base.bias.as_ref().map(t) }),
         Projection::Scaled(d) => Projection::Scaled(ScaledDelta {
-            base: linear(&d.base),
+            merged: linear(&d.merged),
             delta_t: t(&d.delta_t),
             rows: d.rows.as_ref().map(t),
             cols: d.cols.as_ref().map(t),

@@ -72,13 +72,21 @@ impl<B: Backend> DeltaLinear<B> {
     }
 }
 
-/// `y = x·W_baseᵀ + ((x ⊙ c)·Δ̂₀ᵀ) ⊙ r`: a dense delta with optional column multipliers `c`
-/// (`[1, in]`) and row multipliers `r` (`[1, out]`) — the form end-to-end calibration trains (on
-/// any backend, autodiff included). The product goes through the base and the delta separately,
-/// so no merged weight is formed and only the small multipliers need gradients.
+/// The form end-to-end calibration trains (on any backend, autodiff included): the weight
+/// `W(θ) = W_base + Δ̂₀ ⊙ (r·cᵀ)` with row multipliers `r` (`[1, out]`, or `[1, 1]` for one
+/// scalar) and column multipliers `c` (`[1, in]`), each optional (1 where absent).
+///
+/// `merged` holds `W(θ)` at the multipliers' current values, as a constant. The forward pass is
+/// `x·W(θ)ᵀ + (P ⊙ r − P̄ ⊙ r̄)` with `P = (x̄ ⊙ c)·Δ̂₀ᵀ`, where the bars are the same tensors
+/// detached. The second term is zero in value and carries the multipliers' gradients (`∂/∂r` is
+/// `P`; `c`'s flows through `P`); `x`'s gradient flows through `merged` alone, which is the whole
+/// weight. So a training sample costs three products per layer without column multipliers — the
+/// forward product, `x`'s gradient and `P` — where the base and the delta taken apart cost four.
+/// Whoever changes the multipliers moves `merged` with them ([`ScaledDelta::moved`]).
 #[derive(Clone)]
 pub struct ScaledDelta<B: Backend> {
-    pub base: Linear<B>,
+    /// `W(θ)ᵀ` (`[in, out]`) at the current multipliers, and the layer's bias.
+    pub merged: Linear<B>,
     /// Δ̂₀ᵀ, `[in, out]`.
     pub delta_t: Tensor<B, 2>,
     pub rows: Option<Tensor<B, 2>>,
@@ -87,16 +95,43 @@ pub struct ScaledDelta<B: Backend> {
 
 impl<B: Backend> ScaledDelta<B> {
     pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        let xc = match &self.cols {
-            Some(c) => x.clone() * c.clone(),
-            None => x.clone(),
+        let y = self.merged.forward(x.clone());
+        if self.rows.is_none() && self.cols.is_none() {
+            return y;
+        }
+        let x = x.detach();
+        let p = crate::host::matmul(
+            match &self.cols {
+                Some(c) => x * c.clone(),
+                None => x,
+            },
+            &self.delta_t,
+        );
+        let carrier = match &self.rows {
+            Some(r) => p.clone() * r.clone() - p.detach() * r.clone().detach(),
+            None => p.clone() - p.detach(),
         };
-        let d = crate::host::matmul(xc, &self.delta_t);
-        let d = match &self.rows {
-            Some(r) => d * r.clone(),
-            None => d,
-        };
-        self.base.forward(x) + d
+        y + carrier
+    }
+
+    /// `W(θ')ᵀ` from `W(θ)ᵀ`: `merged_t + Δ̂₀ᵀ ⊙ (c'ⱼ·r'ᵢ − cⱼ·rᵢ)`, the multipliers given as
+    /// `(rows, cols)` before and after (empty: none; one row value: a scalar). The differences of
+    /// one-sided multipliers are taken in f64 before they are rounded.
+    pub fn moved(merged_t: Tensor<B, 2>, delta_t: &Tensor<B, 2>, before: (&[f64], &[f64]), after: (&[f64], &[f64])) -> Tensor<B, 2> {
+        let device = delta_t.device();
+        let row = |v: Vec<f64>| Tensor::<B, 2>::from_data(TensorData::new(v.iter().map(|&x| x as f32).collect::<Vec<f32>>(), [1, v.len()]), &device);
+        let col = |v: Vec<f64>| Tensor::<B, 2>::from_data(TensorData::new(v.iter().map(|&x| x as f32).collect::<Vec<f32>>(), [v.len(), 1]), &device);
+        let diff = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(a, b)| a - b).collect::<Vec<f64>>();
+        let ((r0, c0), (r1, c1)) = (before, after);
+        match (r1.is_empty(), c1.is_empty()) {
+            (false, true) => merged_t + delta_t.clone() * row(diff(r1, r0)),
+            (true, false) => merged_t + delta_t.clone() * col(diff(c1, c0)),
+            (false, false) => {
+                let term = |r: &[f64], c: &[f64]| delta_t.clone() * col(c.to_vec()) * row(r.to_vec());
+                merged_t + term(r1, c1) - term(r0, c0)
+            }
+            (true, true) => merged_t,
+        }
     }
 }
 
@@ -126,16 +161,110 @@ impl<B: Backend> Projection<B> {
         }
     }
 
-    /// The (base) linear layer: its weight is the base's unless dense, its bias is the layer's.
+    /// The layer's linear part: its weight is the base's for a packed delta and the merged one
+    /// for a scaled delta; its bias is the layer's.
     pub fn linear(&self) -> &Linear<B> {
         match self {
             Projection::Dense(l) => l,
             Projection::Delta(d) => &d.base,
-            Projection::Scaled(d) => &d.base,
+            Projection::Scaled(d) => &d.merged,
         }
     }
 
     pub fn device(&self) -> B::Device {
         self.linear().weight_t.device()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::backend::Autodiff;
+    use burn::tensor::{Tensor, TensorData};
+
+    use super::ScaledDelta;
+    use crate::llama::Linear;
+    use crate::CpuBackend;
+
+    type AD = Autodiff<CpuBackend>;
+
+    /// Values in about [−1, 1), from a fixed-seed generator.
+    fn values(n: usize, seed: u64) -> Vec<f64> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                (s >> 40) as f64 / (1u64 << 23) as f64 - 1.0
+            })
+            .collect()
+    }
+
+    fn tensor(v: &[f64], dims: [usize; 2]) -> Tensor<CpuBackend, 2> {
+        Tensor::from_data(TensorData::new(v.iter().map(|&x| x as f32).collect::<Vec<f32>>(), dims), &Default::default())
+    }
+
+    fn vec(t: Tensor<CpuBackend, 2>) -> Vec<f64> {
+        t.into_data().into_vec::<f32>().unwrap().into_iter().map(f64::from).collect()
+    }
+
+    fn close(what: &str, got: &[f64], want: &[f64]) {
+        assert_eq!(got.len(), want.len(), "{what}");
+        let scale = want.iter().fold(1f64, |m, w| m.max(w.abs()));
+        for (k, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!((g - w).abs() <= 2e-5 * scale, "{what}[{k}]: {g} against {w}");
+        }
+    }
+
+    /// For every mode: the merged weight moved from θ = 1 to other multipliers, the output, and
+    /// the gradients of x, r and c under autodiff, against the weight `W_base + Δ̂₀ ⊙ (r·cᵀ)`
+    /// written out and differentiated by hand in f64 (for L = Σ y ⊙ G).
+    #[test]
+    fn moved_weight_output_and_gradients_match_the_weight_written_out() {
+        let (rows, inp, out) = (3, 5, 6);
+        let (wb, d, x, g) = (values(out * inp, 1), values(out * inp, 2), values(rows * inp, 3), values(rows * out, 4));
+        let transpose = |m: &[f64]| -> Vec<f64> { (0..inp * out).map(|k| m[(k % out) * inp + k / out]).collect() };
+        let merged0 = tensor(&(0..out * inp).map(|k| wb[k] + d[k]).collect::<Vec<_>>(), [out, inp]).transpose();
+        let delta_t = tensor(&transpose(&d), [inp, out]);
+        let r_full: Vec<f64> = values(out, 5).iter().map(|v| 1.0 + 0.3 * v).collect();
+        let c_full: Vec<f64> = values(inp, 6).iter().map(|v| 1.0 + 0.3 * v).collect();
+        for (name, r, c) in [
+            ("scalar", vec![r_full[0]], vec![]),
+            ("per-output", r_full.clone(), vec![]),
+            ("per-input", vec![], c_full.clone()),
+            ("two-sided", r_full.clone(), c_full.clone()),
+        ] {
+            let ones = |v: &[f64]| vec![1.0; v.len()];
+            let merged = ScaledDelta::<CpuBackend>::moved(merged0.clone(), &delta_t, (&ones(&r), &ones(&c)), (&r, &c));
+            let ri = |i: usize| if r.is_empty() { 1.0 } else if r.len() == 1 { r[0] } else { r[i] };
+            let cj = |j: usize| if c.is_empty() { 1.0 } else { c[j] };
+            let w: Vec<f64> = (0..out * inp).map(|k| wb[k] + d[k] * ri(k / inp) * cj(k % inp)).collect();
+            close(&format!("{name}: moved weight"), &vec(merged.clone()), &transpose(&w));
+
+            let device = Default::default();
+            let param = |v: &[f64]| (!v.is_empty()).then(|| Tensor::<AD, 2>::from_inner(tensor(v, [1, v.len()])).require_grad());
+            let (rt, ct) = (param(&r), param(&c));
+            let xt = Tensor::<AD, 2>::from_inner(tensor(&x, [rows, inp])).require_grad();
+            let layer = ScaledDelta::<AD> { merged: Linear { weight_t: Tensor::from_inner(merged), bias: None }, delta_t: Tensor::from_inner(delta_t.clone()), rows: rt.clone(), cols: ct.clone() };
+            let y = layer.forward(xt.clone());
+            let loss = (y.clone() * Tensor::<AD, 2>::from_data(TensorData::new(g.iter().map(|&v| v as f32).collect::<Vec<f32>>(), [rows, out]), &device)).sum();
+            let grads = loss.backward();
+
+            let y_want: Vec<f64> = (0..rows * out).map(|k| (0..inp).map(|j| x[k / out * inp + j] * w[k % out * inp + j]).sum()).collect();
+            close(&format!("{name}: output"), &vec(y.inner()), &y_want);
+            let dx: Vec<f64> = (0..rows * inp).map(|k| (0..out).map(|i| g[k / inp * out + i] * w[i * inp + k % inp]).sum()).collect();
+            close(&format!("{name}: x's gradient"), &vec(xt.grad(&grads).unwrap()), &dx);
+            // ∂L/∂(r_i c_j) ⋅ Δ_ij summed over the other index (and over i for a scalar).
+            let term = |i: usize, j: usize| (0..rows).map(|t| g[t * out + i] * x[t * inp + j]).sum::<f64>() * d[i * inp + j];
+            if let Some(rt) = rt {
+                let mut dr: Vec<f64> = (0..out).map(|i| (0..inp).map(|j| term(i, j) * cj(j)).sum()).collect();
+                if r.len() == 1 {
+                    dr = vec![dr.iter().sum()];
+                }
+                close(&format!("{name}: r's gradient"), &vec(rt.grad(&grads).unwrap()), &dr);
+            }
+            if let Some(ct) = ct {
+                let dc: Vec<f64> = (0..inp).map(|j| (0..out).map(|i| term(i, j) * ri(i)).sum()).collect();
+                close(&format!("{name}: c's gradient"), &vec(ct.grad(&grads).unwrap()), &dc);
+            }
+        }
     }
 }
