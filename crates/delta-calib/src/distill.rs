@@ -133,10 +133,10 @@ impl Adam {
         }
     }
 
-    fn tensor<B: Backend>(&self, shape: [usize; 2], grad: bool, device: &B::Device) -> Tensor<AB<B>, 2> {
+    /// θ as a `[1, n]` tensor tracked for its gradient.
+    fn tracked<B: Backend>(&self, device: &B::Device) -> Tensor<AB<B>, 2> {
         let values: Vec<f32> = self.theta.iter().map(|&v| v as f32).collect();
-        let t = Tensor::<AB<B>, 2>::from_data(TensorData::new(values, shape), device);
-        if grad { t.require_grad() } else { t }
+        Tensor::<AB<B>, 2>::from_data(TensorData::new(values, [1, self.theta.len()]), device).require_grad()
     }
 }
 
@@ -145,8 +145,8 @@ impl<B: Backend> Trainable<B> {
     /// without them (the merged weight alone, one product) when not.
     fn layer(&self, grad: bool) -> (Projection<AB<B>>, Thetas<B>) {
         let device = self.delta_t.device();
-        let r = self.rows.as_ref().filter(|_| grad).map(|a| a.tensor::<B>([1, a.theta.len()], true, &device));
-        let c = self.cols.as_ref().filter(|_| grad).map(|a| a.tensor::<B>([1, a.theta.len()], true, &device));
+        let r = self.rows.as_ref().filter(|_| grad).map(|a| a.tracked::<B>(&device));
+        let c = self.cols.as_ref().filter(|_| grad).map(|a| a.tracked::<B>(&device));
         let layer = ScaledDelta { merged: self.merged.clone(), delta_t: self.delta_t.clone(), rows: r.clone(), cols: c.clone() };
         (Projection::Scaled(layer), (r, c))
     }
