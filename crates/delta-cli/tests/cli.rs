@@ -247,7 +247,7 @@ fn every_mode_and_dtype_round_trips_through_sharded_folders() {
             for (name, (odtype, shape, data)) in &merged {
                 assert_eq!(*odtype, dtype);
                 let (bt, ftt) = (by_name[name.as_str()], ft_by_name[name.as_str()]);
-                let expected: Vec<u8> = if name.ends_with("_proj.weight") {
+                let expected: Vec<u8> = if is_linear(name) {
                     let vals = expected_merge(mode, &RawTensor::values(dtype, &bt.data), &RawTensor::values(dtype, &ftt.data), shape[0], shape[1]);
                     RawTensor::from_f32(name, dtype, shape, &vals).data
                 } else {
