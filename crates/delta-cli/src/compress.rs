@@ -211,6 +211,17 @@ pub fn run(a: Args) -> Result<()> {
         bar.set_message(name.to_string());
     })?;
     bar.finish_and_clear();
+    let calib_text = calib_text.filter(|_| {
+        let some = !c.weights.is_empty();
+        if !some {
+            eprintln!(
+                "note: no block linear of {} differs from the base's, so there is nothing to calibrate and the delta holds {} whole tensors only",
+                a.finetuned.display(),
+                c.whole.len()
+            );
+        }
+        some
+    });
     let mut fits = Vec::new();
     let mut distilled: Option<DistillReport> = None;
     if let Some(text) = &calib_text {
@@ -285,9 +296,10 @@ pub fn run(a: Args) -> Result<()> {
 
     let (_, bf16_bytes) = c.base.model_bytes();
     let ratio = bf16_bytes as f64 / bytes as f64;
+    // None without compressed weights.
     let errors: Vec<f64> = c.reports.iter().map(|r| r.rel_error).collect();
-    let mean_err = errors.iter().sum::<f64>() / errors.len().max(1) as f64;
-    let max_err = errors.iter().cloned().fold(0.0, f64::max);
+    let mean_err = (!errors.is_empty()).then(|| errors.iter().sum::<f64>() / errors.len() as f64);
+    let max_err = (!errors.is_empty()).then(|| errors.iter().cloned().fold(0.0, f64::max));
     if a.json {
         let out = serde_json::json!({
             "output": a.output,
@@ -316,15 +328,17 @@ pub fn run(a: Args) -> Result<()> {
         println!("{out}");
     } else {
         let modes: Vec<String> = c.mode_counts().iter().map(|(m, n)| format!("{n} {m}")).collect();
+        let modes = if modes.is_empty() { String::new() } else { format!(" ({})", modes.join(", ")) };
         println!(
-            "compressed {} weights ({}), {} tensors stored whole, {} unchanged",
+            "compressed {} weights{modes}, {} tensors stored whole, {} unchanged",
             c.weights.len(),
-            modes.join(", "),
             c.whole.len(),
             c.unchanged.len()
         );
-        let when = if fits.is_empty() { "" } else { " (of the weight-space scales, before calibration)" };
-        println!("weight-space error ‖Δ − Δ̂‖/‖Δ‖{when}: mean {mean_err:.3}, max {max_err:.3}");
+        if let (Some(mean_err), Some(max_err)) = (mean_err, max_err) {
+            let when = if fits.is_empty() { "" } else { " (of the weight-space scales, before calibration)" };
+            println!("weight-space error ‖Δ − Δ̂‖/‖Δ‖{when}: mean {mean_err:.3}, max {max_err:.3}");
+        }
         if !fits.is_empty() {
             let mut kept: std::collections::BTreeMap<&str, usize> = Default::default();
             fits.iter().for_each(|f| *kept.entry(f.kept.as_str()).or_default() += 1);

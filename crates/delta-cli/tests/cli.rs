@@ -183,6 +183,13 @@ fn existing_output_needs_force_and_nonsense_is_a_usage_error() {
     assert!(!out.join("keep.txt").exists() && out.join("model.safetensors").exists());
 
     refused(&bitdelta(&["inspect", s(&tmp.path().join("nope"))]), "No such file", tmp.path(), &listing(tmp.path()));
+    refused(&bitdelta(&["inspect", s(&b)]), "a folder, where a file was expected", tmp.path(), &listing(tmp.path()));
+    refused(&bitdelta(&["inspect", s(&b.join("model.safetensors"))]), "not a bitdelta artifact: metadata key `format` is \"pt\", expected \"bitdelta\"", tmp.path(), &listing(tmp.path()));
+    let json = tmp.path().join("settings.json");
+    std::fs::write(&json, r#"{"not": "safetensors"}"#).unwrap();
+    refused(&bitdelta(&["inspect", s(&json)]), "(not a safetensors file?)", tmp.path(), &listing(tmp.path()));
+    let weights = b.join("model.safetensors");
+    refused(&bitdelta(&["generate", "--model", s(&weights), "--prompt", "Hi"]), "where a model folder", tmp.path(), &listing(tmp.path()));
     let lost = tmp.path().join("no/such/dir/d.bitdelta.safetensors");
     refused(&bitdelta(&["compress", "--base", s(&b), "--finetuned", s(&f), "-o", s(&lost), "--calibrate", "none"]), "output folder", tmp.path(), &listing(tmp.path()));
     refused(&bitdelta(&["apply", "--base", s(&tmp.path().join("nope")), "--delta", s(&delta), "-o", s(&tmp.path().join("o2"))]), "no such model folder", tmp.path(), &listing(tmp.path()));
@@ -197,6 +204,34 @@ fn existing_output_needs_force_and_nonsense_is_a_usage_error() {
         assert_eq!(r.status.code(), Some(2), "{args:?}: {err}");
         assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: stderr is not one line: {err}");
     }
+}
+
+/// The base passed as its own fine-tune: an empty delta, written without calibrating (there is
+/// nothing to fit, so no text is read into a model and no report is written), that gives the
+/// base back.
+#[test]
+fn a_fine_tune_equal_to_its_base_gives_an_empty_delta_without_calibrating() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (b, _) = pair_folders(tmp.path(), |_, _| {});
+    // Far too little text for calibration: the run must not get as far as needing it.
+    let text = tmp.path().join("text.txt");
+    std::fs::write(&text, "A few words.").unwrap();
+    let delta = tmp.path().join("d.bitdelta.safetensors");
+    let r = bitdelta(&["compress", "--base", s(&b), "--finetuned", s(&b), "-o", s(&delta), "--calib-text", s(&text), "--json"]);
+    let summary: serde_json::Value = serde_json::from_str(&ok(&r)).unwrap();
+    assert!(String::from_utf8_lossy(&r.stderr).contains("nothing to calibrate"), "{}", String::from_utf8_lossy(&r.stderr));
+    assert_eq!((summary["compressed"].as_u64(), summary["whole"].as_array().map(Vec::len)), (Some(0), Some(0)));
+    assert_eq!(summary["calibration"], "none");
+    assert!(summary["mean_rel_error"].is_null() && summary["max_rel_error"].is_null(), "{summary}");
+    let written: BTreeSet<String> = ["base", "ft", "text.txt", "d.bitdelta.safetensors"].map(String::from).into();
+    assert_eq!(listing(tmp.path()), written, "no calibration report beside the delta");
+
+    let inspect: serde_json::Value = serde_json::from_str(&ok(&bitdelta(&["inspect", s(&delta), "--json"]))).unwrap();
+    assert_eq!((inspect["compressed"].as_u64(), inspect["whole"].as_u64()), (Some(0), Some(0)));
+    let out = tmp.path().join("restored");
+    ok(&bitdelta(&["apply", "--base", s(&b), "--delta", s(&delta), "-o", s(&out)]));
+    let (base, restored) = (read_tensors(&b.join("model.safetensors")), read_tensors(&out.join("model.safetensors")));
+    assert_eq!(restored, base);
 }
 
 /// Expected merged values for a one-weight formula, computed here from the definition.

@@ -34,7 +34,11 @@ impl FileBytes {
     /// of mmap-based readers); the header is validated against the length seen at open.
     pub fn open(path: &Path) -> Result<Self> {
         let file = File::open(path).map_err(|e| FormatError::io(path, e))?;
-        let len = file.metadata().map_err(|e| FormatError::io(path, e))?.len();
+        let meta = file.metadata().map_err(|e| FormatError::io(path, e))?;
+        if meta.is_dir() {
+            return Err(FormatError::io(path, std::io::Error::new(std::io::ErrorKind::IsADirectory, "a folder, where a file was expected")));
+        }
+        let len = meta.len();
         if len < 4096 {
             return fs::read(path).map(FileBytes::Owned).map_err(|e| FormatError::io(path, e));
         }

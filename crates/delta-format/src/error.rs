@@ -16,7 +16,7 @@ pub enum FormatError {
     // ---- safetensors container ----
     #[error("file is {len} bytes, too short for a safetensors header (needs at least 8)")]
     TooShort { len: usize },
-    #[error("header length {header_len} is larger than the limit of {max} bytes")]
+    #[error("header length {header_len} is larger than the limit of {max} bytes (not a safetensors file?)")]
     HeaderTooLarge { header_len: u64, max: usize },
     #[error("header length {header_len} runs past the end of the {file_len}-byte file (truncated?)")]
     HeaderOutOfBounds { header_len: u64, file_len: usize },
@@ -40,7 +40,10 @@ pub enum FormatError {
     BadMetadata { reason: String },
 
     // ---- bitdelta artifact ----
-    #[error("not a bitdelta artifact: metadata key `format` is {found:?}, expected \"bitdelta\"")]
+    #[error("not a bitdelta artifact: {}", match found {
+        Some(f) => format!("metadata key `format` is {f:?}, expected \"bitdelta\""),
+        None => "its metadata has no `format` key (a plain safetensors file?)".to_string(),
+    })]
     NotAnArtifact { found: Option<String> },
     #[error("artifact format version {found:?} is not supported by this reader (it reads version {supported})")]
     UnsupportedVersion { found: String, supported: u32 },

@@ -67,6 +67,10 @@ fn default_theta() -> f64 {
 
 impl ModelConfig {
     pub fn load(dir: &Path) -> Result<Self, ModelError> {
+        if dir.is_file() {
+            let error = std::io::Error::new(std::io::ErrorKind::NotADirectory, "a file, where a model folder (config.json, tokenizer.json, safetensors weights) was expected");
+            return Err(ModelError::Io { path: dir.to_path_buf(), error });
+        }
         let path = dir.join("config.json");
         let text = std::fs::read_to_string(&path).map_err(|error| ModelError::Io { path: path.clone(), error })?;
         let cfg: ModelConfig = serde_json::from_str(&text).map_err(|e| ModelError::Config { path: path.clone(), reason: e.to_string() })?;
