@@ -32,7 +32,8 @@ pub struct Args {
     /// With --chat: a system message first (otherwise the template's default, if any).
     #[arg(long, requires = "chat")]
     system: Option<String>,
-    /// Most tokens to generate.
+    /// Most tokens to generate (with the prompt, at most the model's context,
+    /// max_position_embeddings in its config.json).
     #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     max_new_tokens: u32,
     /// 0 = greedy (most likely token); above 0, sample from softmax(logits / T).
@@ -84,6 +85,13 @@ fn generate_on<B: Backend>(a: Args, device: &B::Device) -> Result<()> {
     };
     if prompt.is_empty() {
         bail!("the prompt encodes to no tokens");
+    }
+    if let Some(context) = model.cfg.max_position_embeddings.filter(|&c| prompt.len() + a.max_new_tokens as usize > c) {
+        bail!(
+            "{} prompt tokens + --max-new-tokens {} exceed the model's context of {context} tokens (max_position_embeddings in its config.json)",
+            prompt.len(),
+            a.max_new_tokens
+        );
     }
     if a.ignore_eos {
         stop.clear();

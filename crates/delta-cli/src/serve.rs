@@ -51,7 +51,8 @@ pub struct Args {
     /// Most prompt tokens a sequence feeds per step (long prompts do not stall the others).
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
     prefill_chunk: u32,
-    /// Most prompt + generated tokens per request.
+    /// Most prompt + generated tokens per request (at most the base's context,
+    /// max_position_embeddings in its config.json).
     #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(2..))]
     max_context: u32,
     /// Where the models run: `cpu`, or a GPU through `wgpu` (Vulkan, Metal, DX12) or `cuda`

@@ -363,6 +363,8 @@ fn generate_follows_the_reference_and_refuses_bad_requests() {
     refused(&bitdelta(&["generate", "--model", s(&ft), "--prompt", "hi", "--temperature", "-1"]), "--temperature", tmp.path(), &before);
     refused(&bitdelta(&["generate", "--model", s(&ft), "--prompt", "hi", "--temperature", "nan"]), "--temperature", tmp.path(), &before);
     refused(&bitdelta(&["generate", "--model", s(&ft), "--prompt", ""]), "no tokens", tmp.path(), &before);
+    let long = ["generate", "--model", s(&ft), "--prompt-ids", "1,2", "--max-new-tokens", "8191"];
+    refused(&bitdelta(&long), "2 prompt tokens + --max-new-tokens 8191 exceed the model's context of 8192 tokens", tmp.path(), &before);
     refused(&bitdelta(&["generate", "--model", s(&tmp.path().join("missing")), "--prompt", "hi"]), "missing", tmp.path(), &before);
     #[cfg(not(feature = "cuda"))]
     refused(&bitdelta(&["generate", "--model", s(&ft), "--prompt", "hi", "--device", "cuda"]), "--features cuda", tmp.path(), &before);

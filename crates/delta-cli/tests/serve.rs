@@ -422,6 +422,9 @@ fn the_server_refuses_to_start_on_bad_folders_a_broken_template_or_a_taken_port(
     let err = refused_to_start(&["--base", s(&copy), "--deltas", s(&empty), "--addr", "127.0.0.1:0"]);
     assert!(err.contains("chat template") && err.contains("tokenizer_config.json"), "{err}");
 
+    let err = refused_to_start(&["--base", s(&base), "--deltas", s(&empty), "--max-context", "8193", "--addr", "127.0.0.1:0"]);
+    assert!(err.contains("--max-context 8193 is beyond the base's context of 8192 tokens"), "{err}");
+
     // The base loads, the port is taken.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();

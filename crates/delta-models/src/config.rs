@@ -55,6 +55,8 @@ pub struct ModelConfig {
     /// `use_sliding_window: true`.
     pub sliding_window: Option<usize>,
     pub use_sliding_window: Option<bool>,
+    /// The most positions the model was trained for (prompt + generated tokens).
+    pub max_position_embeddings: Option<usize>,
 }
 
 fn default_eps() -> f64 {

@@ -10,6 +10,8 @@ use delta_models::ModelError;
 pub enum StartError {
     #[error("{flag} {} is not a folder", path.display())]
     NotAFolder { flag: &'static str, path: PathBuf },
+    #[error("--max-context {asked} is beyond the base's context of {context} tokens (max_position_embeddings in its config.json)")]
+    ContextTooLong { asked: usize, context: usize },
     /// The base checkpoint cannot be read.
     #[error("reading the base: {error}")]
     Base { error: FormatError },

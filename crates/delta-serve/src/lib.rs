@@ -43,6 +43,9 @@ pub fn build<B: Backend>(o: &ServeOptions, device: &B::Device) -> Result<axum::R
     let model = |what| move |error| StartError::Model { what, error };
     let ckpt = Checkpoint::open(&o.base).map_err(|error| StartError::Base { error })?;
     let cfg = ModelConfig::load(&o.base).map_err(model("reading the base's config"))?;
+    if let Some(context) = cfg.max_position_embeddings.filter(|&c| o.max_context > c) {
+        return Err(StartError::ContextTooLong { asked: o.max_context, context });
+    }
     let tokenizer = Tokenizer::load(&o.base).map_err(model("loading the tokenizer"))?;
     // No template: /v1/chat/completions answers 400; a broken one stops the server here.
     let template = ChatTemplate::find(&o.base).map_err(model("reading the chat template"))?;
