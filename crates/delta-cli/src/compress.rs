@@ -211,17 +211,17 @@ pub fn run(a: Args) -> Result<()> {
         bar.set_message(name.to_string());
     })?;
     bar.finish_and_clear();
-    let calib_text = calib_text.filter(|_| {
-        let some = !c.weights.is_empty();
-        if !some {
+    let calib_text = match calib_text {
+        Some(_) if c.weights.is_empty() => {
             eprintln!(
                 "note: no block linear of {} differs from the base's, so there is nothing to calibrate and the delta holds {} whole tensors only",
                 a.finetuned.display(),
                 c.whole.len()
             );
+            None
         }
-        some
-    });
+        text => text,
+    };
     let mut fits = Vec::new();
     let mut distilled: Option<DistillReport> = None;
     if let Some(text) = &calib_text {
