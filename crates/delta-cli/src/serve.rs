@@ -51,10 +51,10 @@ pub struct Args {
     /// Most prompt tokens a sequence feeds per step (long prompts do not stall the others).
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
     prefill_chunk: u32,
-    /// Most prompt + generated tokens per request (at most the base's context,
-    /// max_position_embeddings in its config.json).
-    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(2..))]
-    max_context: u32,
+    /// Most prompt + generated tokens per request: at most the base's context
+    /// (max_position_embeddings in its config.json), which is the default up to 4096.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(2..))]
+    max_context: Option<u32>,
     /// Where the models run: `cpu`, or a GPU through `wgpu` (Vulkan, Metal, DX12) or `cuda`
     /// (those need a bitdelta built with `--features wgpu` / `--features cuda`).
     #[arg(long, value_enum, default_value_t = crate::load::DeviceArg::Cpu)]
@@ -77,7 +77,7 @@ fn serve<B: Backend>(a: Args, device: &B::Device) -> Result<()> {
         deltas: a.deltas,
         base_name: a.base_name,
         max_resident: a.max_resident as usize,
-        max_context: a.max_context as usize,
+        max_context: a.max_context.map(|n| n as usize),
         engine: EngineOptions { max_batch: a.max_batch as usize, prefill_chunk: a.prefill_chunk as usize },
     };
     delta_serve::run::<B>(&options, device, &a.addr, |addr| {

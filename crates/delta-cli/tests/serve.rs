@@ -373,6 +373,34 @@ fn logprobs_follow_the_reference_and_choices_follow_generate() {
     }
 }
 
+/// A base whose config gives a context shorter than the default request limit (4096): the
+/// server's limit is that context, and a request beyond it is refused with 400.
+#[test]
+fn a_base_with_a_short_context_limits_requests_to_it() {
+    let (base, _) = smollm2();
+    let tmp = tempfile::tempdir().unwrap();
+    let (short, empty) = (tmp.path().join("short"), tmp.path().join("deltas"));
+    std::fs::create_dir_all(&empty).unwrap();
+    std::fs::create_dir(&short).unwrap();
+    for entry in std::fs::read_dir(&base).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap();
+        if name == "config.json" {
+            let mut config: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            config["max_position_embeddings"] = json!(32);
+            std::fs::write(short.join(name), config.to_string()).unwrap();
+        } else {
+            std::os::unix::fs::symlink(&path, short.join(name)).unwrap();
+        }
+    }
+    let server = Server::start(Path::new(BIN), &short, &empty, &[]);
+    // "Once upon a time" is 4 tokens.
+    assert_eq!(server.post("/v1/completions", &completion("short", "Once upon a time", 28)).status, 200);
+    let r = server.post("/v1/completions", &completion("short", "Once upon a time", 29));
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("4 prompt tokens + 29 max_tokens exceed this server's context of 32"), "{}", r.body);
+}
+
 /// Runs `bitdelta serve ARGS`, which must refuse to start: exit 1 with one line on stderr (which
 /// is returned). A server that starts prints `listening on …` and runs on; one that refuses
 /// closes stdout without a line.

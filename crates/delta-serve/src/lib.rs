@@ -29,9 +29,14 @@ pub struct ServeOptions {
     /// The base's model name; default: the base folder's name.
     pub base_name: Option<String>,
     pub max_resident: usize,
-    pub max_context: usize,
+    /// Most prompt + generated tokens per request; default: the base's context
+    /// (`max_position_embeddings`), at most [`DEFAULT_MAX_CONTEXT`].
+    pub max_context: Option<usize>,
     pub engine: EngineOptions,
 }
+
+/// The request context a server allows unless told otherwise (less where the base's is shorter).
+pub const DEFAULT_MAX_CONTEXT: usize = 4096;
 
 /// Loads the base on `device`, starts the engine and returns the app, ready to be served.
 pub fn build<B: Backend>(o: &ServeOptions, device: &B::Device) -> Result<axum::Router, StartError> {
@@ -43,9 +48,11 @@ pub fn build<B: Backend>(o: &ServeOptions, device: &B::Device) -> Result<axum::R
     let model = |what| move |error| StartError::Model { what, error };
     let ckpt = Checkpoint::open(&o.base).map_err(|error| StartError::Base { error })?;
     let cfg = ModelConfig::load(&o.base).map_err(model("reading the base's config"))?;
-    if let Some(context) = cfg.max_position_embeddings.filter(|&c| o.max_context > c) {
-        return Err(StartError::ContextTooLong { asked: o.max_context, context });
-    }
+    let max_context = match (o.max_context, cfg.max_position_embeddings) {
+        (Some(asked), Some(context)) if asked > context => return Err(StartError::ContextTooLong { asked, context }),
+        (Some(asked), _) => asked,
+        (None, context) => context.map_or(DEFAULT_MAX_CONTEXT, |c| c.min(DEFAULT_MAX_CONTEXT)),
+    };
     let tokenizer = Tokenizer::load(&o.base).map_err(model("loading the tokenizer"))?;
     // No template: /v1/chat/completions answers 400; a broken one stops the server here.
     let template = ChatTemplate::find(&o.base).map_err(model("reading the chat template"))?;
@@ -62,7 +69,7 @@ pub fn build<B: Backend>(o: &ServeOptions, device: &B::Device) -> Result<axum::R
         tokenizer: Arc::new(tokenizer),
         template,
         eos,
-        max_context: o.max_context,
+        max_context,
         requests: Default::default(),
     };
     Ok(api::router(Arc::new(state)))
