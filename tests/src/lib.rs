@@ -30,6 +30,49 @@ pub fn smollm2() -> (PathBuf, PathBuf) {
     (d.join("base"), d.join("finetuned"))
 }
 
+/// How many of the SmolLM2 pair's 30 blocks the checks on Mesa's lavapipe run (through
+/// [`smollm2_first_blocks`]).
+pub const LAVAPIPE_BLOCKS: usize = 4;
+
+/// The SmolLM2 pair cut to its first `blocks` blocks, written into `dir`: (base, finetuned)
+/// folders whose `config.json` says `num_hidden_layers: blocks`, whose weights are the real
+/// pair's tensors byte for byte less those of the later blocks, and whose other files (the
+/// tokenizer, its template) are copies. For the checks on Mesa's lavapipe, where every block
+/// costs seconds: a block's kernels and shapes are those of every other block.
+pub fn smollm2_first_blocks(blocks: usize, dir: &Path) -> (PathBuf, PathBuf) {
+    let (base, ft) = smollm2();
+    (first_blocks(&base, blocks, &dir.join("base")), first_blocks(&ft, blocks, &dir.join("finetuned")))
+}
+
+fn first_blocks(from: &Path, blocks: usize, to: &Path) -> PathBuf {
+    std::fs::create_dir_all(to).unwrap();
+    let later = |name: &str| {
+        let block = name.strip_prefix("model.layers.").and_then(|rest| rest.split('.').next()).and_then(|b| b.parse::<usize>().ok());
+        block.is_some_and(|b| b >= blocks)
+    };
+    for entry in std::fs::read_dir(from).unwrap() {
+        let path = entry.unwrap().path();
+        let (name, target) = (path.file_name().unwrap().to_str().unwrap().to_string(), to.join(path.file_name().unwrap()));
+        if name == "config.json" {
+            let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            let all = config["num_hidden_layers"].as_u64().unwrap() as usize;
+            assert!(blocks <= all, "{} has {all} blocks, fewer than {blocks}", from.display());
+            config["num_hidden_layers"] = blocks.into();
+            std::fs::write(&target, serde_json::to_string_pretty(&config).unwrap()).unwrap();
+        } else if name.ends_with(".safetensors") {
+            let bytes = std::fs::read(&path).unwrap();
+            let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+            let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+            let kept: Vec<(String, safetensors::tensor::TensorView<'_>)> = st.tensors().into_iter().filter(|(n, _)| !later(n)).collect();
+            safetensors::serialize_to_file(kept, header.metadata().clone(), &target).unwrap();
+        } else {
+            assert!(!name.ends_with(".index.json"), "{}: sharded checkpoints are not cut here", path.display());
+            std::fs::copy(&path, &target).unwrap();
+        }
+    }
+    to.to_path_buf()
+}
+
 /// A tensor for [`write_folder`]: name, safetensors dtype, shape, raw little-endian bytes.
 pub struct RawTensor {
     pub name: String,

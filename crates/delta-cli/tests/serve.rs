@@ -27,17 +27,22 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-/// A deltas folder with one artifact per scale mode (weight-space scales: quick to make, and
-/// three models whose greedy outputs differ).
-fn deltas(dir: &Path) -> PathBuf {
-    let (base, ft) = smollm2();
+/// A deltas folder of the pair (base, finetuned) with one artifact per scale mode (weight-space
+/// scales: quick to make, and three models whose greedy outputs differ).
+fn deltas_of(base: &Path, ft: &Path, dir: &Path) -> PathBuf {
     let folder = dir.join("deltas");
     std::fs::create_dir_all(&folder).unwrap();
     for mode in MODES {
         let out = folder.join(format!("{mode}.bitdelta.safetensors"));
-        bitdelta(&["compress", "--base", s(&base), "--finetuned", s(&ft), "-o", s(&out), "--scale", mode, "--calibrate", "none", "--json"]);
+        bitdelta(&["compress", "--base", s(base), "--finetuned", s(ft), "-o", s(&out), "--scale", mode, "--calibrate", "none", "--json"]);
     }
     folder
+}
+
+/// [`deltas_of`] the real pair.
+fn deltas(dir: &Path) -> PathBuf {
+    let (base, ft) = smollm2();
+    deltas_of(&base, &ft, dir)
 }
 
 fn completion(model: &str, prompt: &str, max_tokens: u32) -> Value {
@@ -161,14 +166,15 @@ fn greedy_outputs_equal_generate_for_deltas_in_one_batch_and_errors_are_json() {
     assert_eq!(text(&server.post("/v1/completions", &completion("per-output", PROMPTS[1], 24))), answers[3]);
 }
 
-/// `--device wgpu` (in CI: Mesa's lavapipe, slow, so few tokens): requests for three deltas and
-/// the base decoded together on the GPU backend give `generate`'s greedy text on the CPU.
+/// `--device wgpu` (in CI: Mesa's lavapipe, slow, so few tokens and the pair's first blocks,
+/// [`delta_tests::LAVAPIPE_BLOCKS`]): requests for three deltas and the base decoded together on
+/// the GPU backend give `generate`'s greedy text on the CPU.
 #[cfg(feature = "wgpu")]
 #[test]
 fn on_wgpu_deltas_in_one_batch_give_the_cpu_greedy_text() {
-    let (base, _) = smollm2();
     let tmp = tempfile::tempdir().unwrap();
-    let folder = deltas(tmp.path());
+    let (base, ft) = delta_tests::smollm2_first_blocks(delta_tests::LAVAPIPE_BLOCKS, tmp.path());
+    let folder = deltas_of(&base, &ft, tmp.path());
     let server = Server::start(Path::new(BIN), &base, &folder, &["--device", "wgpu"]);
     let models = ["scalar", "per-output", "per-input", "base"];
     let on = &server;

@@ -1,9 +1,10 @@
 //! The models on a GPU backend against the CPU backend: every tiny architecture variant, and the
-//! real pair with a packed delta of every scale mode through `DeltaLinear`'s CubeCL kernels —
-//! prefill-shaped (the merged weight formed on the device) and decode-shaped (the delta term
-//! added into the base product) — and a multi-tenant batch (`step_batch`: one base GEMM, one
-//! kernel launch per delta over its rows). Runs with `--features wgpu` (in CI: Mesa's lavapipe, a Vulkan
-//! driver on the CPU) or `--features cuda`.
+//! real pair's first blocks ([`delta_tests::LAVAPIPE_BLOCKS`]: every block runs the same kernels
+//! on the same shapes, and on lavapipe each costs seconds) with a packed delta of every scale
+//! mode through `DeltaLinear`'s CubeCL kernels — prefill-shaped (the merged weight formed on the
+//! device) and decode-shaped (the delta term added into the base product) — and a multi-tenant
+//! batch (`step_batch`: one base GEMM, one kernel launch per delta over its rows). Runs with
+//! `--features wgpu` (in CI: Mesa's lavapipe, a Vulkan driver on the CPU) or `--features cuda`.
 #![cfg(any(feature = "wgpu", feature = "cuda"))]
 
 use std::path::Path;
@@ -54,15 +55,15 @@ fn every_architecture_gives_the_cpu_logits_on_the_gpu_backend() {
 
 #[test]
 fn delta_linear_kernels_give_the_cpu_logits_for_every_mode() {
-    let (base_dir, ft_dir) = delta_tests::smollm2();
-    let (base, ft) = (Checkpoint::open(&base_dir).unwrap(), Checkpoint::open(&ft_dir).unwrap());
     let tmp = tempfile::tempdir().unwrap();
+    let (base_dir, ft_dir) = delta_tests::smollm2_first_blocks(delta_tests::LAVAPIPE_BLOCKS, tmp.path());
+    let (base, ft) = (Checkpoint::open(&base_dir).unwrap(), Checkpoint::open(&ft_dir).unwrap());
     let ids = support::chat_prompt_40();
     for mode in ScaleMode::ALL {
         let artifact = support::artifact(&base, &ft, mode, tmp.path());
         let (cpu, gpu) = (load::<CpuBackend>(&base_dir, Some(&artifact)), load::<Gpu>(&base_dir, Some(&artifact)));
         let packed = gpu.layers.iter().flat_map(|l| l.projections()).filter(|p| matches!(p, Projection::Delta(_))).count();
-        assert_eq!(packed, 210, "every block linear keeps its delta packed");
+        assert_eq!(packed, 7 * delta_tests::LAVAPIPE_BLOCKS, "every block linear keeps its delta packed");
 
         // A 37-row prefill: the merged weight formed on the device, then one GEMM; every row's
         // logits compared. Then 3 decoded rows: the delta term added into the base product.
@@ -110,9 +111,9 @@ fn batched_steps<B: Backend>(base_dir: &Path, artifacts: &[DeltaArtifact]) -> (V
 
 #[test]
 fn a_batch_of_different_deltas_gives_the_cpu_logits_on_the_gpu_backend() {
-    let (base_dir, ft_dir) = delta_tests::smollm2();
-    let (base, ft) = (Checkpoint::open(&base_dir).unwrap(), Checkpoint::open(&ft_dir).unwrap());
     let tmp = tempfile::tempdir().unwrap();
+    let (base_dir, ft_dir) = delta_tests::smollm2_first_blocks(delta_tests::LAVAPIPE_BLOCKS, tmp.path());
+    let (base, ft) = (Checkpoint::open(&base_dir).unwrap(), Checkpoint::open(&ft_dir).unwrap());
     let artifacts: Vec<DeltaArtifact> = [ScaleMode::Scalar, ScaleMode::PerOutput, ScaleMode::PerInput]
         .into_iter()
         .map(|mode| support::artifact(&base, &ft, mode, tmp.path()))
