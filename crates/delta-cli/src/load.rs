@@ -81,7 +81,12 @@ fn start<B: Backend>(device: DeviceArg) -> Result<B::Device> {
         }
     }));
     let d = B::Device::default();
-    let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| burn::tensor::Tensor::<B, 1>::zeros([1], &d).into_data()));
+    let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        // CubeCL reads its configuration here (a malformed `cubecl.toml` panics).
+        #[cfg(any(feature = "wgpu", feature = "cuda"))]
+        delta_models::cube::autotune_results_in_the_user_cache();
+        burn::tensor::Tensor::<B, 1>::zeros([1], &d).into_data()
+    }));
     std::panic::set_hook(previous);
     if started.is_ok() {
         return Ok(d);

@@ -381,17 +381,26 @@ fn generate_follows_the_reference_and_refuses_bad_requests() {
 }
 
 /// `--device wgpu` (in CI: Mesa's lavapipe) generates the CPU's tokens, and reports its device.
+/// Run inside a Cargo project, it keeps CubeCL's autotune results in the user's cache folder, not
+/// in that project's `target/`.
 #[cfg(feature = "wgpu")]
 #[test]
 fn generate_on_wgpu_gives_the_cpu_tokens() {
     let (_, ft) = smollm2();
+    let tmp = tempfile::tempdir().unwrap();
+    let (project, cache) = (tmp.path().join("project"), tmp.path().join("cache"));
+    std::fs::create_dir_all(&project).unwrap();
+    std::fs::write(project.join("Cargo.toml"), "[package]\nname = \"elsewhere\"\n").unwrap();
     let run = |device: &str| -> serde_json::Value {
-        let out = ok(&bitdelta(&["generate", "--model", s(&ft), "--prompt", "Once upon a time", "--max-new-tokens", "6", "--json", "--device", device]));
-        serde_json::from_str(&out).unwrap()
+        let args = ["generate", "--model", s(&ft), "--prompt", "Once upon a time", "--max-new-tokens", "6", "--json", "--device", device];
+        let out = Command::new(env!("CARGO_BIN_EXE_bitdelta")).args(args).current_dir(&project).env("XDG_CACHE_HOME", &cache).output().unwrap();
+        serde_json::from_str(&ok(&out)).unwrap()
     };
     let (cpu, gpu) = (run("cpu"), run("wgpu"));
     assert_eq!(gpu["tokens"], cpu["tokens"], "wgpu {gpu}\ncpu {cpu}");
     assert_eq!((cpu["device"].as_str(), gpu["device"].as_str()), (Some("cpu"), Some("wgpu")));
+    assert_eq!(listing(&project), BTreeSet::from(["Cargo.toml".to_string()]), "bitdelta wrote into the project it ran in");
+    assert!(cache.join("cubecl/autotune").is_dir(), "no autotune results in {}", cache.display());
 }
 
 /// Calibration requests that cannot work are refused before any output exists.

@@ -20,6 +20,28 @@ pub type WgpuBackend = burn_cubecl::CubeBackend<burn_wgpu::WgpuRuntime, f32, i32
 #[cfg(feature = "cuda")]
 pub type CudaBackend = burn_cubecl::CubeBackend<cubecl::cuda::CudaRuntime, f32, i32, u8>;
 
+/// Keeps CubeCL's autotune results (which kernel is fastest for each product shape, measured on
+/// first use) in the user's cache folder (`cubecl/` there, `~/.cache/cubecl` on Linux), where
+/// CubeCL keeps them when the process runs outside a Cargo project; inside one, CubeCL would
+/// write them into that project's `target/` folder. A `cubecl.toml` that names a place wins. For
+/// programs such as the `bitdelta` command; call it before any GPU work: once CubeCL has read its
+/// configuration this changes nothing.
+#[cfg(feature = "cube")]
+pub fn autotune_results_in_the_user_cache() {
+    use cubecl::config::cache::CacheConfig;
+    use cubecl::config::{CubeClRuntimeConfig, RuntimeConfig};
+    let Some(dir) = dirs::cache_dir() else { return };
+    let mut state = CubeClRuntimeConfig::storage().lock();
+    if state.is_some() {
+        return;
+    }
+    let mut config = CubeClRuntimeConfig::from_current_dir().override_from_env();
+    if matches!(config.autotune.cache, CacheConfig::Target) {
+        config.autotune.cache = CacheConfig::File(dir.join("cubecl"));
+    }
+    *state = Some(std::sync::Arc::new(config));
+}
+
 /// A packed delta's device buffers, uploaded on first use on a GPU backend and shared by clones
 /// (empty, and free, on the CPU).
 #[derive(Clone, Default)]
