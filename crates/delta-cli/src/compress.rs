@@ -104,10 +104,10 @@ pub struct Args {
     /// With `--scale auto`: a per-output or per-input fit replaces the scalar fit of a layer only
     /// if its held-out layer-output MSE is lower by more than this fraction (0: the lowest wins).
     /// Vectors that win by a few percent of layer MSE lose perplexity (measured: BENCHMARKS.md).
-    #[arg(long, default_value_t = 0.2, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 0.2, allow_hyphen_values = true)]
     vector_margin: f64,
     /// Learning rate of `--layerwise-solver adamw`.
-    #[arg(long, default_value_t = 1e-5, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 1e-5, allow_hyphen_values = true)]
     adamw_lr: f64,
     /// End-to-end samples (`--calibrate full`): the token windows after the layer-wise ones; the
     /// last 10% are held out and only scored. The fine-tune's logits for them are computed once
@@ -124,7 +124,7 @@ pub struct Args {
     /// Peak learning rate of the end-to-end stage (cosine decay to 0). Steps are relative: each
     /// scale is trained as its stage-1 value times a multiplier starting at 1, so 0.01 moves a
     /// scale by about 1% per step whatever its magnitude.
-    #[arg(long, default_value_t = 0.01, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 0.01, allow_hyphen_values = true)]
     distill_lr: f64,
     /// End-to-end objective. MSE is the default; with calibration text from the fine-tune's own
     /// domain, KL reproduced SmolLM2's fine-tune more closely (KL to it 0.0032 against 0.0048

@@ -37,11 +37,11 @@ pub struct Args {
     #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     max_new_tokens: u32,
     /// 0 = greedy (most likely token); above 0, sample from softmax(logits / T).
-    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
     temperature: f32,
     /// With a temperature above 0: sample only among the most likely tokens whose probabilities
     /// first add up to at least P (nucleus sampling); 1 keeps every token.
-    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 1.0, allow_hyphen_values = true)]
     top_p: f32,
     /// Seed for sampling (the same seed and prompt give the same text).
     #[arg(long, default_value_t = 0)]

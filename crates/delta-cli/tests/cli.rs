@@ -361,6 +361,8 @@ fn generate_follows_the_reference_and_refuses_bad_requests() {
     let before = listing(tmp.path());
     refused(&bitdelta(&["generate", "--model", s(&no_template), "--chat", "--prompt", "hi"]), "no chat template", &no_template, &before_model);
     refused(&bitdelta(&["generate", "--model", s(&ft), "--prompt", "hi", "--temperature", "-1"]), "--temperature", tmp.path(), &before);
+    // A negative exponent is still a number (clap alone took `-1e-3` for the flag `-1`).
+    refused(&bitdelta(&["generate", "--model", s(&ft), "--prompt", "hi", "--temperature", "-1e-3"]), "temperature -0.001 is not a finite number", tmp.path(), &before);
     refused(&bitdelta(&["generate", "--model", s(&ft), "--prompt", "hi", "--temperature", "nan"]), "--temperature", tmp.path(), &before);
     refused(&bitdelta(&["generate", "--model", s(&ft), "--prompt", ""]), "no tokens", tmp.path(), &before);
     let long = ["generate", "--model", s(&ft), "--prompt-ids", "1,2", "--max-new-tokens", "8191"];
@@ -442,6 +444,9 @@ fn full_calibration_runs_both_stages_on_the_real_pair() {
     let mut negative = args.clone();
     negative.extend(["--distill-lr", "-1"]);
     refused(&bitdelta(&negative), "--distill-lr must be a positive number, not -1", tmp.path(), &before);
+    let mut exponent = args.clone();
+    exponent.extend(["--distill-lr", "-1e-3"]);
+    refused(&bitdelta(&exponent), "--distill-lr must be a positive number, not -0.001", tmp.path(), &before);
 
     let report: serde_json::Value = serde_json::from_str(&ok(&bitdelta(&args))).unwrap();
     assert_eq!(report["calibration"], "full");
