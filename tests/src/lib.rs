@@ -37,7 +37,7 @@ pub const LAVAPIPE_BLOCKS: usize = 4;
 /// The SmolLM2 pair cut to its first `blocks` blocks, written into `dir`: (base, finetuned)
 /// folders whose `config.json` says `num_hidden_layers: blocks`, whose weights are the real
 /// pair's tensors byte for byte less those of the later blocks, and whose other files (the
-/// tokenizer, its template) are copies. For the checks on Mesa's lavapipe, where every block
+/// tokenizer, its template) are links. For the checks on Mesa's lavapipe, where every block
 /// costs seconds: a block's kernels and shapes are those of every other block.
 pub fn smollm2_first_blocks(blocks: usize, dir: &Path) -> (PathBuf, PathBuf) {
     let (base, ft) = smollm2();
@@ -45,32 +45,57 @@ pub fn smollm2_first_blocks(blocks: usize, dir: &Path) -> (PathBuf, PathBuf) {
 }
 
 fn first_blocks(from: &Path, blocks: usize, to: &Path) -> PathBuf {
-    std::fs::create_dir_all(to).unwrap();
     let later = |name: &str| {
         let block = name.strip_prefix("model.layers.").and_then(|rest| rest.split('.').next()).and_then(|b| b.parse::<usize>().ok());
         block.is_some_and(|b| b >= blocks)
     };
-    for entry in std::fs::read_dir(from).unwrap() {
-        let path = entry.unwrap().path();
-        let (name, target) = (path.file_name().unwrap().to_str().unwrap().to_string(), to.join(path.file_name().unwrap()));
+    linked_copy(from, to, |name, path, target| {
+        assert!(!name.ends_with(".index.json"), "{}: sharded checkpoints are not cut here", path.display());
         if name == "config.json" {
-            let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
             let all = config["num_hidden_layers"].as_u64().unwrap() as usize;
             assert!(blocks <= all, "{} has {all} blocks, fewer than {blocks}", from.display());
             config["num_hidden_layers"] = blocks.into();
-            std::fs::write(&target, serde_json::to_string_pretty(&config).unwrap()).unwrap();
+            std::fs::write(target, serde_json::to_string_pretty(&config).unwrap()).unwrap();
         } else if name.ends_with(".safetensors") {
-            let bytes = std::fs::read(&path).unwrap();
+            let bytes = std::fs::read(path).unwrap();
             let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
             let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
             let kept: Vec<(String, safetensors::tensor::TensorView<'_>)> = st.tensors().into_iter().filter(|(n, _)| !later(n)).collect();
-            safetensors::serialize_to_file(kept, header.metadata().clone(), &target).unwrap();
+            safetensors::serialize_to_file(kept, header.metadata().clone(), target).unwrap();
         } else {
-            assert!(!name.ends_with(".index.json"), "{}: sharded checkpoints are not cut here", path.display());
-            std::fs::copy(&path, &target).unwrap();
+            return false;
+        }
+        true
+    });
+    to.to_path_buf()
+}
+
+/// `dest`: a new folder of links to the files of the model folder `src`, but for those `rewrite`
+/// handles. It gets each file's name, its path and its path in `dest`, and returns whether it
+/// handled the file (wrote it, or left it out); otherwise the file is linked.
+pub fn linked_copy(src: &Path, dest: &Path, mut rewrite: impl FnMut(&str, &Path, &Path) -> bool) {
+    std::fs::create_dir_all(dest).unwrap();
+    for entry in std::fs::read_dir(src).unwrap() {
+        let path = entry.unwrap().path();
+        let target = dest.join(path.file_name().unwrap());
+        if !rewrite(path.file_name().unwrap().to_str().unwrap(), &path, &target) {
+            std::os::unix::fs::symlink(&path, &target).unwrap();
         }
     }
-    to.to_path_buf()
+}
+
+/// [`linked_copy`] of `src` with its JSON file `name` written with `edit` made.
+pub fn edited_copy(src: &Path, dest: &Path, name: &str, edit: impl Fn(&mut serde_json::Value)) {
+    linked_copy(src, dest, |file, path, target| {
+        if file != name {
+            return false;
+        }
+        let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        edit(&mut json);
+        std::fs::write(target, json.to_string()).unwrap();
+        true
+    });
 }
 
 /// A tensor for [`write_folder`]: name, safetensors dtype, shape, raw little-endian bytes.

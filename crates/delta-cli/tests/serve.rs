@@ -379,22 +379,6 @@ fn logprobs_follow_the_reference_and_choices_follow_generate() {
     }
 }
 
-/// `dest`: the model folder `src` as links, but for its JSON file `name`, written with `edit` made.
-fn edited_copy(src: &Path, dest: &Path, name: &str, edit: impl Fn(&mut Value)) {
-    std::fs::create_dir(dest).unwrap();
-    for entry in std::fs::read_dir(src).unwrap() {
-        let path = entry.unwrap().path();
-        let file = path.file_name().unwrap();
-        if file == name {
-            let mut json: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-            edit(&mut json);
-            std::fs::write(dest.join(file), json.to_string()).unwrap();
-        } else {
-            std::os::unix::fs::symlink(&path, dest.join(file)).unwrap();
-        }
-    }
-}
-
 /// A base whose config gives a context shorter than the default request limit (4096): the
 /// server's limit is that context, and a request beyond it is refused with 400.
 #[test]
@@ -403,7 +387,7 @@ fn a_base_with_a_short_context_limits_requests_to_it() {
     let tmp = tempfile::tempdir().unwrap();
     let (short, empty) = (tmp.path().join("short"), tmp.path().join("deltas"));
     std::fs::create_dir_all(&empty).unwrap();
-    edited_copy(&base, &short, "config.json", |config| config["max_position_embeddings"] = json!(32));
+    delta_tests::edited_copy(&base, &short, "config.json", |config| config["max_position_embeddings"] = json!(32));
     let server = Server::start(Path::new(BIN), &short, &empty, &[]);
     // "Once upon a time" is 4 tokens.
     assert_eq!(server.post("/v1/completions", &completion("short", "Once upon a time", 28)).status, 200);
@@ -446,7 +430,7 @@ fn the_server_refuses_to_start_on_bad_folders_a_broken_template_or_a_taken_port(
     assert!(err.contains("reading the base"), "{err}");
 
     let copy = tmp.path().join("base");
-    edited_copy(&base, &copy, "tokenizer_config.json", |config| config["chat_template"] = json!("{% for %}"));
+    delta_tests::edited_copy(&base, &copy, "tokenizer_config.json", |config| config["chat_template"] = json!("{% for %}"));
     let err = refused_to_start(&["--base", s(&copy), "--deltas", s(&empty), "--addr", "127.0.0.1:0"]);
     assert!(err.contains("chat template") && err.contains("tokenizer_config.json"), "{err}");
 
