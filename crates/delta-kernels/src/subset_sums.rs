@@ -168,7 +168,6 @@ mod tests {
         #![proptest_config(ProptestConfig::with_cases(40))]
         #[test]
         fn table_sums_are_the_signed_sums(out in 1usize..50, inp in 1usize..4700, seed in any::<u64>()) {
-            prop_assume!(available());
             let w = weight(out, inp, ScaleMode::Scalar, seed);
             let z = random(inp, seed ^ 1);
             let wpr = w.signs.words_per_row();
@@ -176,13 +175,20 @@ mod tests {
             // A task that starts mid-matrix, as the decode pass splits them.
             let i0 = out / 3;
             let mut sums = vec![0f32; (out - i0).next_multiple_of(LANES)];
-            add_sums(w.signs.words(), wpr, i0, out, &tables, &mut sums);
+            // The vector pass needs AVX-512F; without it the tables are still checked through the
+            // plain lane arithmetic.
+            if available() {
+                add_sums(w.signs.words(), wpr, i0, out, &tables, &mut sums);
+            }
             for i in i0..out {
+                let lane = lane_sums(w.signs.words(), wpr, i, &tables);
                 // Bit for bit the lane arithmetic, whatever tile the row falls in…
-                prop_assert_eq!(sums[i - i0].to_bits(), lane_sums(w.signs.words(), wpr, i, &tables).to_bits(), "row {}", i);
+                if available() {
+                    prop_assert_eq!(sums[i - i0].to_bits(), lane.to_bits(), "row {}", i);
+                }
                 // …and the signed sum itself, against f64.
                 let want: f64 = (0..inp).map(|j| if (w.signs.row(i)[j / 32] >> (j % 32)) & 1 == 1 { z[j] as f64 } else { -(z[j] as f64) }).sum();
-                prop_assert!((sums[i - i0] as f64 - want).abs() <= 1e-5 * (inp as f64).sqrt().max(1.0), "row {}: {} vs {}", i, sums[i - i0], want);
+                prop_assert!((lane as f64 - want).abs() <= 1e-5 * (inp as f64).sqrt().max(1.0), "row {}: {} vs {}", i, lane, want);
             }
         }
     }
