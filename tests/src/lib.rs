@@ -39,16 +39,22 @@ pub const LAVAPIPE_BLOCKS: usize = 4;
 /// pair's tensors byte for byte less those of the later blocks, and whose other files (the
 /// tokenizer, its template) are links. For the checks on Mesa's lavapipe, where every block
 /// costs seconds: a block's kernels and shapes are those of every other block.
-pub fn smollm2_first_blocks(blocks: usize, dir: &Path) -> (PathBuf, PathBuf) {
+///
+/// `tokens`: also keep only the first `tokens` rows of the embedding (and of an untied LM head),
+/// with `vocab_size` to match, for checks that feed token ids below it and never the tokenizer.
+/// The LM head is not a delta weight, and on lavapipe its 49,152 columns dominate a fresh
+/// machine's time: CubeCL times each candidate GEMM 13 times for every new shape.
+pub fn smollm2_first_blocks(blocks: usize, tokens: Option<usize>, dir: &Path) -> (PathBuf, PathBuf) {
     let (base, ft) = smollm2();
-    (first_blocks(&base, blocks, &dir.join("base")), first_blocks(&ft, blocks, &dir.join("finetuned")))
+    (first_blocks(&base, blocks, tokens, &dir.join("base")), first_blocks(&ft, blocks, tokens, &dir.join("finetuned")))
 }
 
-fn first_blocks(from: &Path, blocks: usize, to: &Path) -> PathBuf {
+fn first_blocks(from: &Path, blocks: usize, tokens: Option<usize>, to: &Path) -> PathBuf {
     let later = |name: &str| {
         let block = name.strip_prefix("model.layers.").and_then(|rest| rest.split('.').next()).and_then(|b| b.parse::<usize>().ok());
         block.is_some_and(|b| b >= blocks)
     };
+    let per_token = |name: &str| name == "model.embed_tokens.weight" || name == "lm_head.weight";
     linked_copy(from, to, |name, path, target| {
         assert!(!name.ends_with(".index.json"), "{}: sharded checkpoints are not cut here", path.display());
         if name == "config.json" {
@@ -56,12 +62,30 @@ fn first_blocks(from: &Path, blocks: usize, to: &Path) -> PathBuf {
             let all = config["num_hidden_layers"].as_u64().unwrap() as usize;
             assert!(blocks <= all, "{} has {all} blocks, fewer than {blocks}", from.display());
             config["num_hidden_layers"] = blocks.into();
+            if let Some(t) = tokens {
+                assert!(t <= config["vocab_size"].as_u64().unwrap() as usize, "{}: fewer than {t} tokens", from.display());
+                config["vocab_size"] = t.into();
+            }
             std::fs::write(target, serde_json::to_string_pretty(&config).unwrap()).unwrap();
         } else if name.ends_with(".safetensors") {
             let bytes = std::fs::read(path).unwrap();
             let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
             let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-            let kept: Vec<(String, safetensors::tensor::TensorView<'_>)> = st.tensors().into_iter().filter(|(n, _)| !later(n)).collect();
+            let kept: Vec<(String, safetensors::tensor::TensorView<'_>)> = st
+                .tensors()
+                .into_iter()
+                .filter(|(n, _)| !later(n))
+                .map(|(n, view)| match tokens {
+                    Some(t) if per_token(&n) => {
+                        let mut shape = view.shape().to_vec();
+                        let row = view.data().len() / shape[0];
+                        shape[0] = t;
+                        let cut = safetensors::tensor::TensorView::new(view.dtype(), shape, &view.data()[..t * row]).unwrap();
+                        (n, cut)
+                    }
+                    _ => (n, view),
+                })
+                .collect();
             safetensors::serialize_to_file(kept, header.metadata().clone(), target).unwrap();
         } else {
             return false;

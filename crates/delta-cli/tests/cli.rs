@@ -474,7 +474,7 @@ fn full_calibration_runs_both_stages_on_the_real_pair() {
 fn calibration_on_wgpu_matches_the_cpu_on_the_real_pair() {
     let fx = delta_tests::fixtures();
     let tmp = tempfile::tempdir().unwrap();
-    let (base, ft) = delta_tests::smollm2_first_blocks(delta_tests::LAVAPIPE_BLOCKS, tmp.path());
+    let (base, ft) = delta_tests::smollm2_first_blocks(delta_tests::LAVAPIPE_BLOCKS, None, tmp.path());
     let text = fx.join("text/tiny_train.utf8");
     let run = |device: &str| -> (serde_json::Value, HashMap<String, Vec<f32>>) {
         let out = tmp.path().join(format!("{device}.bitdelta.safetensors"));

@@ -173,7 +173,7 @@ fn greedy_outputs_equal_generate_for_deltas_in_one_batch_and_errors_are_json() {
 #[test]
 fn on_wgpu_deltas_in_one_batch_give_the_cpu_greedy_text() {
     let tmp = tempfile::tempdir().unwrap();
-    let (base, ft) = delta_tests::smollm2_first_blocks(delta_tests::LAVAPIPE_BLOCKS, tmp.path());
+    let (base, ft) = delta_tests::smollm2_first_blocks(delta_tests::LAVAPIPE_BLOCKS, None, tmp.path());
     let folder = deltas_of(&base, &ft, tmp.path());
     let server = Server::start(Path::new(BIN), &base, &folder, &["--device", "wgpu"]);
     let models = ["scalar", "per-output", "per-input", "base"];
