@@ -34,6 +34,11 @@ pub fn smollm2() -> (PathBuf, PathBuf) {
 /// [`smollm2_first_blocks`]).
 pub const LAVAPIPE_BLOCKS: usize = 4;
 
+/// How many of the SmolLM2 vocabulary's 49,152 tokens the checks on Mesa's lavapipe keep
+/// (through [`smollm2_first_blocks`]): the first 16,384, which hold every token of the byte-level
+/// alphabet, the special tokens and the most frequent merges.
+pub const LAVAPIPE_TOKENS: usize = 16_384;
+
 /// The SmolLM2 pair cut to its first `blocks` blocks, written into `dir`: (base, finetuned)
 /// folders whose `config.json` says `num_hidden_layers: blocks`, whose weights are the real
 /// pair's tensors byte for byte less those of the later blocks, and whose other files (the
@@ -41,9 +46,10 @@ pub const LAVAPIPE_BLOCKS: usize = 4;
 /// costs seconds: a block's kernels and shapes are those of every other block.
 ///
 /// `tokens`: also keep only the first `tokens` rows of the embedding (and of an untied LM head),
-/// with `vocab_size` to match, for checks that feed token ids below it and never the tokenizer.
-/// The LM head is not a delta weight, and on lavapipe its 49,152 columns dominate a fresh
-/// machine's time: CubeCL times each candidate GEMM 13 times for every new shape.
+/// with `vocab_size` to match, and the tokenizer's first `tokens` tokens ([`cut_tokenizer`]), so
+/// that text encodes to ids below it. The LM head is not a delta weight, and on lavapipe its
+/// 49,152 columns dominate a fresh machine's time: CubeCL times each candidate GEMM 13 times for
+/// every new shape.
 pub fn smollm2_first_blocks(blocks: usize, tokens: Option<usize>, dir: &Path) -> (PathBuf, PathBuf) {
     let (base, ft) = smollm2();
     (first_blocks(&base, blocks, tokens, &dir.join("base")), first_blocks(&ft, blocks, tokens, &dir.join("finetuned")))
@@ -67,6 +73,10 @@ fn first_blocks(from: &Path, blocks: usize, tokens: Option<usize>, to: &Path) ->
                 config["vocab_size"] = t.into();
             }
             std::fs::write(target, serde_json::to_string_pretty(&config).unwrap()).unwrap();
+        } else if let (Some(t), "tokenizer.json") = (tokens, name) {
+            let mut tokenizer: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+            cut_tokenizer(&mut tokenizer, t);
+            std::fs::write(target, tokenizer.to_string()).unwrap();
         } else if name.ends_with(".safetensors") {
             let bytes = std::fs::read(path).unwrap();
             let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
@@ -93,6 +103,37 @@ fn first_blocks(from: &Path, blocks: usize, tokens: Option<usize>, to: &Path) ->
         true
     });
     to.to_path_buf()
+}
+
+/// Keeps a byte-level BPE `tokenizer.json`'s first `tokens` tokens: the vocabulary entries and
+/// added tokens with smaller ids, and the merges whose two parts and result are all kept. The cut
+/// tokenizer encodes any text (its single-character tokens must all be kept, asserted) to ids
+/// below `tokens`: where the whole one would use a dropped merge, it stops at the parts.
+pub fn cut_tokenizer(tokenizer: &mut serde_json::Value, tokens: usize) {
+    let model = &mut tokenizer["model"];
+    assert_eq!(model["type"], "BPE", "only BPE tokenizers are cut here");
+    let vocab = model["vocab"].as_object_mut().expect("a BPE vocabulary");
+    let below = |id: &serde_json::Value| id.as_u64().is_some_and(|i| (i as usize) < tokens);
+    let dropped_letter = vocab.iter().find(|(piece, id)| piece.chars().count() == 1 && !below(id)).map(|(p, _)| p.clone());
+    assert!(dropped_letter.is_none(), "cutting the vocabulary to {tokens} tokens drops the single-character token {dropped_letter:?}");
+    vocab.retain(|_, id| below(id));
+    let kept: std::collections::HashSet<String> = vocab.keys().cloned().collect();
+    let parts = |merge: &serde_json::Value| -> (String, String) {
+        let pair: Vec<&str> = match merge {
+            serde_json::Value::String(pair) => pair.splitn(2, ' ').collect(),
+            serde_json::Value::Array(parts) => parts.iter().filter_map(|p| p.as_str()).collect(),
+            _ => Vec::new(),
+        };
+        assert_eq!(pair.len(), 2, "a merge that is neither \"a b\" nor [a, b]: {merge}");
+        (pair[0].to_string(), pair[1].to_string())
+    };
+    model["merges"].as_array_mut().expect("BPE merges").retain(|m| {
+        let (a, b) = parts(m);
+        kept.contains(&a) && kept.contains(&b) && kept.contains(&(a + &b))
+    });
+    if let Some(added) = tokenizer["added_tokens"].as_array_mut() {
+        added.retain(|t| below(&t["id"]));
+    }
 }
 
 /// `dest`: a new folder of links to the files of the model folder `src`, but for those `rewrite`

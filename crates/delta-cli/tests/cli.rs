@@ -462,7 +462,7 @@ fn full_calibration_runs_both_stages_on_the_real_pair() {
 }
 
 /// `compress --device wgpu` (in CI: Mesa's lavapipe) calibrates the real pair's first blocks
-/// ([`delta_tests::LAVAPIPE_BLOCKS`]) as the CPU does: the same candidate kept for every layer,
+/// and tokens ([`delta_tests::LAVAPIPE_BLOCKS`], [`delta_tests::LAVAPIPE_TOKENS`]) as the CPU does: the same candidate kept for every layer,
 /// the same held-out losses and scales within float noise. The fits see 32 token rows here, so
 /// some are ill-conditioned: a per-output fit's held-out MSE moved by 1.7e-3 (relative) between
 /// the backends where the others moved by ≤ 2.6e-4 (on all 30 blocks). And Adam's normalised
@@ -474,7 +474,7 @@ fn full_calibration_runs_both_stages_on_the_real_pair() {
 fn calibration_on_wgpu_matches_the_cpu_on_the_real_pair() {
     let fx = delta_tests::fixtures();
     let tmp = tempfile::tempdir().unwrap();
-    let (base, ft) = delta_tests::smollm2_first_blocks(delta_tests::LAVAPIPE_BLOCKS, None, tmp.path());
+    let (base, ft) = delta_tests::smollm2_first_blocks(delta_tests::LAVAPIPE_BLOCKS, Some(delta_tests::LAVAPIPE_TOKENS), tmp.path());
     let text = fx.join("text/tiny_train.utf8");
     let run = |device: &str| -> (serde_json::Value, HashMap<String, Vec<f32>>) {
         let out = tmp.path().join(format!("{device}.bitdelta.safetensors"));

@@ -166,14 +166,15 @@ fn greedy_outputs_equal_generate_for_deltas_in_one_batch_and_errors_are_json() {
     assert_eq!(text(&server.post("/v1/completions", &completion("per-output", PROMPTS[1], 24))), answers[3]);
 }
 
-/// `--device wgpu` (in CI: Mesa's lavapipe, slow, so few tokens and the pair's first blocks,
-/// [`delta_tests::LAVAPIPE_BLOCKS`]): requests for three deltas and the base decoded together on
-/// the GPU backend give `generate`'s greedy text on the CPU.
+/// `--device wgpu` (in CI: Mesa's lavapipe, slow, so few tokens and the pair's first blocks and
+/// tokens, [`delta_tests::LAVAPIPE_BLOCKS`] and [`delta_tests::LAVAPIPE_TOKENS`]): requests for
+/// three deltas and the base decoded together on the GPU backend give `generate`'s greedy text on
+/// the CPU.
 #[cfg(feature = "wgpu")]
 #[test]
 fn on_wgpu_deltas_in_one_batch_give_the_cpu_greedy_text() {
     let tmp = tempfile::tempdir().unwrap();
-    let (base, ft) = delta_tests::smollm2_first_blocks(delta_tests::LAVAPIPE_BLOCKS, None, tmp.path());
+    let (base, ft) = delta_tests::smollm2_first_blocks(delta_tests::LAVAPIPE_BLOCKS, Some(delta_tests::LAVAPIPE_TOKENS), tmp.path());
     let folder = deltas_of(&base, &ft, tmp.path());
     let server = Server::start(Path::new(BIN), &base, &folder, &["--device", "wgpu"]);
     let models = ["scalar", "per-output", "per-input", "base"];

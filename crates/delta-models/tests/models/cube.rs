@@ -6,8 +6,8 @@
 //! batch (`step_batch`: one base GEMM, one kernel launch per delta over its rows). Runs with
 //! `--features wgpu` (in CI: Mesa's lavapipe, a Vulkan driver on the CPU) or `--features cuda`.
 //! The real pair's checks keep the first [`TOKENS`] tokens of its vocabulary: their prompts use
-//! no others, and the LM head (not a delta weight) over all 49,152 took most of a fresh
-//! machine's time in CubeCL's GEMM autotune.
+//! no others (asserted), and the LM head (not a delta weight) over all 49,152 took most of a
+//! fresh machine's time in CubeCL's GEMM autotune.
 #![cfg(any(feature = "wgpu", feature = "cuda"))]
 
 use std::path::Path;
@@ -26,7 +26,7 @@ type Gpu = delta_models::cube::WgpuBackend;
 type Gpu = delta_models::cube::CudaBackend;
 
 /// The vocabulary the real pair is cut to here: the prompts' ids are all below it.
-const TOKENS: usize = 16_384;
+const TOKENS: usize = delta_tests::LAVAPIPE_TOKENS;
 
 fn load<B: Backend>(dir: &Path, delta: Option<&DeltaArtifact>) -> Llama<B> {
     let ckpt = Checkpoint::open(dir).unwrap();
