@@ -35,9 +35,9 @@ pub fn smollm2() -> (PathBuf, PathBuf) {
 pub const LAVAPIPE_BLOCKS: usize = 4;
 
 /// How many of the SmolLM2 vocabulary's 49,152 tokens the checks on Mesa's lavapipe keep
-/// (through [`smollm2_first_blocks`]): the first 16,384, which hold every token of the byte-level
-/// alphabet, the special tokens and the most frequent merges.
-pub const LAVAPIPE_TOKENS: usize = 16_384;
+/// (through [`smollm2_first_blocks`]): the first 4,096, which hold the special tokens, every
+/// token of the byte-level alphabet and the most frequent merges.
+pub const LAVAPIPE_TOKENS: usize = 4_096;
 
 /// The SmolLM2 pair cut to its first `blocks` blocks, written into `dir`: (base, finetuned)
 /// folders whose `config.json` says `num_hidden_layers: blocks`, whose weights are the real
