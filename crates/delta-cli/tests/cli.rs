@@ -466,10 +466,9 @@ fn full_calibration_runs_both_stages_on_the_real_pair() {
 /// does: the same candidate kept for every layer, the same held-out losses and scales within
 /// float noise. The fits see 32 token rows here, so some are ill-conditioned: a per-output fit's
 /// held-out MSE moved by 1.7e-3 (relative) between the backends where the others moved by
-/// ≤ 2.6e-4 (on all 30 blocks). And Adam's normalised
-/// step moves a multiplier whose gradient is float noise by ±lr whatever that noise's sign (at
-/// the default lr 0.01, scales differed by up to 6.8e-3 after two steps), hence the small
-/// learning rate.
+/// ≤ 2.6e-4 (on all 30 blocks). And Adam's normalised step moves a multiplier whose gradient is
+/// float noise by ±lr whatever that noise's sign (at the default lr 0.01, scales differed by up
+/// to 6.8e-3 after two steps), hence the small learning rate.
 #[cfg(feature = "wgpu")]
 #[test]
 fn calibration_on_wgpu_matches_the_cpu_on_the_real_pair() {
