@@ -41,6 +41,9 @@ fn fig4(c: &mut Criterion) {
             // The batched path's first half alone: how its time splits between base and deltas.
             group.throughput(Throughput::Bytes((n * n * 4) as u64));
             group.bench_with_input(BenchmarkId::new("base_product", b), &b, |bench, _| bench.iter(|| dense_matmul_t(&x, &wt, n, n, &mut y).unwrap()));
+            // …and its second half alone: the B delta terms (what BitDelta's kernel computes).
+            group.throughput(Throughput::Bytes((b * (n * n / 8 + n * 4)) as u64));
+            group.bench_with_input(BenchmarkId::new("delta_terms", b), &b, |bench, _| bench.iter(|| batched_delta_matmul_add(&deltas[..b], &idx, &x, &mut y).unwrap()));
             group.throughput(Throughput::Bytes((b * n * n * 4) as u64));
             group.bench_with_input(BenchmarkId::new("dense_gemv_each", b), &b, |bench, _| {
                 bench.iter(|| {

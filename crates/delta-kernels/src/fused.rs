@@ -162,7 +162,7 @@ fn merged_tiles(x: &[f32], wt: &[f32], rows: usize, w: &CompressedWeight<'_>, y:
 /// transposed in registers, the 16 signs of a block as a lane mask.
 fn merge_rows(w: &CompressedWeight<'_>, f: &ScaleFactors<'_>, wt: &[f32], i0: usize, d: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if d.len() == LANES * w.cols() && subset_sums::available() {
+    if d.len() == LANES * w.cols() && std::arch::is_x86_feature_detected!("avx512f") {
         // SAFETY: AVX-512F is present (checked); d holds 16 rows, so rows i0..i0 + 16 exist.
         return unsafe { merge_rows_avx512(w, f, wt, i0, d) };
     }

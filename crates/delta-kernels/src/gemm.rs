@@ -48,9 +48,9 @@ pub fn delta_matmul_add(w: &CompressedWeight<'_>, x: &[f32], y: &mut [f32]) -> R
 /// Decode-sized groups of rows (fewer than [`TILE_MIN_ROWS`] each), every group with its own
 /// delta: `Y[r, :] += Δ̂ · X[r, :]` for each of its rows, as `(Δ̂ x)[i] = r[i] · Σ_j S[i, j]·z[j]`
 /// with `z = c ⊙ x` once per row. The signed sums come from [`subset_sums`] when `tabled` (the
-/// CPU has AVX-512: 16 output rows per register), else from [`signed_dot`] row by row. One parallel pass
-/// over (group, block of output rows) tasks, about TASKS_PER_THREAD per thread in all; each row
-/// gets the same sums whatever it is grouped with.
+/// CPU has AVX-512 or AVX2: 16 or 8 output rows per register), else from [`signed_dot`] row by
+/// row. One parallel pass over (group, block of output rows) tasks, about TASKS_PER_THREAD per
+/// thread in all; each row gets the same sums whatever it is grouped with.
 fn decode_delta_add(groups: Vec<(&CompressedWeight<'_>, ScaleFactors<'_>, Vec<usize>)>, x: &[f32], y: &mut [f32], out: usize, inp: usize, tabled: bool) {
     let groups: Vec<_> = groups
         .into_par_iter()

@@ -4,8 +4,9 @@
 //!   reconstruction error, multi-threaded.
 //! - [`merge`]: W_base + Δ̂ rounded to the base dtype (fast path + plain reference oracle).
 //! - [`gemm`]: the delta term `Y += X·Δ̂ᵀ` with signs kept packed, for one delta or a batch whose
-//!   rows each pick a resident delta (fast path + f64 reference oracle); on AVX-512 CPUs its
-//!   decode-shaped sums come from `subset_sums` (16 output rows per register, table lookups).
+//!   rows each pick a resident delta (fast path + f64 reference oracle); on AVX-512 and AVX2
+//!   CPUs its decode-shaped sums come from `subset_sums` (16 or 8 output rows per register,
+//!   table lookups).
 //! - [`dense`]: the base product `Y = X·W` of a decode step, read in place (no packing), and a
 //!   vectorising dot product.
 //! - [`fused`]: a decode step's whole projection, base product and delta terms, in one pass.
