@@ -10,7 +10,8 @@ use crate::error::KernelError;
 use crate::per_task;
 
 /// How many sweeps ahead the AVX2 kernel prefetches the weight rows (at B = 8 of a 4096² weight
-/// on Zen 3, 2 measured 3.3–3.8 ms against 3.9–4.9 ms for 1 and 3.7–4.2 ms for 4).
+/// on Zen 3, 2 measured 3.3–4.3 ms in six runs, against 3.9–4.9 ms for 1 and 3.7–4.2 ms for 4
+/// in three runs each).
 const PREFETCH_ROWS: usize = 2;
 
 /// Most accumulator floats a task of [`dense_matmul_t`] keeps (64 KiB, inside L2).

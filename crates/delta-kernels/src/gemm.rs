@@ -2,8 +2,10 @@
 //! rows each pick one of several resident deltas (the multi-tenant decode case).
 //!
 //! With Δ̂[i, j] = r[i]·c[j]·S[i, j] (see [`ScaleFactors`]), `(Δ̂ x)[i] = r[i] · Σ_j S[i, j]·z[j]`
-//! where `z = c ⊙ x`. The inner sum applies each sign by flipping the IEEE sign bit of z[j]
-//! (exact), so it is a branch-free dot product that vectorises; signs stay packed, 1 bit each.
+//! where `z = c ⊙ x`. Signs stay packed, 1 bit each. For decode-sized batches the inner sums come
+//! from table lookups on CPUs with AVX2 or AVX-512 ([`subset_sums`]); elsewhere each sign is
+//! applied by flipping the IEEE sign bit of z[j] (exact), a branch-free dot product that
+//! vectorises.
 //! [`delta_matmul_add_reference`] builds Δ̂ element by element and sums in f64: the oracle.
 
 use std::borrow::Borrow;
@@ -147,19 +149,9 @@ fn tiled_delta_matmul_add(w: &CompressedWeight<'_>, f: &ScaleFactors<'_>, rows: 
     }
 }
 
-/// Σ_j S[j]·z[j] for one packed sign row.
-#[inline]
+/// Σ_j S[j]·z[j] for one packed sign row, for CPUs without the table lookups of [`subset_sums`]
+/// (no AVX2).
 pub(crate) fn signed_dot(words: &[u32], z: &[f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2 (checked just above).
-        return unsafe { signed_dot_avx2(words, z) };
-    }
-    signed_dot_portable(words, z)
-}
-
-#[inline(always)]
-fn signed_dot_portable(words: &[u32], z: &[f32]) -> f32 {
     // Eight partial sums so the compiler can keep them in one vector register.
     let mut acc = [0f32; 8];
     for (&word, z32) in words.iter().zip(z.chunks(32)) {
@@ -168,46 +160,6 @@ fn signed_dot_portable(words: &[u32], z: &[f32]) -> f32 {
         }
     }
     acc.iter().sum()
-}
-
-/// For each byte of a sign word, the XOR masks that apply its 8 signs to 8 lanes: the IEEE sign
-/// bit where the sign bit is 0 (Δ < 0), nothing where it is 1 (the convention of `with_sign`).
-#[cfg(target_arch = "x86_64")]
-static SIGN_FLIPS: [[u32; 8]; 256] = {
-    let mut t = [[0u32; 8]; 256];
-    let mut b = 0;
-    while b < 256 {
-        let mut lane = 0;
-        while lane < 8 {
-            if (b >> lane) & 1 == 0 {
-                t[b][lane] = 0x8000_0000;
-            }
-            lane += 1;
-        }
-        b += 1;
-    }
-    t
-};
-
-/// The AVX2 inner loop: per 8 weights one table load, one XOR and one add (four accumulators).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn signed_dot_avx2(words: &[u32], z: &[f32]) -> f32 {
-    use std::arch::x86_64::*;
-    let full = (z.len() / 32).min(words.len());
-    let mut acc = [_mm256_setzero_ps(); 4];
-    for (w, &word) in words[..full].iter().enumerate() {
-        let zp = z.as_ptr().add(w * 32);
-        for (k, a) in acc.iter_mut().enumerate() {
-            let flips = _mm256_loadu_si256(SIGN_FLIPS[((word >> (8 * k)) & 0xff) as usize].as_ptr() as *const __m256i);
-            let v = _mm256_xor_ps(_mm256_loadu_ps(zp.add(8 * k)), _mm256_castsi256_ps(flips));
-            *a = _mm256_add_ps(*a, v);
-        }
-    }
-    let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-    let mut lanes = [0f32; 8];
-    _mm256_storeu_ps(lanes.as_mut_ptr(), sum);
-    lanes.iter().sum::<f32>() + signed_dot_portable(&words[full..], &z[full * 32..])
 }
 
 /// Multi-delta batch: `Y[r, :] += Δ̂_{idx[r]} · X[r, :]`. Rows that share a delta are gathered and
@@ -314,9 +266,6 @@ mod tests {
                     prop_assert!(close(&y, &slow).is_ok(), "tabled {}: {:?}", tabled, close(&y, &slow));
                 }
             }
-            // The portable inner loop agrees with the dispatched one.
-            let z: Vec<f32> = x[..inp].to_vec();
-            prop_assert!((signed_dot(w.signs.row(0), &z) - signed_dot_portable(w.signs.row(0), &z)).abs() <= 1e-5 * inp as f32);
         }
 
         #[test]
