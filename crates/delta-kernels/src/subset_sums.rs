@@ -81,19 +81,20 @@ impl Lookup {
     }
 }
 
+/// Whether this CPU has the instructions of lookup `l`.
+fn supports(l: Lookup) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return match l {
+        Lookup::Avx512 => std::arch::is_x86_feature_detected!("avx512f"),
+        Lookup::Avx2 => std::arch::is_x86_feature_detected!("avx2"),
+    };
+    #[allow(unreachable_code)]
+    false
+}
+
 /// The lookup this CPU runs, if any: AVX-512F, else AVX2.
 pub(crate) fn lookup() -> Option<Lookup> {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            return Some(Lookup::Avx512);
-        }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            return Some(Lookup::Avx2);
-        }
-    }
-    #[allow(unreachable_code)]
-    None
+    [Lookup::Avx512, Lookup::Avx2].into_iter().find(|&l| supports(l))
 }
 
 /// Whether this CPU runs the table path (AVX-512F or AVX2).
@@ -139,11 +140,7 @@ impl SumTables {
 /// CPU.
 pub(crate) fn add_sums(words: &[u32], wpr: usize, i0: usize, i1: usize, tables: &SumTables, sums: &mut [f32]) {
     let lookup = tables.lookup;
-    let supported = match lookup {
-        Lookup::Avx512 => lookup_is(Lookup::Avx512),
-        Lookup::Avx2 => available(),
-    };
-    assert!(supported && i1 <= words.len() / wpr.max(1) && tables.floats.len() >= wpr * lookup.floats_per_word() && sums.len() >= (i1 - i0).next_multiple_of(LANES));
+    assert!(supports(lookup) && i1 <= words.len() / wpr.max(1) && tables.floats.len() >= wpr * lookup.floats_per_word() && sums.len() >= (i1 - i0).next_multiple_of(LANES));
     for w0 in (0..wpr).step_by(BLOCK_WORDS) {
         let w1 = (w0 + BLOCK_WORDS).min(wpr);
         for (t, s) in (i0..i1).step_by(LANES).zip(sums.chunks_exact_mut(LANES)) {
@@ -166,11 +163,6 @@ pub(crate) fn add_sums(words: &[u32], wpr: usize, i0: usize, i1: usize, tables: 
             };
         }
     }
-}
-
-/// Whether this CPU's lookup is `l`.
-fn lookup_is(l: Lookup) -> bool {
-    lookup() == Some(l)
 }
 
 /// One tile: `sums[l] += Σ_{w0 ≤ w < w1} Σ_k T[w, k][(S[l, w] >> 4k) & 15]` for lanes l < `lanes`,
@@ -345,10 +337,7 @@ mod tests {
                 let tables = SumTables::with(l, &z, wpr);
                 // The vector pass needs the lookup's instructions (an AVX-512 CPU runs both); without
                 // them the tables are still checked through the plain lane arithmetic.
-                let runs = match l {
-                    Lookup::Avx512 => lookup_is(Lookup::Avx512),
-                    Lookup::Avx2 => available(),
-                };
+                let runs = supports(l);
                 let mut sums = vec![0f32; (out - i0).next_multiple_of(LANES)];
                 if runs {
                     add_sums(w.signs.words(), wpr, i0, out, &tables, &mut sums);
