@@ -122,8 +122,55 @@ fn tail_columns(x: &[f32], wt: &[f32], inp: usize, out: usize, from: usize, c0: 
     }
 }
 
-/// Rows of X one AVX-512 pass takes (their 4 × 4 broadcast inputs stay in registers).
+/// Rows of X one sweep of the vector kernels takes (on AVX-512 their 4 × 4 broadcast inputs stay
+/// in registers).
+#[cfg(target_arch = "x86_64")]
 const STREAM_ROWS: usize = 4;
+/// Inputs (weight rows) one sweep of the vector kernels takes. On AVX2, 4 rows × 4 inputs are
+/// more broadcasts than the 16 registers hold next to the weights, so some are reloaded from the
+/// stack each step; still, at B = 8 of a 4096² weight 4 inputs measured 4.5–5.0 ms against
+/// 5.9–6.1 ms for 2 and 7.1 ms for 8 (Zen 3; 16 columns a step then, 8 now).
+#[cfg(target_arch = "x86_64")]
+const STREAM_INPUTS: usize = 4;
+
+/// What a sweep of the vector kernels reads: x, wt, inp, out, the first input i, the task's first
+/// column c0, its columns in whole registers, the first row r0, the task's width, its sums.
+#[cfg(target_arch = "x86_64")]
+type StreamArgs<'a> = (&'a [f32], &'a [f32], usize, usize, usize, usize, usize, usize, usize, &'a mut [f32]);
+
+/// The order of the vector kernels: the inputs [`STREAM_INPUTS`] at a time (one at a time for
+/// the last few), and for each step every group of up to [`STREAM_ROWS`] rows of X;
+/// `sweep(nr, ni, i, r0)` advances rows r0..r0 + nr by inputs i..i + ni.
+#[cfg(target_arch = "x86_64")]
+fn stream_order(inp: usize, rows: usize, mut sweep: impl FnMut(usize, usize, usize, usize)) {
+    let mut i = 0;
+    while i < inp {
+        let ni = if inp - i >= STREAM_INPUTS { STREAM_INPUTS } else { 1 };
+        for r0 in (0..rows).step_by(STREAM_ROWS) {
+            sweep((rows - r0).min(STREAM_ROWS), ni, i, r0);
+        }
+        i += ni;
+    }
+}
+
+/// `$stream::<NR, NI>($args)` for a sweep of `$nr` rows and `$ni` inputs: the counts are const
+/// parameters, so that each case keeps its broadcast inputs in registers.
+#[cfg(target_arch = "x86_64")]
+macro_rules! sweep {
+    ($stream:ident, $nr:expr, $ni:expr, $args:expr) => {
+        match ($nr, $ni == STREAM_INPUTS) {
+            (1, true) => $stream::<1, STREAM_INPUTS>($args),
+            (2, true) => $stream::<2, STREAM_INPUTS>($args),
+            (3, true) => $stream::<3, STREAM_INPUTS>($args),
+            (4, true) => $stream::<4, STREAM_INPUTS>($args),
+            (1, false) => $stream::<1, 1>($args),
+            (2, false) => $stream::<2, 1>($args),
+            (3, false) => $stream::<3, 1>($args),
+            (4, false) => $stream::<4, 1>($args),
+            _ => unreachable!("sweeps take 1 to STREAM_ROWS rows"),
+        }
+    };
+}
 
 /// On AVX-512, any number of rows: the weight is read row by row, 4 weight rows (inputs) at a
 /// time, each task's columns of them contiguous; every group of 4 rows of X sweeps those columns
@@ -139,30 +186,14 @@ unsafe fn axpy_rows_avx512(x: &[f32], wt: &[f32], inp: usize, out: usize, c0: us
     let width = c1 - c0;
     let rows = acc.len() / width;
     let full = width / 16 * 16;
-    let mut i = 0;
-    while i < inp {
-        let ni = if inp - i >= 4 { 4 } else { 1 };
-        for r0 in (0..rows).step_by(STREAM_ROWS) {
-            let nr = (rows - r0).min(STREAM_ROWS);
-            let args = (x, wt, inp, out, i, c0, full, r0, width, &mut *acc);
-            macro_rules! go {
-                ($($n:literal)*) => {
-                    match (nr, ni) {
-                        $(($n, 4) => stream::<$n, 4>(args), ($n, _) => stream::<$n, 1>(args),)*
-                        _ => unreachable!(),
-                    }
-                };
-            }
-            go!(1 2 3 4);
-        }
-        i += ni;
-    }
+    stream_order(inp, rows, |nr, ni, i, r0| {
+        // SAFETY: the CPU has AVX-512F (this function's contract).
+        unsafe { sweep!(stream, nr, ni, (x, wt, inp, out, i, c0, full, r0, width, &mut *acc)) }
+    });
     tail_columns(x, wt, inp, out, c0 + full, c0, c1, acc);
 
-    type Args<'a> = (&'a [f32], &'a [f32], usize, usize, usize, usize, usize, usize, usize, &'a mut [f32]);
-
     #[target_feature(enable = "avx512f")]
-    unsafe fn stream<const NR: usize, const NI: usize>((x, wt, inp, out, i, c0, full, r0, width, acc): Args<'_>) {
+    unsafe fn stream<const NR: usize, const NI: usize>((x, wt, inp, out, i, c0, full, r0, width, acc): StreamArgs<'_>) {
         use std::arch::x86_64::*;
         assert!(i + NI <= inp && x.len() >= (r0 + NR) * inp && acc.len() >= (r0 + NR) * width && wt.len() >= (i + NI - 1) * out + c0 + full);
         let mut xv = [[_mm512_setzero_ps(); NI]; NR];
@@ -192,14 +223,8 @@ unsafe fn axpy_rows_avx512(x: &[f32], wt: &[f32], inp: usize, out: usize, c0: us
     }
 }
 
-/// Inputs (weight rows) one AVX2 sweep takes. With 4 rows of X that is 16 broadcast inputs, more
-/// than the 16 registers hold next to the weights, so some are reloaded from the stack each step;
-/// still, at B = 8 of a 4096² weight 4 inputs measured 4.5–5.0 ms against 5.9–6.1 ms for 2 and
-/// 7.1 ms for 8 (Zen 3; 16 columns a step then, 8 now).
-const AVX2_INPUTS: usize = 4;
-
 /// On AVX2 (with FMA), any number of rows: the AVX-512 streaming order on 8 lanes. The weight is
-/// read row by row, [`AVX2_INPUTS`] weight rows at a time, each task's columns of them
+/// read row by row, [`STREAM_INPUTS`] weight rows at a time, each task's columns of them
 /// contiguous; every group of 4 rows of X sweeps those columns 8 at a time while they sit in L1,
 /// each loaded weight register feeding 4 rows, each sum loaded, advanced by the inputs and stored
 /// back — in input order, the FMA chains of [`axpy_columns_portable`], bit for bit. The weight
@@ -213,30 +238,14 @@ unsafe fn axpy_rows_avx2(x: &[f32], wt: &[f32], inp: usize, out: usize, c0: usiz
     let width = c1 - c0;
     let rows = acc.len() / width;
     let full = width / 8 * 8;
-    let mut i = 0;
-    while i < inp {
-        let ni = if inp - i >= AVX2_INPUTS { AVX2_INPUTS } else { 1 };
-        for r0 in (0..rows).step_by(STREAM_ROWS) {
-            let nr = (rows - r0).min(STREAM_ROWS);
-            let args = (x, wt, inp, out, i, c0, full, r0, width, &mut *acc);
-            macro_rules! go {
-                ($($n:literal)*) => {
-                    match (nr, ni) {
-                        $(($n, AVX2_INPUTS) => stream::<$n, AVX2_INPUTS>(args), ($n, _) => stream::<$n, 1>(args),)*
-                        _ => unreachable!(),
-                    }
-                };
-            }
-            go!(1 2 3 4);
-        }
-        i += ni;
-    }
+    stream_order(inp, rows, |nr, ni, i, r0| {
+        // SAFETY: the CPU has AVX2 and FMA (this function's contract).
+        unsafe { sweep!(stream, nr, ni, (x, wt, inp, out, i, c0, full, r0, width, &mut *acc)) }
+    });
     tail_columns(x, wt, inp, out, c0 + full, c0, c1, acc);
 
-    type Args<'a> = (&'a [f32], &'a [f32], usize, usize, usize, usize, usize, usize, usize, &'a mut [f32]);
-
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn stream<const NR: usize, const NI: usize>((x, wt, inp, out, i, c0, full, r0, width, acc): Args<'_>) {
+    unsafe fn stream<const NR: usize, const NI: usize>((x, wt, inp, out, i, c0, full, r0, width, acc): StreamArgs<'_>) {
         use std::arch::x86_64::*;
         assert!(i + NI <= inp && x.len() >= (r0 + NR) * inp && acc.len() >= (r0 + NR) * width && wt.len() >= (i + NI - 1) * out + c0 + full);
         let mut xv = [[_mm256_setzero_ps(); NI]; NR];
