@@ -163,6 +163,29 @@ pub fn edited_copy(src: &Path, dest: &Path, name: &str, edit: impl Fn(&mut serde
     });
 }
 
+/// The first turn [`with_own_files`] puts at the head of every chat prompt.
+pub const OWN_SYSTEM_TURN: &str = "<|im_start|>system\nAnswer like a pirate.<|im_end|>\n";
+
+/// [`linked_copy`] of the fine-tune `ft` with side files of its own, as a fine-tune that brings
+/// them has: its chat template opens every prompt with [`OWN_SYSTEM_TURN`], and its
+/// `config.json` is edited by `config`.
+pub fn with_own_files(ft: &Path, dest: &Path, config: impl Fn(&mut serde_json::Value)) {
+    linked_copy(ft, dest, |file, path, target| {
+        let mut json: serde_json::Value = match file {
+            "tokenizer_config.json" | "config.json" => serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap(),
+            _ => return false,
+        };
+        if file == "config.json" {
+            config(&mut json);
+        } else {
+            let template = json["chat_template"].as_str().expect("the fine-tune has a chat template");
+            json["chat_template"] = format!("{OWN_SYSTEM_TURN}{template}").into();
+        }
+        std::fs::write(target, json.to_string()).unwrap();
+        true
+    });
+}
+
 /// A tensor for [`write_folder`]: name, safetensors dtype, shape, raw little-endian bytes.
 pub struct RawTensor {
     pub name: String,

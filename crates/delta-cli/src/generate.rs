@@ -4,7 +4,7 @@ use std::io::Write;
 
 use anyhow::{bail, Context, Result};
 use burn::tensor::backend::Backend;
-use delta_models::chat::{ChatTemplate, Message};
+use delta_models::chat::Message;
 use delta_models::generate::{generate, Sampling};
 use delta_models::TextStream;
 
@@ -74,7 +74,7 @@ fn generate_on<B: Backend>(a: Args, device: &B::Device) -> Result<()> {
     let prompt = match (&a.prompt_ids, &a.prompt) {
         (Some(ids), _) => ids.clone(),
         (None, Some(text)) if a.chat => {
-            let template = ChatTemplate::load(&a.model.model)?;
+            let template = a.model.chat_template()?;
             stop.extend(tok.token_id(&template.eos_token));
             let mut messages: Vec<Message> = a.system.iter().map(|s| Message { role: "system".into(), content: s.clone() }).collect();
             messages.push(Message::user(text));

@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use burn::tensor::backend::Backend;
 use delta_format::{Checkpoint, DeltaArtifact};
-use delta_models::{CpuBackend, Llama, ModelConfig, Tokenizer, Weights};
+use delta_models::chat::ChatTemplate;
+use delta_models::{CpuBackend, Llama, ModelConfig, ModelFiles, Tokenizer, Weights};
 
 /// Where a model runs.
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -141,8 +142,10 @@ impl ModelArgs {
     pub fn load<B: Backend>(&self, device: &B::Device) -> Result<Loaded<B>> {
         let ckpt = Checkpoint::open(&self.model).context("reading the model")?;
         let delta = self.delta.as_deref().map(|p| DeltaArtifact::open(p).context("reading the delta")).transpose()?;
-        let cfg = ModelConfig::load(&self.model)?;
-        let tokenizer = Tokenizer::load(&self.model)?;
+        // With a delta, the fine-tune's own config and tokenizer where it ships them.
+        let files = ModelFiles::with_delta(&self.model, delta.as_ref());
+        let cfg = ModelConfig::load(files)?;
+        let tokenizer = Tokenizer::load(files)?;
         let mut weights = Weights::<B>::new(&ckpt, delta.as_ref(), device.clone())
             .with_context(|| format!("applying {}", self.delta.as_deref().unwrap_or(Path::new("")).display()))?;
         if let DeltaUseArg::Fused = self.delta_use {
@@ -150,5 +153,11 @@ impl ModelArgs {
         }
         let model = Llama::load(cfg, &weights)?;
         Ok(Loaded { model, tokenizer })
+    }
+
+    /// The chat template: the delta's where it ships one, else the model folder's.
+    pub fn chat_template(&self) -> Result<ChatTemplate> {
+        let delta = self.delta.as_deref().map(|p| DeltaArtifact::open(p).context("reading the delta")).transpose()?;
+        Ok(ChatTemplate::load(ModelFiles::with_delta(&self.model, delta.as_ref()))?)
     }
 }

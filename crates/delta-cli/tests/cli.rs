@@ -379,6 +379,40 @@ fn generate_follows_the_reference_and_refuses_bad_requests() {
     }
 }
 
+/// A fine-tune whose chat template and `config.json` differ from the base's ships them in its
+/// delta, and `--delta` uses them as the merged folder `apply` writes does: the same chat prompt
+/// (its template's extra first turn included), the same greedy tokens, the fine-tune's context.
+#[test]
+fn a_delta_speaks_with_the_fine_tunes_own_template_and_config() {
+    let (base, ft) = smollm2();
+    let tmp = tempfile::tempdir().unwrap();
+    let own = tmp.path().join("own");
+    delta_tests::with_own_files(&ft, &own, |config| config["max_position_embeddings"] = 64.into());
+    let delta = tmp.path().join("own.bitdelta.safetensors");
+    ok(&bitdelta(&["compress", "--base", s(&base), "--finetuned", s(&own), "-o", s(&delta), "--scale", "scalar", "--calibrate", "none", "--json"]));
+    let info: serde_json::Value = serde_json::from_str(&ok(&bitdelta(&["inspect", s(&delta), "--json"]))).unwrap();
+    assert_eq!(info["side_files"], serde_json::json!(["config.json", "tokenizer_config.json"]), "{}", info["side_files"]);
+    let merged = tmp.path().join("merged");
+    ok(&bitdelta(&["apply", "--base", s(&base), "--delta", s(&delta), "-o", s(&merged), "--json"]));
+
+    let chat = |model: &[&str]| -> serde_json::Value {
+        let args = [&["generate"][..], model, &["--chat", "--prompt", "Tell me a story.", "--max-new-tokens", "8", "--json"]].concat();
+        serde_json::from_str(&ok(&bitdelta(&args))).unwrap()
+    };
+    let (applied, written, plain) = (chat(&["--model", s(&base), "--delta", s(&delta)]), chat(&["--model", s(&merged)]), chat(&["--model", s(&ft)]));
+    let ids = |g: &serde_json::Value, key: &str| -> Vec<u64> { g[key].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect() };
+    assert_eq!(ids(&applied, "prompt_ids"), ids(&written, "prompt_ids"));
+    assert_eq!(ids(&applied, "tokens"), ids(&written, "tokens"));
+    // The fine-tune's prompt behind the extra turn: <|im_start|> (1), "system", ..., <|im_end|> (2), "\n".
+    let (own_prompt, plain_prompt) = (ids(&applied, "prompt_ids"), ids(&plain, "prompt_ids"));
+    assert!(own_prompt.len() > plain_prompt.len() + 4 && own_prompt.ends_with(&plain_prompt), "{own_prompt:?} vs {plain_prompt:?}");
+    assert_eq!((own_prompt[0], own_prompt[own_prompt.len() - plain_prompt.len() - 2]), (1, 2));
+
+    let before = listing(tmp.path());
+    let long = ["generate", "--model", s(&base), "--delta", s(&delta), "--prompt-ids", "1,2", "--max-new-tokens", "63"];
+    refused(&bitdelta(&long), "2 prompt tokens + --max-new-tokens 63 exceed the model's context of 64 tokens", tmp.path(), &before);
+}
+
 /// `--device wgpu` (in CI: Mesa's lavapipe) generates the CPU's tokens, and reports its device.
 /// Run inside a Cargo project, it keeps CubeCL's autotune results in the user's cache folder, not
 /// in that project's `target/`.

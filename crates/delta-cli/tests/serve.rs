@@ -2,7 +2,8 @@
 //! for several deltas decoded in the same batch; errors are JSON with the right status; a load
 //! test with a delta hot-added and others evicted while it runs loses and mixes up nothing;
 //! `logprobs` match the reference logits and `n` choices match `generate` with their seeds; a
-//! base's short context limits requests to it; a server that cannot start says why in one line.
+//! base's short context limits requests to it; a delta with its own chat template chats with it;
+//! a server that cannot start says why in one line.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -395,6 +396,45 @@ fn a_base_with_a_short_context_limits_requests_to_it() {
     let r = server.post("/v1/completions", &completion("short", "Once upon a time", 29));
     assert_eq!(r.status, 400, "{}", r.body);
     assert!(r.body.contains("4 prompt tokens + 29 max_tokens exceed this server's context of 32"), "{}", r.body);
+}
+
+/// A delta that ships its own chat template chats with it — the prompt and the greedy answer of
+/// `generate --delta --chat` — next to one that ships none; one whose `config.json` asks for
+/// another RoPE than the base's is refused, naming the field.
+#[test]
+fn deltas_chat_with_their_own_templates_and_another_rope_is_refused() {
+    let (base, ft) = smollm2();
+    let tmp = tempfile::tempdir().unwrap();
+    let folder = tmp.path().join("deltas");
+    std::fs::create_dir(&folder).unwrap();
+    let (own, rope) = (tmp.path().join("own"), tmp.path().join("rope"));
+    delta_tests::with_own_files(&ft, &own, |_| {});
+    delta_tests::with_own_files(&ft, &rope, |config| config["rope_theta"] = 1234.0.into());
+    for (name, model) in [("plain", &ft), ("own", &own), ("rope", &rope)] {
+        let out = folder.join(format!("{name}.bitdelta.safetensors"));
+        bitdelta(&["compress", "--base", s(&base), "--finetuned", s(model), "-o", s(&out), "--scale", "scalar", "--calibrate", "none", "--json"]);
+    }
+    let server = Server::start(Path::new(BIN), &base, &folder, &[]);
+    let chat = |model: &str| {
+        let r = server.post("/v1/chat/completions", &json!({ "model": model, "messages": [{"role": "user", "content": "Tell me a story."}], "max_tokens": 8, "temperature": 0 }));
+        assert_eq!(r.status, 200, "{model}: {}", r.body);
+        let r = r.json();
+        (r["usage"]["prompt_tokens"].as_u64().unwrap(), r["choices"][0]["message"]["content"].as_str().unwrap().to_string())
+    };
+    let ((plain_tokens, _), (own_tokens, own_text)) = (chat("plain"), chat("own"));
+    let delta = folder.join("own.bitdelta.safetensors");
+    let g: Value = serde_json::from_str(&bitdelta(&[
+        "generate", "--model", s(&base), "--delta", s(&delta), "--delta-use", "fused", "--chat", "--prompt", "Tell me a story.", "--max-new-tokens", "8", "--json",
+    ]))
+    .unwrap();
+    assert_eq!(own_tokens, g["prompt_ids"].as_array().unwrap().len() as u64);
+    assert_eq!(own_text, g["text"].as_str().unwrap());
+    assert!(own_tokens > plain_tokens + 4, "the delta's own first turn is missing: {own_tokens} against {plain_tokens} prompt tokens");
+
+    let r = server.post("/v1/completions", &completion("rope", PROMPTS[0], 4));
+    assert_eq!(r.status, 409, "{}", r.body);
+    let message = r.json()["error"]["message"].as_str().unwrap().to_string();
+    assert!(message.contains("rope_theta") && message.contains("config.json"), "{message}");
 }
 
 /// Runs `bitdelta serve ARGS`, which must refuse to start: exit 1 with one line on stderr (which

@@ -2,11 +2,12 @@
 //! `chat_template.jinja`) rendered with minijinja, Python string methods included, as
 //! `transformers`' `apply_chat_template` renders it.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde::Serialize;
 
 use crate::error::ModelError;
+use crate::files::ModelFiles;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Message {
@@ -28,27 +29,28 @@ pub struct ChatTemplate {
 }
 
 impl ChatTemplate {
-    /// The template of the model in `dir`; an error naming the file when it has none.
-    pub fn load(dir: &Path) -> Result<Self, ModelError> {
-        Self::find(dir)?.ok_or_else(|| ModelError::Config { path: dir.join("tokenizer_config.json"), reason: "no chat template (chat_template) — use a prompt without --chat".into() })
+    /// The template of `files` (a model folder, or a base with a delta's shipped files); an error
+    /// naming the file when it has none.
+    pub fn load<'a>(files: impl Into<ModelFiles<'a>>) -> Result<Self, ModelError> {
+        let files = files.into();
+        Self::find(files)?.ok_or_else(|| ModelError::Config { path: files.path("tokenizer_config.json"), reason: "no chat template (chat_template) — use a prompt without --chat".into() })
     }
 
-    /// The template of the model in `dir`, `None` when it has none; an error when a file is
-    /// unreadable or malformed, or the template does not compile.
-    pub fn find(dir: &Path) -> Result<Option<Self>, ModelError> {
-        let config_path = dir.join("tokenizer_config.json");
-        let config: serde_json::Value = match std::fs::read_to_string(&config_path) {
-            Ok(text) => serde_json::from_str(&text).map_err(|e| ModelError::Config { path: config_path.clone(), reason: e.to_string() })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => serde_json::Value::Null,
-            Err(error) => return Err(ModelError::Io { path: config_path, error }),
+    /// The template of `files`, `None` when it has none; an error when a file is unreadable or
+    /// malformed, or the template does not compile.
+    pub fn find<'a>(files: impl Into<ModelFiles<'a>>) -> Result<Option<Self>, ModelError> {
+        let files = files.into();
+        let config_path = files.path("tokenizer_config.json");
+        let config: serde_json::Value = match files.read_text("tokenizer_config.json")? {
+            Some(text) => serde_json::from_str(&text).map_err(|e| ModelError::Config { path: config_path.clone(), reason: e.to_string() })?,
+            None => serde_json::Value::Null,
         };
         let token = |key: &str| match &config[key] {
             serde_json::Value::String(s) => s.clone(),
             v => v["content"].as_str().unwrap_or_default().to_string(),
         };
-        let jinja = dir.join("chat_template.jinja");
-        let (source, path) = if jinja.exists() {
-            (std::fs::read_to_string(&jinja).map_err(|error| ModelError::Io { path: jinja.clone(), error })?, jinja)
+        let (source, path) = if let Some(source) = files.read_text("chat_template.jinja")? {
+            (source, files.path("chat_template.jinja"))
         } else {
             let source = match &config["chat_template"] {
                 serde_json::Value::String(s) => s.clone(),

@@ -1,10 +1,9 @@
 //! The Hugging Face `config.json` of a Llama-family model, read directly.
 
-use std::path::Path;
-
 use serde::Deserialize;
 
 use crate::error::ModelError;
+use crate::files::ModelFiles;
 
 /// Llama-3 style RoPE frequency scaling (`rope_scaling` with `rope_type: "llama3"`).
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -68,13 +67,15 @@ fn default_theta() -> f64 {
 }
 
 impl ModelConfig {
-    pub fn load(dir: &Path) -> Result<Self, ModelError> {
-        if dir.is_file() {
+    /// The `config.json` of `files` (a model folder, or a base with a delta's shipped files).
+    pub fn load<'a>(files: impl Into<ModelFiles<'a>>) -> Result<Self, ModelError> {
+        let files = files.into();
+        if files.dir().is_file() {
             let error = std::io::Error::new(std::io::ErrorKind::NotADirectory, "a file, where a model folder (config.json, tokenizer.json, safetensors weights) was expected");
-            return Err(ModelError::Io { path: dir.to_path_buf(), error });
+            return Err(ModelError::Io { path: files.dir().to_path_buf(), error });
         }
-        let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path).map_err(|error| ModelError::Io { path: path.clone(), error })?;
+        let path = files.path("config.json");
+        let text = files.read_text("config.json")?.ok_or_else(|| files.missing("config.json"))?;
         let cfg: ModelConfig = serde_json::from_str(&text).map_err(|e| ModelError::Config { path: path.clone(), reason: e.to_string() })?;
         cfg.validate().map_err(|reason| ModelError::Config { path, reason })?;
         Ok(cfg)
@@ -105,6 +106,23 @@ impl ModelConfig {
         }
     }
 
+    /// The first field (by its `config.json` name) in which `other` asks for another forward
+    /// pass than this config: anything but the names, the bos / eos ids and the context length.
+    pub fn forward_difference(&self, other: &ModelConfig) -> Option<&'static str> {
+        macro_rules! first_difference {
+            ($($field:ident),*) => {
+                $(if self.$field != other.$field {
+                    return Some(stringify!($field));
+                })*
+            };
+        }
+        first_difference!(
+            model_type, hidden_size, intermediate_size, num_hidden_layers, num_attention_heads, num_key_value_heads, head_dim, rms_norm_eps,
+            rope_theta, rope_scaling, vocab_size, tie_word_embeddings, attention_bias, mlp_bias, hidden_act, sliding_window, use_sliding_window
+        );
+        None
+    }
+
     /// Qwen2 puts biases on q/k/v without saying so in `attention_bias`.
     pub fn qkv_bias(&self) -> bool {
         self.attention_bias || self.model_type == "qwen2"
@@ -123,5 +141,36 @@ impl ModelConfig {
             return Err(format!("head_dim {} is odd; RoPE needs it even", self.head_dim()));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(edit: impl Fn(&mut serde_json::Value)) -> ModelConfig {
+        let mut json = serde_json::json!({
+            "model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "vocab_size": 100, "rope_theta": 10000.0, "eos_token_id": 2, "max_position_embeddings": 256,
+        });
+        edit(&mut json);
+        serde_json::from_value(json).unwrap()
+    }
+
+    #[test]
+    fn forward_difference_names_the_first_field_a_shared_forward_cannot_honour() {
+        let base = config(|_| {});
+        // Names, end-of-sequence ids and the context length leave the forward pass alone.
+        let speaking = config(|c| {
+            c["eos_token_id"] = serde_json::json!([2, 7]);
+            c["max_position_embeddings"] = 64.into();
+            c["architectures"] = serde_json::json!(["LlamaForCausalLM"]);
+        });
+        assert_eq!(base.forward_difference(&speaking), None);
+        assert_eq!(base.forward_difference(&config(|c| c["rope_theta"] = 5e5.into())), Some("rope_theta"));
+        assert_eq!(base.forward_difference(&config(|c| c["vocab_size"] = 101.into())), Some("vocab_size"));
+        let scaled = config(|c| c["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": 8.0}));
+        assert_eq!(base.forward_difference(&scaled), Some("rope_scaling"));
+        assert_eq!(base.forward_difference(&config(|c| c["tie_word_embeddings"] = true.into())), Some("tie_word_embeddings"));
     }
 }

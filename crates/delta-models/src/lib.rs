@@ -10,6 +10,7 @@
 //! - [`multi`]: `Tenant` (a fine-tune resident as its packed delta over a shared base) and
 //!   `step_batch` (sequences of different fine-tunes through one forward) — what `serve` runs.
 //! - [`generate`]: greedy / temperature sampling over a KV cache.
+//! - [`files`]: `ModelFiles` — a folder's side files, or a base's with a delta's shipped ones.
 //! - [`tokenizer`] (with streaming detokenisation), [`chat`] (chat templates), [`perplexity`],
 //!   [`tasks`] (zero-shot multiple-choice scoring).
 
@@ -18,6 +19,7 @@ pub mod config;
 pub mod cube;
 pub mod delta_linear;
 pub mod error;
+pub mod files;
 pub mod generate;
 pub mod host;
 pub mod llama;
@@ -30,6 +32,7 @@ pub mod weights;
 pub use config::ModelConfig;
 pub use delta_linear::{DeltaLinear, Projection, ScaledDelta};
 pub use error::ModelError;
+pub use files::ModelFiles;
 pub use llama::{KvCache, Llama};
 pub use tokenizer::{TextStream, Tokenizer};
 pub use weights::{DeltaUse, Weights};

@@ -1,8 +1,9 @@
 //! The model's tokenizer (`tokenizer.json`, through the `tokenizers` crate).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use crate::error::ModelError;
+use crate::files::ModelFiles;
 
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
@@ -10,9 +11,12 @@ pub struct Tokenizer {
 }
 
 impl Tokenizer {
-    pub fn load(model_dir: &Path) -> Result<Self, ModelError> {
-        let path = model_dir.join("tokenizer.json");
-        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| ModelError::Tokenizer { path: path.clone(), reason: e.to_string() })?;
+    /// The `tokenizer.json` of `files` (a model folder, or a base with a delta's shipped files).
+    pub fn load<'a>(files: impl Into<ModelFiles<'a>>) -> Result<Self, ModelError> {
+        let files = files.into();
+        let path = files.path("tokenizer.json");
+        let bytes = files.read("tokenizer.json")?.ok_or_else(|| files.missing("tokenizer.json"))?;
+        let inner = tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| ModelError::Tokenizer { path: path.clone(), reason: e.to_string() })?;
         Ok(Tokenizer { inner, path })
     }
 

@@ -21,7 +21,7 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use delta_models::chat::{ChatTemplate, Message};
+use delta_models::chat::Message;
 use burn::tensor::backend::Backend;
 use delta_models::generate::Sampling;
 use delta_models::{TextStream, Tokenizer};
@@ -31,16 +31,12 @@ use tokio::sync::mpsc;
 
 use crate::engine::{Engine, Event, Finish, Job, Sampled};
 use crate::error::ServeError;
-use crate::registry::Registry;
+use crate::registry::{Registry, TextSide};
 use crate::stop::StopScan;
 
 pub struct AppState<B: Backend> {
     pub registry: Arc<Registry<B>>,
     pub engine: Engine<B>,
-    pub tokenizer: Arc<Tokenizer>,
-    pub template: Option<ChatTemplate>,
-    /// End-of-sequence ids of the base (`config.json`); chat adds the template's eos token.
-    pub eos: Vec<u32>,
     /// Most prompt + generated tokens one request may hold.
     pub max_context: usize,
     pub requests: AtomicU64,
@@ -189,48 +185,36 @@ enum Kind {
     Chat,
 }
 
+/// What a request asks the model to continue: text or ids, or chat messages for its template.
+enum Prompt {
+    Completion(PromptField),
+    Chat(Vec<Message>),
+}
+
 async fn completions<B: Backend>(State(s): State<Arc<AppState<B>>>, body: Bytes) -> Response {
-    let result = async {
-        let req: CompletionRequest = parse(&body)?;
-        let prompt = match &req.prompt {
-            PromptField::Text(t) => s.tokenizer.encode(t, false).map_err(|e| ServeError::BadRequest(e.to_string()))?,
-            PromptField::Ids(ids) => ids.clone(),
-        };
-        Ok::<_, ServeError>((req.params, prompt, s.eos.clone()))
-    }
-    .await;
-    match result {
-        Ok((params, prompt, stop)) => generate(s, params, prompt, stop, Kind::Completion, "/v1/completions").await,
+    match parse::<CompletionRequest>(&body) {
+        Ok(req) => generate(s, req.params, Prompt::Completion(req.prompt), Kind::Completion, "/v1/completions").await,
         Err(e) => e.into_response(),
     }
 }
 
 async fn chat_completions<B: Backend>(State(s): State<Arc<AppState<B>>>, body: Bytes) -> Response {
-    let result = (|| {
-        let req: ChatRequest = parse(&body)?;
-        let template = s.template.as_ref().ok_or_else(|| ServeError::BadRequest("the base model has no chat template; use /v1/completions".into()))?;
-        if req.messages.is_empty() {
-            return Err(ServeError::BadRequest("`messages` is empty".into()));
+    match parse::<ChatRequest>(&body) {
+        Ok(req) if req.messages.is_empty() => ServeError::BadRequest("`messages` is empty".into()).into_response(),
+        Ok(req) => {
+            let messages = req.messages.into_iter().map(|m| Message { role: m.role, content: m.content }).collect();
+            generate(s, req.params, Prompt::Chat(messages), Kind::Chat, "/v1/chat/completions").await
         }
-        let messages: Vec<Message> = req.messages.into_iter().map(|m| Message { role: m.role, content: m.content }).collect();
-        let text = template.render(&messages, true).map_err(|e| ServeError::BadRequest(format!("the chat template failed: {e}")))?;
-        let prompt = s.tokenizer.encode(&text, false).map_err(|e| ServeError::BadRequest(e.to_string()))?;
-        let mut stop = s.eos.clone();
-        stop.extend(s.tokenizer.token_id(&template.eos_token));
-        Ok((req.params, prompt, stop))
-    })();
-    match result {
-        Ok((params, prompt, stop)) => generate(s, params, prompt, stop, Kind::Chat, "/v1/chat/completions").await,
         Err(e) => e.into_response(),
     }
 }
 
 /// Shared by both endpoints: resolve the model, queue the job, answer whole or streamed.
-async fn generate<B: Backend>(s: Arc<AppState<B>>, params: Params, prompt: Vec<u32>, stop: Vec<u32>, kind: Kind, path: &'static str) -> Response {
+async fn generate<B: Backend>(s: Arc<AppState<B>>, params: Params, prompt: Prompt, kind: Kind, path: &'static str) -> Response {
     let started = Instant::now();
     let number = s.requests.fetch_add(1, Ordering::Relaxed) + 1;
-    let prepared = prepare(&s, &params, prompt, stop, kind).await;
-    let (job, events, stops) = match prepared {
+    let prepared = prepare(&s, &params, prompt, kind).await;
+    let (job, text, events, stops) = match prepared {
         Ok(p) => p,
         Err(e) => {
             eprintln!("#{number} {path} model={} -> {} {e}", params.model, e.status().as_u16());
@@ -247,13 +231,13 @@ async fn generate<B: Backend>(s: Arc<AppState<B>>, params: Params, prompt: Vec<u
         model: params.model.clone(),
         kind,
         prompt_tokens,
-        tokenizer: s.tokenizer.clone(),
+        tokenizer: text.tokenizer.clone(),
     });
     let model = params.model.clone();
     let log = move |tokens: usize, how: &str| {
         eprintln!("#{number} {path} model={model} prompt={prompt_tokens} generated={tokens} {how} {:.2} s", started.elapsed().as_secs_f64())
     };
-    let choices: Vec<Choice> = events.into_iter().map(|events| Choice::new(events, &s.tokenizer, stops.clone(), params.stream)).collect();
+    let choices: Vec<Choice> = events.into_iter().map(|events| Choice::new(events, &text.tokenizer, stops.clone(), params.stream)).collect();
     if params.stream {
         stream(choices, meta, log).into_response()
     } else {
@@ -261,20 +245,20 @@ async fn generate<B: Backend>(s: Arc<AppState<B>>, params: Params, prompt: Vec<u
     }
 }
 
-/// Checks the request, then resolves (loads if need be) its model: the job, each choice's
-/// events and the stop strings.
-async fn prepare<B: Backend>(s: &Arc<AppState<B>>, params: &Params, prompt: Vec<u32>, stop: Vec<u32>, kind: Kind) -> Result<(Job<B>, Vec<mpsc::UnboundedReceiver<Event>>, Vec<String>), ServeError> {
+/// Checks the request, resolves (loads if need be) its model and reads the prompt with that
+/// model's tokenizer and chat template (a delta's own where it ships them): the job, the model's
+/// text side, each choice's events and the stop strings.
+#[allow(clippy::type_complexity)]
+async fn prepare<B: Backend>(
+    s: &Arc<AppState<B>>,
+    params: &Params,
+    prompt: Prompt,
+    kind: Kind,
+) -> Result<(Job<B>, Arc<TextSide>, Vec<mpsc::UnboundedReceiver<Event>>, Vec<String>), ServeError> {
     let n = params.choices()?;
     let logprobs = params.logprobs(kind)?;
     let sampling = params.sampling()?;
     let stops = crate::stop::parse(params.stop.as_ref())?;
-    if prompt.is_empty() {
-        return bad("the prompt encodes to no tokens");
-    }
-    let vocab = s.registry.base.cfg.vocab_size;
-    if let Some(bad) = prompt.iter().find(|&&t| t as usize >= vocab) {
-        return Err(ServeError::BadRequest(format!("token id {bad} is outside the vocabulary of {vocab}")));
-    }
     // OpenAI's defaults: 16 for completions; chat runs to the end of the turn (bounded here).
     let default = match kind {
         Kind::Completion => 16,
@@ -284,6 +268,28 @@ async fn prepare<B: Backend>(s: &Arc<AppState<B>>, params: &Params, prompt: Vec<
     if max_tokens == 0 {
         return bad("`max_tokens` must be at least 1");
     }
+    let registry = s.registry.clone();
+    let name = params.model.clone();
+    let (model, text) = tokio::task::spawn_blocking(move || registry.resolve(&name)).await.map_err(|e| ServeError::Io(e.to_string()))??;
+    let encode = |t: &str| text.tokenizer.encode(t, false).map_err(|e| ServeError::BadRequest(e.to_string()));
+    let mut stop = text.eos.clone();
+    let prompt = match &prompt {
+        Prompt::Completion(PromptField::Text(t)) => encode(t)?,
+        Prompt::Completion(PromptField::Ids(ids)) => ids.clone(),
+        Prompt::Chat(messages) => {
+            let template = text.template.as_ref().ok_or_else(|| ServeError::BadRequest(format!("the model `{}` has no chat template; use /v1/completions", params.model)))?;
+            let rendered = template.render(messages, true).map_err(|e| ServeError::BadRequest(format!("the chat template failed: {e}")))?;
+            stop.extend(text.tokenizer.token_id(&template.eos_token));
+            encode(&rendered)?
+        }
+    };
+    if prompt.is_empty() {
+        return bad("the prompt encodes to no tokens");
+    }
+    let vocab = s.registry.base.cfg.vocab_size;
+    if let Some(bad) = prompt.iter().find(|&&t| t as usize >= vocab) {
+        return Err(ServeError::BadRequest(format!("token id {bad} is outside the vocabulary of {vocab}")));
+    }
     if prompt.len() + max_tokens > s.max_context {
         return Err(ServeError::BadRequest(format!(
             "{} prompt tokens + {max_tokens} max_tokens exceed this server's context of {} (--max-context)",
@@ -291,9 +297,6 @@ async fn prepare<B: Backend>(s: &Arc<AppState<B>>, params: &Params, prompt: Vec<
             s.max_context
         )));
     }
-    let registry = s.registry.clone();
-    let name = params.model.clone();
-    let model = tokio::task::spawn_blocking(move || registry.resolve(&name)).await.map_err(|e| ServeError::Io(e.to_string()))??;
     let (senders, receivers) = (0..n).map(|_| mpsc::unbounded_channel()).unzip();
     let job = Job {
         model,
@@ -304,7 +307,7 @@ async fn prepare<B: Backend>(s: &Arc<AppState<B>>, params: &Params, prompt: Vec<
         logprobs,
         choices: senders,
     };
-    Ok((job, receivers, stops))
+    Ok((job, text, receivers, stops))
 }
 
 struct ResponseMeta {

@@ -55,23 +55,15 @@ pub fn build<B: Backend>(o: &ServeOptions, device: &B::Device) -> Result<axum::R
     };
     let tokenizer = Tokenizer::load(&o.base).map_err(model("loading the tokenizer"))?;
     // No template: /v1/chat/completions answers 400; a broken one stops the server here.
-    let template = ChatTemplate::find(&o.base).map_err(model("reading the chat template"))?;
+    let template = ChatTemplate::find(&o.base).map_err(model("reading the chat template"))?.map(Arc::new);
     let weights = Weights::<B>::new(&ckpt, None, device.clone()).map_err(model("loading the base"))?;
     let base = Arc::new(Llama::load(cfg, &weights).map_err(model("loading the base"))?);
     ckpt.release_pages();
     let base_name = o.base_name.clone().unwrap_or_else(|| o.base.canonicalize().unwrap_or(o.base.clone()).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "base".into()));
-    let eos = base.cfg.eos_token_ids();
-    let registry = Arc::new(registry::Registry::new(base_name, base.clone(), ckpt, o.deltas.clone(), o.max_resident));
+    let text = Arc::new(registry::TextSide { tokenizer: Arc::new(tokenizer), template, eos: base.cfg.eos_token_ids() });
+    let registry = Arc::new(registry::Registry::new(base_name, base.clone(), text, ckpt, o.deltas.clone(), o.max_resident));
     let engine = engine::Engine::start(base, o.engine);
-    let state = api::AppState {
-        registry,
-        engine,
-        tokenizer: Arc::new(tokenizer),
-        template,
-        eos,
-        max_context,
-        requests: Default::default(),
-    };
+    let state = api::AppState { registry, engine, max_context, requests: Default::default() };
     Ok(api::router(Arc::new(state)))
 }
 

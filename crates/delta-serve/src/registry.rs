@@ -2,25 +2,40 @@
 //! folder (read afresh on every lookup, so a file added while running is served without a
 //! restart). Deltas load on first use, checked against the base's fingerprint; beyond
 //! `max_resident`, the least recently used one is dropped. Requests already running on a dropped
-//! delta keep it alive (`Arc`) until they finish.
+//! delta keep it alive (`Arc`) until they finish. A delta that ships its own tokenizer, chat
+//! template or `config.json` (its `files`) reads and ends text with them; one whose config asks for
+//! another forward pass than the base's (another RoPE, vocabulary, ...) is refused.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use delta_format::{Checkpoint, DeltaArtifact};
-use delta_models::multi::Tenant;
 use burn::tensor::backend::Backend;
-use delta_models::Llama;
+use delta_format::{Checkpoint, DeltaArtifact};
+use delta_models::chat::ChatTemplate;
+use delta_models::multi::Tenant;
+use delta_models::{Llama, ModelConfig, ModelFiles, Tokenizer};
 
 use crate::error::ServeError;
 
 /// The file name suffix of a delta artifact; the model name is what comes before it.
 pub const DELTA_SUFFIX: &str = ".bitdelta.safetensors";
 
+/// How a model reads and ends text: its tokenizer, its chat template (if any) and its
+/// end-of-sequence ids (`config.json`; chat adds the template's eos token).
+pub struct TextSide {
+    pub tokenizer: Arc<Tokenizer>,
+    pub template: Option<Arc<ChatTemplate>>,
+    pub eos: Vec<u32>,
+}
+
+/// The side files that make a model's [`TextSide`].
+const TEXT_FILES: [&str; 4] = ["config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"];
+
 struct Resident<B: Backend> {
     tenant: Arc<Tenant<B>>,
+    text: Arc<TextSide>,
     last_used: u64,
 }
 
@@ -51,6 +66,7 @@ pub struct Listing {
 pub struct Registry<B: Backend> {
     pub base_name: String,
     pub base: Arc<Llama<B>>,
+    pub base_text: Arc<TextSide>,
     base_ckpt: Checkpoint,
     deltas_dir: PathBuf,
     max_resident: usize,
@@ -73,8 +89,8 @@ impl<B: Backend> Clone for Resolved<B> {
 }
 
 impl<B: Backend> Registry<B> {
-    pub fn new(base_name: String, base: Arc<Llama<B>>, base_ckpt: Checkpoint, deltas_dir: PathBuf, max_resident: usize) -> Self {
-        Registry { base_name, base, base_ckpt, deltas_dir, max_resident: max_resident.max(1), state: Mutex::default() }
+    pub fn new(base_name: String, base: Arc<Llama<B>>, base_text: Arc<TextSide>, base_ckpt: Checkpoint, deltas_dir: PathBuf, max_resident: usize) -> Self {
+        Registry { base_name, base, base_text, base_ckpt, deltas_dir, max_resident: max_resident.max(1), state: Mutex::default() }
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State<B>> {
@@ -102,44 +118,44 @@ impl<B: Backend> Registry<B> {
         Ok(out)
     }
 
-    fn touch(&self, name: &str) -> Option<Arc<Tenant<B>>> {
+    fn touch(&self, name: &str) -> Option<(Resolved<B>, Arc<TextSide>)> {
         let mut state = self.state();
         state.clock += 1;
         let now = state.clock;
         state.resident.get_mut(name).map(|r| {
             r.last_used = now;
-            r.tenant.clone()
+            (Resolved::Delta(r.tenant.clone()), r.text.clone())
         })
     }
 
-    /// The model `name` names, loading its delta if it is not resident. Blocking (reads and
-    /// checks the artifact): call it off the async threads.
-    pub fn resolve(&self, name: &str) -> Result<Resolved<B>, ServeError> {
+    /// The model `name` names and its text side, loading its delta if it is not resident.
+    /// Blocking (reads and checks the artifact): call it off the async threads.
+    pub fn resolve(&self, name: &str) -> Result<(Resolved<B>, Arc<TextSide>), ServeError> {
         if name == self.base_name {
-            return Ok(Resolved::Base);
+            return Ok((Resolved::Base, self.base_text.clone()));
         }
-        if let Some(t) = self.touch(name) {
-            return Ok(Resolved::Delta(t));
+        if let Some(r) = self.touch(name) {
+            return Ok(r);
         }
         let path = self.path_of(name)?;
         let lock = self.state().loading.entry(name.to_string()).or_default().clone();
         let _loading = lock.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(t) = self.touch(name) {
-            return Ok(Resolved::Delta(t));
+        if let Some(r) = self.touch(name) {
+            return Ok(r);
         }
         let started = Instant::now();
-        let loaded = self.load(&path).map(Arc::new);
+        let loaded = self.load(&path).map(|(tenant, text)| (Arc::new(tenant), text));
         // Resident before the load lock goes, so a request arriving now finds it (no second load).
-        let evicted = loaded.as_ref().map(|t| self.admit(name, t.clone())).unwrap_or_default();
+        let evicted = loaded.as_ref().map(|(t, text)| self.admit(name, t.clone(), text.clone())).unwrap_or_default();
         self.state().loading.remove(name);
-        let tenant = loaded.map_err(|e| ServeError::Unavailable { model: name.to_string(), reason: e })?;
+        let (tenant, text) = loaded.map_err(|e| ServeError::Unavailable { model: name.to_string(), reason: e })?;
         eprintln!(
             "loaded delta `{name}` in {:.2} s ({:.1} MB resident){}",
             started.elapsed().as_secs_f64(),
             tenant.resident_bytes as f64 / 1e6,
             if evicted.is_empty() { String::new() } else { format!("; evicted {}", evicted.join(", ")) }
         );
-        Ok(Resolved::Delta(tenant))
+        Ok((Resolved::Delta(tenant), text))
     }
 
     fn path_of(&self, name: &str) -> Result<PathBuf, ServeError> {
@@ -152,21 +168,45 @@ impl<B: Backend> Registry<B> {
         }
     }
 
-    fn load(&self, path: &Path) -> Result<Tenant<B>, String> {
+    fn load(&self, path: &Path) -> Result<(Tenant<B>, Arc<TextSide>), String> {
         let artifact = DeltaArtifact::open(path).map_err(|e| e.to_string())?;
+        let text = self.text_side(&artifact)?;
         let tenant = Tenant::new(&self.base, &self.base_ckpt, &artifact).map_err(|e| e.to_string());
         // Checking the fingerprint read the base file's pages; the model holds its own copy.
         self.base_ckpt.release_pages();
-        tenant
+        Ok((tenant?, text))
+    }
+
+    /// The delta's text side: the base's, with whatever the delta ships in its place.
+    fn text_side(&self, artifact: &DeltaArtifact) -> Result<Arc<TextSide>, String> {
+        let files = ModelFiles::with_delta(self.base_ckpt.dir(), Some(artifact));
+        if !TEXT_FILES.iter().any(|n| files.shipped(n)) {
+            return Ok(self.base_text.clone());
+        }
+        let cfg = ModelConfig::load(files).map_err(|e| e.to_string())?;
+        if let Some(field) = cfg.forward_difference(&self.base.cfg) {
+            return Err(format!(
+                "its config.json sets `{field}` unlike the base's, which a forward pass shared with the base cannot honour (serve the model `bitdelta apply` writes instead)"
+            ));
+        }
+        let tokenizer = match files.shipped("tokenizer.json") {
+            true => Arc::new(Tokenizer::load(files).map_err(|e| e.to_string())?),
+            false => self.base_text.tokenizer.clone(),
+        };
+        let template = match files.shipped("tokenizer_config.json") || files.shipped("chat_template.jinja") {
+            true => ChatTemplate::find(files).map_err(|e| e.to_string())?.map(Arc::new),
+            false => self.base_text.template.clone(),
+        };
+        Ok(Arc::new(TextSide { tokenizer, template, eos: cfg.eos_token_ids() }))
     }
 
     /// Makes `tenant` resident and drops the least recently used beyond the limit; returns
     /// the names dropped.
-    fn admit(&self, name: &str, tenant: Arc<Tenant<B>>) -> Vec<String> {
+    fn admit(&self, name: &str, tenant: Arc<Tenant<B>>, text: Arc<TextSide>) -> Vec<String> {
         let mut state = self.state();
         state.clock += 1;
         let now = state.clock;
-        state.resident.insert(name.to_string(), Resident { tenant, last_used: now });
+        state.resident.insert(name.to_string(), Resident { tenant, text, last_used: now });
         state.loads += 1;
         let mut evicted = Vec::new();
         while state.resident.len() > self.max_resident {
