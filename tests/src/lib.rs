@@ -186,6 +186,51 @@ pub fn with_own_files(ft: &Path, dest: &Path, config: impl Fn(&mut serde_json::V
     });
 }
 
+/// The tokens [`with_added_tokens`] adds, with the ids after the fine-tune's vocabulary.
+pub const ADDED_TOKENS: [&str; 3] = ["<|pirate|>", "<|parrot|>", "<|treasure|>"];
+
+/// A copy of the fine-tune `ft` in `dest` that added [`ADDED_TOKENS`] to its vocabulary, as a
+/// fine-tune that brings new special tokens is: the tokenizer knows them, `config.json` counts
+/// them, and the (tied) embedding has a row for each — the mean of two rows it already had.
+pub fn with_added_tokens(ft: &Path, dest: &Path) {
+    linked_copy(ft, dest, |file, path, target| {
+        match file {
+            "model.safetensors" => {
+                let mut tensors = read_tensors(path);
+                let (dtype, shape, data) = tensors.get_mut("model.embed_tokens.weight").expect("an embedding");
+                let width = shape[1];
+                let mut values = RawTensor::values(*dtype, data);
+                for k in 0..ADDED_TOKENS.len() {
+                    let (a, b) = (100 + k, 2000 + 7 * k);
+                    let row: Vec<f32> = (0..width).map(|j| 0.5 * (values[a * width + j] + values[b * width + j])).collect();
+                    values.extend(row);
+                }
+                shape[0] += ADDED_TOKENS.len();
+                *data = RawTensor::from_f32("", *dtype, shape, &values).data;
+                let views: Vec<_> = tensors.iter().map(|(n, (d, sh, v))| (n.clone(), safetensors::tensor::TensorView::new(*d, sh.clone(), v).unwrap())).collect();
+                safetensors::serialize_to_file(views, Some(HashMap::from([("format".to_string(), "pt".to_string())])), target).unwrap();
+            }
+            "config.json" | "tokenizer.json" => {
+                let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+                if file == "config.json" {
+                    json["vocab_size"] = (json["vocab_size"].as_u64().unwrap() + ADDED_TOKENS.len() as u64).into();
+                } else {
+                    let vocab = json["model"]["vocab"].as_object().unwrap().len();
+                    let added = json["added_tokens"].as_array_mut().unwrap();
+                    for (k, token) in ADDED_TOKENS.iter().enumerate() {
+                        added.push(serde_json::json!({
+                            "id": vocab + k, "content": token, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true
+                        }));
+                    }
+                }
+                std::fs::write(target, json.to_string()).unwrap();
+            }
+            _ => return false,
+        }
+        true
+    });
+}
+
 /// A tensor for [`write_folder`]: name, safetensors dtype, shape, raw little-endian bytes.
 pub struct RawTensor {
     pub name: String,

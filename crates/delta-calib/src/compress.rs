@@ -1,7 +1,8 @@
 //! Weight-only compression of a fine-tune against its base.
 //!
-//! Guarantees: the two checkpoints hold the same tensor names, dtypes and shapes, and only finite
-//! values, or the first violation is returned; every *block linear* weight that changed becomes
+//! Guarantees: the two checkpoints hold the same tensor names, dtypes and shapes (but for the
+//! rows of a vocabulary matrix: a fine-tune that added tokens), and only finite values, or the
+//! first violation is returned; every *block linear* weight that changed becomes
 //! a sign mask + scales; every other tensor that changed is kept whole; unchanged tensors are
 //! left out. Peak memory is the compressed result (≈1/16 of a bf16 model) plus one weight's
 //! working set: both checkpoints are read through mmap.
@@ -10,7 +11,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use delta_format::artifact::{write_artifact, ArtifactContents, SideFile};
-use delta_format::checkpoint::{is_block_linear, Checkpoint};
+use delta_format::checkpoint::{is_block_linear, replaces_shape, Checkpoint};
 use delta_format::dtype::shape_string;
 use delta_format::{BaseFingerprint, CompressedWeight, FormatError, ScaleMode};
 use delta_kernels::delta::two_sided_error;
@@ -180,7 +181,8 @@ fn compress_weight(
     Ok((weight, report))
 }
 
-/// Same names, dtypes, shapes; all values finite (checked in parallel over tensors).
+/// Same names, dtypes, shapes (a vocabulary matrix may have other rows); all values finite
+/// (checked in parallel over tensors).
 fn check_pair(base: &Checkpoint, finetuned: &Checkpoint) -> Result<(), CompressError> {
     if let Some(name) = finetuned.names().find(|n| !base.contains(n)) {
         return Err(CompressError::MissingInBase { name: name.into() });
@@ -190,7 +192,7 @@ fn check_pair(base: &Checkpoint, finetuned: &Checkpoint) -> Result<(), CompressE
     }
     for name in base.names() {
         let (b, f) = (base.tensor(name).expect("listed"), finetuned.tensor(name).expect("listed"));
-        if b.shape != f.shape {
+        if !replaces_shape(name, b.shape, f.shape) {
             return Err(CompressError::ShapeMismatch { name: name.into(), base: shape_string(b.shape), finetuned: shape_string(f.shape) });
         }
         if b.dtype != f.dtype {

@@ -55,8 +55,9 @@ pub fn run(a: Args) -> Result<()> {
     meta.base.check_structure(&base).with_context(|| format!("applying {}", a.delta.display()))?;
 
     let dir = AtomicDir::create(&a.output, a.force)?;
-    let plan: Vec<TensorPlan> =
-        base.names().map(|n| base.tensor(n).map(|v| TensorPlan::new(n, v.dtype, v.shape.to_vec())).expect("listed")).collect();
+    // A whole tensor's shape (a vocabulary matrix with added tokens has more rows), else the base's.
+    let shape_of = |n: &str, v: delta_format::TensorView<'_>| artifact.whole_tensor(n).map_or(v.shape, |w| w.shape).to_vec();
+    let plan: Vec<TensorPlan> = base.names().map(|n| base.tensor(n).map(|v| TensorPlan::new(n, v.dtype, shape_of(n, v))).expect("listed")).collect();
     let bar = ui::progress(base.data_bytes(), "apply", true, a.json);
     let (mut merged, mut whole, mut copied) = (0usize, 0usize, 0usize);
     let files = write_model_folder(dir.path(), plan, a.max_shard_size, |t| -> Result<Cow<'_, [u8]>> {

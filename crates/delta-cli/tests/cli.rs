@@ -413,6 +413,49 @@ fn a_delta_speaks_with_the_fine_tunes_own_template_and_config() {
     refused(&bitdelta(&long), "2 prompt tokens + --max-new-tokens 63 exceed the model's context of 64 tokens", tmp.path(), &before);
 }
 
+/// A fine-tune that added tokens to its vocabulary: its embedding travels whole with its new rows,
+/// its config and tokenizer with it; layer-wise calibration runs on it; `--delta` reads a prompt
+/// with the new tokens and answers exactly as the folder `apply` writes — which is the
+/// fine-tune's own, tensor for tensor.
+#[test]
+fn a_fine_tune_with_added_tokens_compresses_applies_and_generates() {
+    let (base, ft) = smollm2();
+    let fx = delta_tests::fixtures();
+    let tmp = tempfile::tempdir().unwrap();
+    let grown = tmp.path().join("grown");
+    delta_tests::with_added_tokens(&ft, &grown);
+    let delta = tmp.path().join("grown.bitdelta.safetensors");
+    let text = fx.join("text/tiny_train.utf8");
+    let args = ["compress", "--base", s(&base), "--finetuned", s(&grown), "-o", s(&delta), "--calibrate", "layerwise", "--calib-text", s(&text)];
+    let report: serde_json::Value = serde_json::from_str(&ok(&bitdelta(&[&args[..], &["--calib-samples", "4", "--calib-len", "32", "--json"]].concat()))).unwrap();
+    assert_eq!(report["calibration"], "layerwise", "{report}");
+    let info: serde_json::Value = serde_json::from_str(&ok(&bitdelta(&["inspect", s(&delta), "--json"]))).unwrap();
+    assert_eq!(info["side_files"], serde_json::json!(["config.json", "tokenizer.json"]), "{}", info["side_files"]);
+    let embedding = info["tensors"].as_array().unwrap().iter().find(|t| t["name"] == "model.embed_tokens.weight").expect("the embedding is stored");
+    assert_eq!((embedding["mode"].as_str(), embedding["shape"].clone()), (Some("whole"), serde_json::json!([49155, 576])));
+
+    let merged = tmp.path().join("merged");
+    ok(&bitdelta(&["apply", "--base", s(&base), "--delta", s(&delta), "-o", s(&merged), "--json"]));
+    let (written, own) = (read_tensors(&merged.join("model.safetensors")), read_tensors(&grown.join("model.safetensors")));
+    assert_eq!(written["model.embed_tokens.weight"], own["model.embed_tokens.weight"]);
+    assert_eq!(written["model.norm.weight"], own["model.norm.weight"]);
+
+    let prompt = format!("{}Once upon a time{}", delta_tests::ADDED_TOKENS[0], delta_tests::ADDED_TOKENS[2]);
+    let run = |model: &[&str]| -> serde_json::Value {
+        let args = [&["generate"][..], model, &["--prompt", &prompt, "--max-new-tokens", "6", "--json"]].concat();
+        serde_json::from_str(&ok(&bitdelta(&args))).unwrap()
+    };
+    let (applied, from_folder) = (run(&["--model", s(&base), "--delta", s(&delta)]), run(&["--model", s(&merged)]));
+    let ids = |g: &serde_json::Value, key: &str| -> Vec<u64> { g[key].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect() };
+    let prompt_ids = ids(&applied, "prompt_ids");
+    assert_eq!((prompt_ids[0], *prompt_ids.last().unwrap()), (49152, 49154), "{prompt_ids:?}");
+    assert_eq!(prompt_ids, ids(&from_folder, "prompt_ids"));
+    assert_eq!(ids(&applied, "tokens"), ids(&from_folder, "tokens"));
+    // The base alone has no such tokens.
+    let before = listing(tmp.path());
+    refused(&bitdelta(&["generate", "--model", s(&base), "--prompt-ids", "49152", "--max-new-tokens", "2"]), "outside the vocabulary of 49152", tmp.path(), &before);
+}
+
 /// `--device wgpu` (in CI: Mesa's lavapipe) generates the CPU's tokens, and reports its device.
 /// Run inside a Cargo project, it keeps CubeCL's autotune results in the user's cache folder, not
 /// in that project's `target/`.

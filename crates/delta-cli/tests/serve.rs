@@ -400,9 +400,9 @@ fn a_base_with_a_short_context_limits_requests_to_it() {
 
 /// A delta that ships its own chat template chats with it — the prompt and the greedy answer of
 /// `generate --delta --chat` — next to one that ships none; one whose `config.json` asks for
-/// another RoPE than the base's is refused, naming the field.
+/// another RoPE than the base's, or that added tokens, is refused, naming the field.
 #[test]
-fn deltas_chat_with_their_own_templates_and_another_rope_is_refused() {
+fn deltas_chat_with_their_own_templates_and_another_forward_is_refused() {
     let (base, ft) = smollm2();
     let tmp = tempfile::tempdir().unwrap();
     let folder = tmp.path().join("deltas");
@@ -410,7 +410,9 @@ fn deltas_chat_with_their_own_templates_and_another_rope_is_refused() {
     let (own, rope) = (tmp.path().join("own"), tmp.path().join("rope"));
     delta_tests::with_own_files(&ft, &own, |_| {});
     delta_tests::with_own_files(&ft, &rope, |config| config["rope_theta"] = 1234.0.into());
-    for (name, model) in [("plain", &ft), ("own", &own), ("rope", &rope)] {
+    let grown = tmp.path().join("grown");
+    delta_tests::with_added_tokens(&ft, &grown);
+    for (name, model) in [("plain", &ft), ("own", &own), ("rope", &rope), ("grown", &grown)] {
         let out = folder.join(format!("{name}.bitdelta.safetensors"));
         bitdelta(&["compress", "--base", s(&base), "--finetuned", s(model), "-o", s(&out), "--scale", "scalar", "--calibrate", "none", "--json"]);
     }
@@ -431,10 +433,13 @@ fn deltas_chat_with_their_own_templates_and_another_rope_is_refused() {
     assert_eq!(own_text, g["text"].as_str().unwrap());
     assert!(own_tokens > plain_tokens + 4, "the delta's own first turn is missing: {own_tokens} against {plain_tokens} prompt tokens");
 
-    let r = server.post("/v1/completions", &completion("rope", PROMPTS[0], 4));
-    assert_eq!(r.status, 409, "{}", r.body);
-    let message = r.json()["error"]["message"].as_str().unwrap().to_string();
-    assert!(message.contains("rope_theta") && message.contains("config.json"), "{message}");
+    // Another RoPE, or added tokens, cannot share the base's forward pass.
+    for (model, field) in [("rope", "rope_theta"), ("grown", "vocab_size")] {
+        let r = server.post("/v1/completions", &completion(model, PROMPTS[0], 4));
+        assert_eq!(r.status, 409, "{}", r.body);
+        let message = r.json()["error"]["message"].as_str().unwrap().to_string();
+        assert!(message.contains(field) && message.contains("config.json"), "{message}");
+    }
 }
 
 /// Runs `bitdelta serve ARGS`, which must refuse to start: exit 1 with one line on stderr (which

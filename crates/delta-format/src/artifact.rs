@@ -265,7 +265,7 @@ fn validate(header: &SafetensorsHeader, bytes: &[u8]) -> Result<ArtifactMetadata
         let Some(b) = base.tensors.get(&info.name).filter(|_| !weights.contains_key(&info.name)) else {
             return Err(FormatError::UnexpectedTensor { name: info.name.clone() });
         };
-        if b.shape != info.shape {
+        if !crate::checkpoint::replaces_shape(&info.name, &b.shape, &info.shape) {
             return Err(FormatError::TensorShape { name: info.name.clone(), expected: shape_string(&b.shape), found: shape_string(&info.shape) });
         }
         let base_dtype = base.dtype(&info.name).expect("validated fingerprint");

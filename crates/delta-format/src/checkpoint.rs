@@ -246,6 +246,19 @@ pub fn is_block_linear(name: &str, shape: &[usize]) -> bool {
     parts.windows(2).any(|w| matches!(w[0], "layers" | "h" | "blocks" | "block") && w[1].parse::<usize>().is_ok())
 }
 
+/// True for the matrices with a row per token of the vocabulary (`…embed_tokens.weight`,
+/// `lm_head.weight`): the only tensors whose shape a fine-tune may change, by adding tokens (or
+/// dropping them); their columns stay the model's width.
+pub fn is_vocabulary_matrix(name: &str) -> bool {
+    name.ends_with("embed_tokens.weight") || name == "lm_head.weight"
+}
+
+/// Whether a fine-tune's tensor of shape `finetuned` may stand for the base's of shape `base`
+/// (stored whole): the same shape, or for a vocabulary matrix other rows of the same width.
+pub fn replaces_shape(name: &str, base: &[usize], finetuned: &[usize]) -> bool {
+    base == finetuned || (is_vocabulary_matrix(name) && base.len() == 2 && finetuned.len() == 2 && base[1] == finetuned[1])
+}
+
 /// Weight files and indexes are not side files; neither are hidden files.
 pub fn is_side_file(name: &str) -> bool {
     const WEIGHT_SUFFIXES: [&str; 10] =
@@ -287,6 +300,17 @@ mod tests {
         assert!(!is_block_linear("lm_head.weight", &[49152, 576]));
         assert!(!is_block_linear("model.layers.0.self_attn.q_proj.bias", &[576, 1]));
         assert!(!is_block_linear("model.layers.x.mlp.up_proj.weight", &[4, 4]));
+    }
+
+    #[test]
+    fn only_vocabulary_matrices_may_change_shape_and_only_their_rows() {
+        assert!(replaces_shape("model.norm.weight", &[576], &[576]));
+        assert!(!replaces_shape("model.norm.weight", &[576], &[577]));
+        assert!(replaces_shape("model.embed_tokens.weight", &[49152, 576], &[49155, 576]));
+        assert!(replaces_shape("lm_head.weight", &[32000, 64], &[31999, 64]));
+        assert!(!replaces_shape("model.embed_tokens.weight", &[49152, 576], &[49152, 577]));
+        assert!(!replaces_shape("model.embed_tokens.weight", &[49152, 576], &[49152 * 576]));
+        assert!(!replaces_shape("model.layers.0.mlp.up_proj.weight", &[1536, 576], &[1537, 576]));
     }
 
     #[test]

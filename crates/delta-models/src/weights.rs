@@ -62,18 +62,21 @@ impl<'a, B: Backend> Weights<'a, B> {
     /// The f32 values of `name` (merged with the delta where it has this tensor) and its shape.
     fn values(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>), ModelError> {
         let view = self.base.tensor(name).ok_or_else(|| ModelError::MissingTensor(name.into()))?;
-        let shape = view.shape.to_vec();
-        let bytes: Option<Cow<'_, [u8]>> = match self.delta {
-            Some(d) => match d.weight(name) {
+        let whole = self.delta.and_then(|d| d.whole_tensor(name));
+        // A whole tensor may have another shape (a vocabulary matrix with added tokens).
+        let shape = whole.as_ref().map_or(view.shape, |w| w.shape).to_vec();
+        let bytes: Option<Cow<'_, [u8]>> = match (self.delta, whole) {
+            (_, Some(w)) => Some(Cow::Borrowed(w.data)),
+            (Some(d), None) => match d.weight(name) {
                 // Fused: the base weight stays as it is; the delta goes to a DeltaLinear.
                 Some(_) if self.delta_use == DeltaUse::Fused => None,
                 Some(w) => Some(Cow::Owned(delta_kernels::merge(&view, &w).map_err(|e| ModelError::Input(e.to_string()))?)),
-                None => d.whole_tensor(name).map(|v| Cow::Borrowed(v.data)),
+                None => None,
             },
-            None => None,
+            (None, None) => None,
         };
         let view = match &bytes {
-            Some(b) => TensorView { dtype: view.dtype, shape: view.shape, data: b },
+            Some(b) => TensorView { dtype: view.dtype, shape: &shape, data: b },
             None => view,
         };
         let values = to_f32_vec(&view).ok_or_else(|| ModelError::DType { name: name.into(), dtype: view.dtype })?;
