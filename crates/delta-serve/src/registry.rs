@@ -170,11 +170,14 @@ impl<B: Backend> Registry<B> {
 
     fn load(&self, path: &Path) -> Result<(Tenant<B>, Arc<TextSide>), String> {
         let artifact = DeltaArtifact::open(path).map_err(|e| e.to_string())?;
-        let text = self.text_side(&artifact)?;
-        let tenant = Tenant::new(&self.base, &self.base_ckpt, &artifact).map_err(|e| e.to_string());
+        // The base first (a delta made for another one says so), then the text side, then the weights.
+        let loaded = artifact.metadata().base.verify(&self.base_ckpt).map_err(|e| e.to_string()).and_then(|()| {
+            let text = self.text_side(&artifact)?;
+            Ok((Tenant::new(&self.base, &self.base_ckpt, &artifact).map_err(|e| e.to_string())?, text))
+        });
         // Checking the fingerprint read the base file's pages; the model holds its own copy.
         self.base_ckpt.release_pages();
-        Ok((tenant?, text))
+        loaded
     }
 
     /// The delta's text side: the base's, with whatever the delta ships in its place.
