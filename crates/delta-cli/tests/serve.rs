@@ -399,7 +399,8 @@ fn a_base_with_a_short_context_limits_requests_to_it() {
 }
 
 /// A delta that ships its own chat template chats with it — the prompt and the greedy answer of
-/// `generate --delta --chat` — next to one that ships none; one whose `config.json` asks for
+/// `generate --delta --chat` — next to one that ships none, and its own shorter context bounds
+/// its requests; one whose `config.json` asks for
 /// another RoPE than the base's, or that added tokens, is refused, naming the field.
 #[test]
 fn deltas_chat_with_their_own_templates_and_another_forward_is_refused() {
@@ -408,7 +409,7 @@ fn deltas_chat_with_their_own_templates_and_another_forward_is_refused() {
     let folder = tmp.path().join("deltas");
     std::fs::create_dir(&folder).unwrap();
     let (own, rope) = (tmp.path().join("own"), tmp.path().join("rope"));
-    delta_tests::with_own_files(&ft, &own, |_| {});
+    delta_tests::with_own_files(&ft, &own, |config| config["max_position_embeddings"] = 64.into());
     delta_tests::with_own_files(&ft, &rope, |config| config["rope_theta"] = 1234.0.into());
     let grown = tmp.path().join("grown");
     delta_tests::with_added_tokens(&ft, &grown);
@@ -432,6 +433,13 @@ fn deltas_chat_with_their_own_templates_and_another_forward_is_refused() {
     assert_eq!(own_tokens, g["prompt_ids"].as_array().unwrap().len() as u64);
     assert_eq!(own_text, g["text"].as_str().unwrap());
     assert!(own_tokens > plain_tokens + 4, "the delta's own first turn is missing: {own_tokens} against {plain_tokens} prompt tokens");
+
+    // The delta's own context (64 tokens) bounds its requests; the base's stays the server's.
+    let r = server.post("/v1/completions", &json!({ "model": "own", "prompt": [1, 2, 3, 4], "max_tokens": 61 }));
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("4 prompt tokens + 61 max_tokens exceed the model's context of 64"), "{}", r.body);
+    let r = server.post("/v1/completions", &json!({ "model": "plain", "prompt": [1, 2, 3, 4], "max_tokens": 61, "temperature": 0 }));
+    assert_eq!(r.status, 200, "{}", r.body);
 
     // Another RoPE, or added tokens, cannot share the base's forward pass.
     for (model, field) in [("rope", "rope_theta"), ("grown", "vocab_size")] {

@@ -290,12 +290,16 @@ async fn prepare<B: Backend>(
     if let Some(bad) = prompt.iter().find(|&&t| t as usize >= vocab) {
         return Err(ServeError::BadRequest(format!("token id {bad} is outside the vocabulary of {vocab}")));
     }
-    if prompt.len() + max_tokens > s.max_context {
-        return Err(ServeError::BadRequest(format!(
-            "{} prompt tokens + {max_tokens} max_tokens exceed this server's context of {} (--max-context)",
-            prompt.len(),
-            s.max_context
-        )));
+    let asked = format!("{} prompt tokens + {max_tokens} max_tokens", prompt.len());
+    match text.context {
+        // A delta whose own config gives it a shorter context than the server's.
+        Some(context) if prompt.len() + max_tokens > context && context < s.max_context => {
+            return Err(ServeError::BadRequest(format!("{asked} exceed the model's context of {context} (max_position_embeddings in its config.json)")));
+        }
+        _ if prompt.len() + max_tokens > s.max_context => {
+            return Err(ServeError::BadRequest(format!("{asked} exceed this server's context of {} (--max-context)", s.max_context)));
+        }
+        _ => {}
     }
     let (senders, receivers) = (0..n).map(|_| mpsc::unbounded_channel()).unzip();
     let job = Job {

@@ -22,12 +22,14 @@ use crate::error::ServeError;
 /// The file name suffix of a delta artifact; the model name is what comes before it.
 pub const DELTA_SUFFIX: &str = ".bitdelta.safetensors";
 
-/// How a model reads and ends text: its tokenizer, its chat template (if any) and its
-/// end-of-sequence ids (`config.json`; chat adds the template's eos token).
+/// How a model reads and ends text: its tokenizer, its chat template (if any), its
+/// end-of-sequence ids (`config.json`; chat adds the template's eos token) and its context
+/// (`max_position_embeddings`, if given).
 pub struct TextSide {
     pub tokenizer: Arc<Tokenizer>,
     pub template: Option<Arc<ChatTemplate>>,
     pub eos: Vec<u32>,
+    pub context: Option<usize>,
 }
 
 /// The side files that make a model's [`TextSide`].
@@ -200,7 +202,7 @@ impl<B: Backend> Registry<B> {
             true => ChatTemplate::find(files).map_err(|e| e.to_string())?.map(Arc::new),
             false => self.base_text.template.clone(),
         };
-        Ok(Arc::new(TextSide { tokenizer, template, eos: cfg.eos_token_ids() }))
+        Ok(Arc::new(TextSide { tokenizer, template, eos: cfg.eos_token_ids(), context: cfg.max_position_embeddings }))
     }
 
     /// Makes `tenant` resident and drops the least recently used beyond the limit; returns
