@@ -74,7 +74,7 @@ fn generate_on<B: Backend>(a: Args, device: &B::Device) -> Result<()> {
     let prompt = match (&a.prompt_ids, &a.prompt) {
         (Some(ids), _) => ids.clone(),
         (None, Some(text)) if a.chat => {
-            let template = a.model.chat_template()?;
+            let template = loaded.chat_template()?;
             stop.extend(tok.token_id(&template.eos_token));
             let mut messages: Vec<Message> = a.system.iter().map(|s| Message { role: "system".into(), content: s.clone() }).collect();
             messages.push(Message::user(text));

@@ -136,6 +136,16 @@ pub struct ModelArgs {
 pub struct Loaded<B: Backend> {
     pub model: Llama<B>,
     pub tokenizer: Tokenizer,
+    /// The model folder and the delta applied, for the side files read on demand.
+    dir: PathBuf,
+    delta: Option<DeltaArtifact>,
+}
+
+impl<B: Backend> Loaded<B> {
+    /// The chat template: the delta's where it ships one, else the model folder's.
+    pub fn chat_template(&self) -> Result<ChatTemplate> {
+        Ok(ChatTemplate::load(ModelFiles::with_delta(&self.dir, self.delta.as_ref()))?)
+    }
 }
 
 impl ModelArgs {
@@ -152,12 +162,6 @@ impl ModelArgs {
             weights = weights.fused();
         }
         let model = Llama::load(cfg, &weights)?;
-        Ok(Loaded { model, tokenizer })
-    }
-
-    /// The chat template: the delta's where it ships one, else the model folder's.
-    pub fn chat_template(&self) -> Result<ChatTemplate> {
-        let delta = self.delta.as_deref().map(|p| DeltaArtifact::open(p).context("reading the delta")).transpose()?;
-        Ok(ChatTemplate::load(ModelFiles::with_delta(&self.model, delta.as_ref()))?)
+        Ok(Loaded { model, tokenizer, dir: self.model.clone(), delta })
     }
 }
