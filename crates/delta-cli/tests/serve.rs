@@ -263,8 +263,6 @@ fn load_test_with_hot_load_and_eviction_loses_and_mixes_up_nothing() {
     assert!(listed["data"].as_array().unwrap().iter().any(|m| m["id"] == "hot"), "{listed}");
 }
 
-/// A base whose chat template does not compile stops the server at start with a one-line error
-/// (no template at all is fine: chat requests then get a 400).
 /// `logprobs` and `n` choices. The base's log-probabilities equal the log-softmax of the
 /// reference logits (transformers) at several prompt positions, requested side by side; choice i
 /// of a sampled request draws what `generate --seed SEED+i` draws; streamed choices and their
@@ -468,6 +466,9 @@ fn refused_to_start(args: &[&str]) -> String {
     err
 }
 
+/// Bad folders, a base whose chat template does not compile, a context beyond the base's and a
+/// taken port stop the server at start with a one-line error (no template at all is fine: chat
+/// requests then get a 400).
 #[test]
 fn the_server_refuses_to_start_on_bad_folders_a_broken_template_or_a_taken_port() {
     let (base, _) = smollm2();
