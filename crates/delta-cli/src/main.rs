@@ -60,7 +60,9 @@ fn main() -> ExitCode {
         Command::Compress(a) => compress::run(a),
         Command::Apply(a) => apply::run(a),
         Command::Inspect(a) => inspect::run(a),
-        Command::Generate(a) => generate::run(a),
+        // On a thread of rayon's pool: each of a decode step's ~200 fork-joins then starts from a
+        // worker, rather than waking one and blocking this thread.
+        Command::Generate(a) => rayon::scope(|_| generate::run(a)),
         Command::Serve(a) => serve::run(a),
         Command::Eval(c) => eval::run(c),
     };

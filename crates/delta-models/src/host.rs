@@ -199,23 +199,8 @@ pub fn attend_packed<B: Backend>(q: &Tensor<B, 2>, k: &Tensor<B, 2>, v: &Tensor<
     let ([t, width], device) = (q.dims(), q.device());
     let d = width / heads;
     let kv_width = kv_heads * d;
-    let rotated = |x: &[f32], n: usize| {
-        let mut out = vec![0f32; t * n * d];
-        out.par_chunks_mut(n * d).zip(x.par_chunks(n * d)).enumerate().for_each(|(r, (out, x))| {
-            let (cos, sin) = (&cos[r * d..(r + 1) * d], &sin[r * d..(r + 1) * d]);
-            for (out, x) in out.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
-                // x·cos + rotate_half(x)·sin, rotate_half(x) = (−x₂, x₁).
-                let half = d / 2;
-                for i in 0..half {
-                    out[i] = x[i] * cos[i] + -x[i + half] * sin[i];
-                    out[i + half] = x[i + half] * cos[i + half] + x[i] * sin[i + half];
-                }
-            }
-        });
-        out
-    };
-    let q = with_values(q, |q| rotated(q, heads));
-    let k = with_values(k, |k| rotated(k, kv_heads));
+    let q = with_values(q, |q| rotate(q, heads, d, cos, sin));
+    let k = with_values(k, |k| rotate(k, kv_heads, d, cos, sin));
     let scale = (1.0 / (d as f64).sqrt()) as f32;
     let group = heads / kv_heads;
     let mut context = vec![0f32; t * width];
@@ -228,10 +213,101 @@ pub fn attend_packed<B: Backend>(q: &Tensor<B, 2>, k: &Tensor<B, 2>, v: &Tensor<
             jobs.push((*start, *len, mask, part));
             rest = tail;
         }
-        let shape = HeadShape { heads, group, d, kv_width, scale };
-        jobs.into_par_iter().for_each(|(start, len, mask, part)| attend_segment(&q, &k, v, shape, start, len, mask, part));
+        let shape = HeadShape { heads, group, d, scale };
+        let keys = KeyLayout { head_stride: d, row_stride: kv_width };
+        jobs.into_par_iter().for_each(|(start, len, mask, part)| {
+            let (rows, kv_rows) = (start * width..(start + len) * width, start * kv_width..(start + len) * kv_width);
+            attend_segment(&q[rows], &k[kv_rows.clone()], &v[kv_rows], keys, shape, len, mask, part)
+        });
     });
     Some(Tensor::from_data(TensorData::new(context, [t, width]), &device))
+}
+
+/// `x` (`[rows, n·d]`: n heads of width d per row) rotated by RoPE with row r's tables
+/// `cos[r·d..]`, `sin[r·d..]`: x·cos + rotate_half(x)·sin, rotate_half(x) = (−x₂, x₁).
+fn rotate(x: &[f32], n: usize, d: usize, cos: &[f32], sin: &[f32]) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(n * d).zip(x.par_chunks(n * d)).enumerate().for_each(|(r, (out, x))| {
+        let (cos, sin) = (&cos[r * d..(r + 1) * d], &sin[r * d..(r + 1) * d]);
+        for (out, x) in out.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
+            let half = d / 2;
+            for i in 0..half {
+                out[i] = x[i] * cos[i] + -x[i + half] * sin[i];
+                out[i + half] = x[i + half] * cos[i + half] + x[i] * sin[i + half];
+            }
+        }
+    });
+    out
+}
+
+/// One layer's keys (rotated) and values on the KV cache's layout, `[b, kv_heads, positions, d]`.
+pub type KeysValues<B> = (Tensor<B, 4>, Tensor<B, 4>);
+
+/// Queries per task of [`attend_cached`] (a prefill's rows of one sequence split into tasks).
+const QUERY_ROWS: usize = 16;
+
+/// Attention of `t` new positions per sequence after those in a KV cache, on the host, when `B`
+/// is the CPU backend (`None` otherwise): q `[b·t, heads·d]`, k and v `[b·t, kv_heads·d]` as the
+/// projections return them (q/k norms applied), rotated here with the new positions' RoPE tables
+/// `cos` / `sin` (`[t, d]`); `past` the cache's keys and values so far. Every query sees the keys
+/// `mask` shows (additive, `[t, past + t]`; `None`: all of them), through the same loops as
+/// [`attend_packed`], each kv head shared by its query heads without copies. Returns the context
+/// `[b·t, heads·d]` and the cache extended by the new positions; sequences and blocks of
+/// [`QUERY_ROWS`] queries run in parallel.
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+pub fn attend_cached<B: Backend>(q: &Tensor<B, 2>, k: &Tensor<B, 2>, v: &Tensor<B, 2>, b: usize, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>, heads: usize, kv_heads: usize, past: Option<&KeysValues<B>>, mask: Option<&[f32]>) -> Option<(Tensor<B, 2>, KeysValues<B>)> {
+    if !is_cpu::<B>() {
+        return None;
+    }
+    let ([rows, width], device) = (q.dims(), q.device());
+    let (t, d) = (rows / b, width / heads);
+    let kv_width = kv_heads * d;
+    // Row r of q and k is position r mod t of the new ones.
+    let tables = |x: &Tensor<B, 2>| with_values(x, |x| x.repeat(b));
+    let (cos, sin) = (tables(cos), tables(sin));
+    let q = with_values(q, |q| rotate(q, heads, d, &cos, &sin));
+    let held = past.map_or(0, |(k, _)| k.dims()[2]);
+    let s = held + t;
+    // [b, kv, s, d]: each sequence's and kv head's held positions, then the new ones.
+    let extend = |old: Option<&Tensor<B, 4>>, new: &[f32]| {
+        let mut all = vec![0f32; b * kv_heads * s * d];
+        if let Some(old) = old {
+            with_values(&old.clone().reshape([b * kv_heads * held, d]), |old| {
+                for (all, old) in all.chunks_exact_mut(s * d).zip(old.chunks_exact(held * d)) {
+                    all[..held * d].copy_from_slice(old);
+                }
+            });
+        }
+        for (r, i, g) in (0..b).flat_map(|r| (0..t).flat_map(move |i| (0..kv_heads).map(move |g| (r, i, g)))) {
+            all[((r * kv_heads + g) * s + held + i) * d..][..d].copy_from_slice(&new[(r * t + i) * kv_width + g * d..][..d]);
+        }
+        all
+    };
+    let keys = with_values(k, |k| extend(past.map(|(k, _)| k), &rotate(k, kv_heads, d, &cos, &sin)));
+    let values = with_values(v, |v| extend(past.map(|(_, v)| v), v));
+    let all_visible;
+    let mask = match mask {
+        Some(m) => m,
+        None => {
+            all_visible = vec![0f32; t * s];
+            &all_visible
+        }
+    };
+    let shape = HeadShape { heads, group: heads / kv_heads, d, scale: (1.0 / (d as f64).sqrt()) as f32 };
+    let layout = KeyLayout { head_stride: s * d, row_stride: d };
+    let mut context = vec![0f32; rows * width];
+    let jobs: Vec<(usize, usize, &mut [f32])> = context
+        .chunks_mut(t * width)
+        .enumerate()
+        .flat_map(|(r, part)| part.chunks_mut(QUERY_ROWS * width).enumerate().map(move |(c, part)| (r, c * QUERY_ROWS, part)))
+        .collect();
+    jobs.into_par_iter().for_each(|(r, i0, part)| {
+        let n = part.len() / width;
+        let seq = r * kv_heads * s * d..(r + 1) * kv_heads * s * d;
+        attend_segment(&q[(r * t + i0) * width..(r * t + i0 + n) * width], &keys[seq.clone()], &values[seq], layout, shape, s, &mask[i0 * s..(i0 + n) * s], part)
+    });
+    let cache = |x: Vec<f32>| Tensor::from_data(TensorData::new(x, [b, kv_heads, s, d]), &device);
+    Some((Tensor::from_data(TensorData::new(context, [rows, width]), &device), (cache(keys), cache(values))))
 }
 
 /// The sizes [`attend_segment`] works with.
@@ -241,46 +317,57 @@ struct HeadShape {
     /// Query heads per kv head.
     group: usize,
     d: usize,
-    kv_width: usize,
     scale: f32,
 }
 
-/// One segment of [`attend_packed`]: its rows of the context (`part`) from the rotated queries
-/// and keys and the values of its tokens `start..start + len`. With AVX2 the same loops are
-/// compiled for its 8-lane registers: the same operations in the same order, so the same bits.
+/// Where [`attend_segment`] finds key (and value) j of kv head g: at `g·head_stride +
+/// j·row_stride` — a packed batch's rows as the projections return them, or a KV cache's
+/// `[kv_heads, positions, d]`.
+#[derive(Clone, Copy)]
+struct KeyLayout {
+    head_stride: usize,
+    row_stride: usize,
+}
+
+/// One segment of [`attend_packed`] (or queries of [`attend_cached`]): its rows of the context
+/// (`part`, `[queries, heads·d]`) from its rotated queries `q` (`[queries, heads·d]`) over the
+/// `keys` keys and values in `k` and `v` (laid out as `layout` says), `mask` `[queries, keys]`.
+/// With AVX2 the same loops are compiled for its 8-lane registers: the same operations in the
+/// same order, so the same bits.
 #[allow(clippy::too_many_arguments)]
-fn attend_segment(q: &[f32], k: &[f32], v: &[f32], shape: HeadShape, start: usize, len: usize, mask: &[f32], part: &mut [f32]) {
+fn attend_segment(q: &[f32], k: &[f32], v: &[f32], layout: KeyLayout, shape: HeadShape, keys: usize, mask: &[f32], part: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU has AVX2 (checked just above).
-        return unsafe { attend_segment_avx2(q, k, v, shape, start, len, mask, part) };
+        return unsafe { attend_segment_avx2(q, k, v, layout, shape, keys, mask, part) };
     }
-    attend_segment_loops(q, k, v, shape, start, len, mask, part)
+    attend_segment_loops(q, k, v, layout, shape, keys, mask, part)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn attend_segment_avx2(q: &[f32], k: &[f32], v: &[f32], shape: HeadShape, start: usize, len: usize, mask: &[f32], part: &mut [f32]) {
-    attend_segment_loops(q, k, v, shape, start, len, mask, part)
+unsafe fn attend_segment_avx2(q: &[f32], k: &[f32], v: &[f32], layout: KeyLayout, shape: HeadShape, keys: usize, mask: &[f32], part: &mut [f32]) {
+    attend_segment_loops(q, k, v, layout, shape, keys, mask, part)
 }
 
 /// For every query head and row: the scaled scores over the keys the mask shows, their softmax,
 /// and the weighted sum of the values (hidden keys cost nothing past their mask test).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn attend_segment_loops(q: &[f32], k: &[f32], v: &[f32], shape: HeadShape, start: usize, len: usize, mask: &[f32], part: &mut [f32]) {
-    let HeadShape { heads, group, d, kv_width, scale } = shape;
+fn attend_segment_loops(q: &[f32], k: &[f32], v: &[f32], layout: KeyLayout, shape: HeadShape, keys: usize, mask: &[f32], part: &mut [f32]) {
+    let HeadShape { heads, group, d, scale } = shape;
+    let KeyLayout { head_stride, row_stride } = layout;
     let width = heads * d;
-    let mut p = vec![0f32; len];
+    let mut p = vec![0f32; keys];
     for head in 0..heads {
-        let kv_col = head / group * d;
-        for i in 0..len {
-            let qi = &q[(start + i) * width + head * d..][..d];
-            let mask = &mask[i * len..(i + 1) * len];
+        let at = head / group * head_stride;
+        for i in 0..part.len() / width {
+            let qi = &q[i * width + head * d..][..d];
+            let mask = &mask[i * keys..(i + 1) * keys];
             let mut max = f32::NEG_INFINITY;
-            for j in 0..len {
-                p[j] = if mask[j] == f32::NEG_INFINITY { f32::NEG_INFINITY } else { dot(qi, &k[(start + j) * kv_width + kv_col..][..d]) * scale + mask[j] };
+            for j in 0..keys {
+                p[j] = if mask[j] == f32::NEG_INFINITY { f32::NEG_INFINITY } else { dot(qi, &k[at + j * row_stride..][..d]) * scale + mask[j] };
                 max = max.max(p[j]);
             }
             let mut sum = 0f32;
@@ -293,7 +380,7 @@ fn attend_segment_loops(q: &[f32], k: &[f32], v: &[f32], shape: HeadShape, start
             for (j, &pj) in p.iter().enumerate() {
                 if pj != 0.0 {
                     let w = pj / sum;
-                    for (o, &vj) in out.iter_mut().zip(&v[(start + j) * kv_width + kv_col..][..d]) {
+                    for (o, &vj) in out.iter_mut().zip(&v[at + j * row_stride..][..d]) {
                         *o += w * vj;
                     }
                 }
@@ -420,11 +507,14 @@ mod tests {
     /// [`a_segments_attention_is_the_masked_softmax_by_hand`] at head width `d`.
     fn segment_attention_by_hand(d: usize) {
         let (heads, kv_heads, t, start, len) = (4, 2, 50, 5, 37);
-        let shape = HeadShape { heads, group: heads / kv_heads, d, kv_width: kv_heads * d, scale: 0.3 };
+        let shape = HeadShape { heads, group: heads / kv_heads, d, scale: 0.3 };
         let (q, k, v) = (values(t * heads * d, 4), values(t * kv_heads * d, 5), values(t * kv_heads * d, 6));
         let mask: Vec<f32> = (0..len * len).map(|n| if n % len <= n / len && n / len - n % len < 9 { 0.0 } else { f32::NEG_INFINITY }).collect();
         let mut got = vec![0f32; len * heads * d];
-        attend_segment(&q, &k, &v, shape, start, len, &mask, &mut got);
+        let rows = |x: &[f32], width: usize| x[start * width..(start + len) * width].to_vec();
+        let (qs, ks, vs) = (rows(&q, heads * d), rows(&k, kv_heads * d), rows(&v, kv_heads * d));
+        let layout = KeyLayout { head_stride: d, row_stride: kv_heads * d };
+        attend_segment(&qs, &ks, &vs, layout, shape, len, &mask, &mut got);
         for (head, i) in (0..heads).flat_map(|h| (0..len).map(move |i| (h, i))) {
             let at = |x: &[f32], width: usize, r: usize, col: usize| -> Vec<f64> { (0..d).map(|c| x[(start + r) * width + col + c] as f64).collect() };
             let kv_col = head / 2 * d;
@@ -438,7 +528,65 @@ mod tests {
             }
         }
         let mut plain = vec![0f32; got.len()];
-        attend_segment_loops(&q, &k, &v, shape, start, len, &mask, &mut plain);
+        attend_segment_loops(&qs, &ks, &vs, layout, shape, len, &mask, &mut plain);
         assert!(plain.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits()), "the AVX2 loops differ from the plain ones");
+    }
+
+    /// Attention after a KV cache (2 sequences, 4 query heads on 2 kv heads of width 20, 7 held
+    /// positions and 5 new ones, a causal mask with a window of 9 and then none): the new keys
+    /// rotated and appended after the held ones, and each query's softmax(q·kᵀ/√d + mask)·v over
+    /// them by hand in f64, RoPE included.
+    #[test]
+    fn attention_after_a_kv_cache_is_the_masked_softmax_by_hand() {
+        let (b, heads, kv, d, held, t) = (2, 4, 2, 20, 7, 5);
+        let s = held + t;
+        // Queries scaled so that the scores stay a few units, and RoPE tables as a model's: per
+        // position an angle per pair of columns, both halves alike.
+        let q: Vec<f32> = values(b * t * heads * d, 11).iter().map(|x| x * 0.05).collect();
+        let (k, v) = (values(b * t * kv * d, 12), values(b * t * kv * d, 13));
+        let angles = values(t * d, 14);
+        let table = |f: fn(f32) -> f32| -> Vec<f32> { (0..t * d).map(|n| f(angles[n / d * d + n % d % (d / 2)])).collect() };
+        let (cos, sin) = (table(f32::cos), table(f32::sin));
+        let (past_k, past_v) = (values(b * kv * held * d, 16), values(b * kv * held * d, 17));
+        let cache = |x: &[f32]| Tensor::<CpuBackend, 4>::from_data(TensorData::new(x.to_vec(), [b, kv, held, d]), &Default::default());
+        let past = (cache(&past_k), cache(&past_v));
+        let windowed: Vec<f32> = (0..t * s).map(|n| if n % s <= held + n / s && held + n / s - n % s < 9 { 0.0 } else { f32::NEG_INFINITY }).collect();
+        for mask in [Some(&windowed[..]), None] {
+            let (got, (keys, vals)) = attend_cached(&tensor(&q, [b * t, heads * d]), &tensor(&k, [b * t, kv * d]), &tensor(&v, [b * t, kv * d]), b, &tensor(&cos, [t, d]), &tensor(&sin, [t, d]), heads, kv, Some(&past), mask).unwrap();
+            assert_eq!((keys.dims(), vals.dims()), ([b, kv, s, d], [b, kv, s, d]));
+            let (keys, vals) = (keys.into_data().into_vec::<f32>().unwrap(), vals.into_data().into_vec::<f32>().unwrap());
+            // x of width n·d at row r (new position i = r mod t), head h, rotated in f64.
+            let rotated = |x: &[f32], n: usize, r: usize, h: usize| -> Vec<f64> {
+                let (x, i, half) = (&x[r * n * d + h * d..][..d], r % t, d / 2);
+                (0..d).map(|c| {
+                    let turned = if c < half { -(x[c + half] as f64) } else { x[c - half] as f64 };
+                    x[c] as f64 * cos[i * d + c] as f64 + turned * sin[i * d + c] as f64
+                }).collect()
+            };
+            let mut want = vec![0f64; b * t * heads * d];
+            for (r, h, i) in (0..b).flat_map(|r| (0..heads).flat_map(move |h| (0..t).map(move |i| (r, h, i)))) {
+                let g = h / 2;
+                // Key j: held (from the cache) or new (rotated here); both as the cache must hold them.
+                let key = |j: usize| if j < held { (0..d).map(|c| past_k[((r * kv + g) * held + j) * d + c] as f64).collect() } else { rotated(&k, kv, r * t + j - held, g) };
+                let value = |j: usize, c: usize| if j < held { past_v[((r * kv + g) * held + j) * d + c] as f64 } else { v[(r * t + j - held) * kv * d + g * d + c] as f64 };
+                for j in 0..s {
+                    let cached: Vec<f64> = (0..d).map(|c| keys[((r * kv + g) * s + j) * d + c] as f64).collect();
+                    assert!(cached.iter().zip(key(j)).all(|(a, b)| (a - b).abs() <= 1e-5), "sequence {r} kv head {g}: key {j} in the extended cache");
+                    assert!((0..d).all(|c| vals[((r * kv + g) * s + j) * d + c] as f64 == value(j, c)), "sequence {r} kv head {g}: value {j} in the extended cache");
+                }
+                let qi = rotated(&q, heads, r * t + i, h);
+                let visible = |j: usize| mask.is_none_or(|m| m[i * s + j] == 0.0);
+                let scores: Vec<f64> = (0..s).map(|j| if visible(j) { qi.iter().zip(key(j)).map(|(a, b)| a * b).sum::<f64>() / (d as f64).sqrt() } else { f64::NEG_INFINITY }).collect();
+                let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let total: f64 = scores.iter().map(|x| (x - max).exp()).sum();
+                for c in 0..d {
+                    want[(r * t + i) * heads * d + h * d + c] = (0..s).map(|j| (scores[j] - max).exp() / total * value(j, c)).sum();
+                }
+            }
+            let got = got.into_data().into_vec::<f32>().unwrap();
+            for (n, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!((*g as f64 - w).abs() <= 1e-5 * w.abs().max(1.0), "mask {}: value {n}, {g} against {w}", mask.is_some());
+            }
+        }
     }
 }

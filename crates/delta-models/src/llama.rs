@@ -318,11 +318,23 @@ impl<B: Backend> Attention<B> {
     /// the projections return them) -> the context `[b·t, heads·d]` that `o_proj` takes
     /// (q/k norm, RoPE, cache, causal softmax). The new positions follow those already in `cache`
     /// (cos / sin are the tables of the new positions); with a cache, the new keys and values are
-    /// appended to it. Calibration calls it with its own projections.
+    /// appended to it. On the CPU backend a cached step runs on the host
+    /// ([`crate::host::attend_cached`]). Calibration calls it with its own projections.
     #[allow(clippy::too_many_arguments)]
     pub fn attend(&self, q: Tensor<B, 2>, k: Tensor<B, 2>, v: Tensor<B, 2>, b: usize, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>, cache: Option<&mut LayerKv<B>>) -> Tensor<B, 2> {
         let (h, d) = (self.heads, self.head_dim);
         let t = q.dims()[0] / b;
+        let cache = match cache {
+            Some(cache) if crate::host::is_cpu::<B>() => {
+                let past = cache.as_ref().map_or(0, |(k, _)| k.dims()[2]);
+                let mask = attention_mask(t, past, self.sliding_window);
+                let (q, k) = self.normed(q, k);
+                let (context, kv) = crate::host::attend_cached(&q, &k, &v, b, cos, sin, h, self.kv_heads, cache.as_ref(), mask.as_deref()).expect("the CPU backend");
+                *cache = Some(kv);
+                return context;
+            }
+            other => other,
+        };
         let (q, mut k, mut v) = self.heads_rotated(q, k, v, b, cos, sin);
         let mut past = 0;
         if let Some(cache) = cache {
@@ -337,16 +349,22 @@ impl<B: Backend> Attention<B> {
         self.softmax_context(q, k, v, mask).swap_dims(1, 2).reshape([b * t, h * d])
     }
 
+    /// q `[rows, heads·d]` and k `[rows, kv·d]` with the q/k norms applied (Qwen3), per head.
+    fn normed(&self, q: Tensor<B, 2>, k: Tensor<B, 2>) -> (Tensor<B, 2>, Tensor<B, 2>) {
+        let (h, kv, d, t) = (self.heads, self.kv_heads, self.head_dim, q.dims()[0]);
+        match (&self.q_norm, &self.k_norm) {
+            (Some(qn), Some(kn)) => (qn.forward(q.reshape([t, h, d])).reshape([t, h * d]), kn.forward(k.reshape([t, kv, d])).reshape([t, kv * d])),
+            _ => (q, k),
+        }
+    }
+
     /// [`Attention::attend`] for one packed sequence (see [`Packed`]): q, k, v of all its tokens;
     /// no token sees another segment.
     fn attend_packed(&self, q: Tensor<B, 2>, k: Tensor<B, 2>, v: Tensor<B, 2>, layout: &PackedLayout<B>) -> Tensor<B, 2> {
         let (h, kv, d, t) = (self.heads, self.kv_heads, self.head_dim, q.dims()[0]);
         match layout {
             PackedLayout::Host { cos, sin, segments } => {
-                let (q, k) = match (&self.q_norm, &self.k_norm) {
-                    (Some(qn), Some(kn)) => (qn.forward(q.reshape([t, h, d])).reshape([t, h * d]), kn.forward(k.reshape([t, kv, d])).reshape([t, kv * d])),
-                    _ => (q, k),
-                };
+                let (q, k) = self.normed(q, k);
                 crate::host::attend_packed(&q, &k, &v, cos, sin, h, kv, segments).expect("a host layout only on the CPU backend")
             }
             PackedLayout::Tensors { cos, sin, segments } => {
