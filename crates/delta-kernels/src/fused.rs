@@ -159,12 +159,17 @@ fn merged_tiles(x: &[f32], wt: &[f32], rows: usize, w: &CompressedWeight<'_>, y:
 /// Rows `i0..` of the merged weight `W_base + Δ̂` (as many as `d`, `[_, inp]`, holds — at most
 /// 16): each value `W_base[i, j] + S[i, j]·(r[i]·c[j])`, the sign applied by flipping the sign
 /// bit. On AVX-512 a full 16 rows take 16 × 16 blocks: 16 base rows (16 contiguous values each)
-/// transposed in registers, the 16 signs of a block as a lane mask.
+/// transposed in registers, the 16 signs of a block as a lane mask; on AVX2, 8 × 8 blocks.
 fn merge_rows(w: &CompressedWeight<'_>, f: &ScaleFactors<'_>, wt: &[f32], i0: usize, d: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if d.len() == LANES * w.cols() && std::arch::is_x86_feature_detected!("avx512f") {
         // SAFETY: AVX-512F is present (checked); d holds 16 rows, so rows i0..i0 + 16 exist.
         return unsafe { merge_rows_avx512(w, f, wt, i0, d) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if d.len() == LANES * w.cols() && std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 is present (checked); d holds 16 rows, so rows i0..i0 + 16 exist.
+        return unsafe { merge_rows_avx2(w, f, wt, i0, d) };
     }
     merge_rows_portable(w, f, wt, i0, d)
 }
@@ -214,6 +219,47 @@ unsafe fn merge_rows_avx512(w: &CompressedWeight<'_>, f: &ScaleFactors<'_>, wt: 
             let v = _mm512_castps_si512(_mm512_mul_ps(_mm512_set1_ps(f.rows[i0 + k]), c));
             let v = _mm512_castsi512_ps(_mm512_mask_xor_epi32(v, !bits, v, sign));
             _mm512_storeu_ps(d.as_mut_ptr().add(k * inp + j0), _mm512_add_ps(_mm512_castsi512_ps(*b), v));
+        }
+    }
+    for (k, row) in words.iter().enumerate() {
+        let r = f.rows[i0 + k];
+        for j in full..inp {
+            d[k * inp + j] = wt[j * out + i0 + k] + with_sign(r * f.cols[j], row[j / 32], j % 32);
+        }
+    }
+}
+
+/// [`merge_rows`] for exactly 16 rows on AVX2: each half of 8 rows in 8 × 8 blocks, the base
+/// values transposed in registers, a block's 8 signs of a row spread to lanes; the same
+/// arithmetic, bit for bit.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn merge_rows_avx2(w: &CompressedWeight<'_>, f: &ScaleFactors<'_>, wt: &[f32], i0: usize, d: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let (out, inp) = (w.rows(), w.cols());
+    assert!(d.len() == LANES * inp && i0 + LANES <= out && wt.len() == inp * out && f.cols.len() == inp && f.rows.len() == out);
+    let full = inp / 8 * 8;
+    let sign = _mm256_set1_epi32(i32::MIN);
+    let lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    let words: Vec<&[u32]> = (0..LANES).map(|k| w.signs.row(i0 + k)).collect();
+    for j0 in (0..full).step_by(8) {
+        let c = _mm256_loadu_ps(f.cols.as_ptr().add(j0));
+        for h in (0..LANES).step_by(8) {
+            let mut m = [_mm256_setzero_si256(); 8];
+            for (jj, v) in m.iter_mut().enumerate() {
+                *v = _mm256_loadu_si256(wt.as_ptr().add((j0 + jj) * out + i0 + h) as *const __m256i);
+            }
+            // base[k] lane jj = W_base[i0 + h + k, j0 + jj].
+            let base = subset_sums::transpose8(m);
+            for (k, b) in base.iter().enumerate() {
+                let row = h + k;
+                // Lanes whose bit is clear (Δ < 0) get the sign flipped (as `with_sign`).
+                let bits = _mm256_set1_epi32((words[row][j0 / 32] >> (j0 % 32)) as i32);
+                let clear = _mm256_cmpeq_epi32(_mm256_and_si256(bits, lane_bit), _mm256_setzero_si256());
+                let v = _mm256_castps_si256(_mm256_mul_ps(_mm256_set1_ps(f.rows[i0 + row]), c));
+                let v = _mm256_castsi256_ps(_mm256_xor_si256(v, _mm256_and_si256(clear, sign)));
+                _mm256_storeu_ps(d.as_mut_ptr().add(row * inp + j0), _mm256_add_ps(_mm256_castsi256_ps(*b), v));
+            }
         }
     }
     for (k, row) in words.iter().enumerate() {
@@ -310,6 +356,14 @@ mod tests {
             merge_rows(&w, &f, &wt, i0, &mut got);
             merge_rows_portable(&w, &f, &wt, i0, &mut want);
             prop_assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "rows {i0}.., inp {inp}");
+            // The AVX2 blocks too, where merge_rows took the AVX-512 ones.
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx2") {
+                let mut avx2 = vec![f32::NAN; LANES * inp];
+                // SAFETY: the CPU has AVX2 (checked); the buffers hold 16 rows from i0.
+                unsafe { merge_rows_avx2(&w, &f, &wt, i0, &mut avx2) };
+                prop_assert!(avx2.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "AVX2: rows {i0}.., inp {inp}");
+            }
         }
     }
 

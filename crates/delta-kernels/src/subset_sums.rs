@@ -244,7 +244,7 @@ unsafe fn tile_avx2(rows: *const u32, wpr: usize, lanes: usize, w0: usize, w1: u
 /// 128-bit halves, then the halves exchanged). Inlined into AVX2 code only.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn transpose8(m: [std::arch::x86_64::__m256i; 8]) -> [std::arch::x86_64::__m256i; 8] {
+pub(crate) unsafe fn transpose8(m: [std::arch::x86_64::__m256i; 8]) -> [std::arch::x86_64::__m256i; 8] {
     use std::arch::x86_64::*;
     let mut t = [_mm256_setzero_si256(); 8];
     for i in 0..4 {
