@@ -194,6 +194,18 @@ fn merge_rows_portable(w: &CompressedWeight<'_>, f: &ScaleFactors<'_>, wt: &[f32
     }
 }
 
+/// Columns `from..` of [`merge_rows`]' rows (their sign words `words`), one value at a time:
+/// what the vector paths leave after their whole blocks.
+fn merge_columns_from(words: &[&[u32]], f: &ScaleFactors<'_>, wt: &[f32], out: usize, i0: usize, from: usize, d: &mut [f32]) {
+    let inp = f.cols.len();
+    for (k, row) in words.iter().enumerate() {
+        let r = f.rows[i0 + k];
+        for j in from..inp {
+            d[k * inp + j] = wt[j * out + i0 + k] + with_sign(r * f.cols[j], row[j / 32], j % 32);
+        }
+    }
+}
+
 /// [`merge_rows`] for exactly 16 rows on AVX-512: the same arithmetic (one multiply, one sign
 /// flip, one add per value), bit for bit.
 #[cfg(target_arch = "x86_64")]
@@ -221,12 +233,7 @@ unsafe fn merge_rows_avx512(w: &CompressedWeight<'_>, f: &ScaleFactors<'_>, wt: 
             _mm512_storeu_ps(d.as_mut_ptr().add(k * inp + j0), _mm512_add_ps(_mm512_castsi512_ps(*b), v));
         }
     }
-    for (k, row) in words.iter().enumerate() {
-        let r = f.rows[i0 + k];
-        for j in full..inp {
-            d[k * inp + j] = wt[j * out + i0 + k] + with_sign(r * f.cols[j], row[j / 32], j % 32);
-        }
-    }
+    merge_columns_from(&words, f, wt, out, i0, full, d);
 }
 
 /// [`merge_rows`] for exactly 16 rows on AVX2: each half of 8 rows in 8 × 8 blocks, the base
@@ -262,12 +269,7 @@ unsafe fn merge_rows_avx2(w: &CompressedWeight<'_>, f: &ScaleFactors<'_>, wt: &[
             }
         }
     }
-    for (k, row) in words.iter().enumerate() {
-        let r = f.rows[i0 + k];
-        for j in full..inp {
-            d[k * inp + j] = wt[j * out + i0 + k] + with_sign(r * f.cols[j], row[j / 32], j % 32);
-        }
-    }
+    merge_columns_from(&words, f, wt, out, i0, full, d);
 }
 
 /// Prefill-sized groups: the base product, then the delta terms of the rows that have one.

@@ -27,6 +27,7 @@ use delta_format::CompressedWeight;
 use delta_kernels::dense::dot;
 use rayon::prelude::*;
 
+use crate::llama::KeysValues;
 use crate::CpuBackend;
 
 /// Up to this many rows the in-place product beats the packing GEMM (it reads the weight once for
@@ -240,9 +241,6 @@ fn rotate(x: &[f32], n: usize, d: usize, cos: &[f32], sin: &[f32]) -> Vec<f32> {
     out
 }
 
-/// One layer's keys (rotated) and values on the KV cache's layout, `[b, kv_heads, positions, d]`.
-pub type KeysValues<B> = (Tensor<B, 4>, Tensor<B, 4>);
-
 /// Queries per task of [`attend_cached`] (a prefill's rows of one sequence split into tasks).
 const QUERY_ROWS: usize = 16;
 
@@ -250,12 +248,12 @@ const QUERY_ROWS: usize = 16;
 /// is the CPU backend (`None` otherwise): q `[b·t, heads·d]`, k and v `[b·t, kv_heads·d]` as the
 /// projections return them (q/k norms applied), rotated here with the new positions' RoPE tables
 /// `cos` / `sin` (`[t, d]`); `past` the cache's keys and values so far. Every query sees the keys
-/// `mask` shows (additive, `[t, past + t]`; `None`: all of them), through the same loops as
+/// `mask` shows (additive, `[t, past + t]`), through the same loops as
 /// [`attend_packed`], each kv head shared by its query heads without copies. Returns the context
 /// `[b·t, heads·d]` and the cache extended by the new positions; sequences and blocks of
 /// [`QUERY_ROWS`] queries run in parallel.
 #[allow(clippy::too_many_arguments, clippy::type_complexity)]
-pub fn attend_cached<B: Backend>(q: &Tensor<B, 2>, k: &Tensor<B, 2>, v: &Tensor<B, 2>, b: usize, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>, heads: usize, kv_heads: usize, past: Option<&KeysValues<B>>, mask: Option<&[f32]>) -> Option<(Tensor<B, 2>, KeysValues<B>)> {
+pub fn attend_cached<B: Backend>(q: &Tensor<B, 2>, k: &Tensor<B, 2>, v: &Tensor<B, 2>, b: usize, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>, heads: usize, kv_heads: usize, past: Option<&KeysValues<B>>, mask: &[f32]) -> Option<(Tensor<B, 2>, KeysValues<B>)> {
     if !is_cpu::<B>() {
         return None;
     }
@@ -285,14 +283,6 @@ pub fn attend_cached<B: Backend>(q: &Tensor<B, 2>, k: &Tensor<B, 2>, v: &Tensor<
     };
     let keys = with_values(k, |k| extend(past.map(|(k, _)| k), &rotate(k, kv_heads, d, &cos, &sin)));
     let values = with_values(v, |v| extend(past.map(|(_, v)| v), v));
-    let all_visible;
-    let mask = match mask {
-        Some(m) => m,
-        None => {
-            all_visible = vec![0f32; t * s];
-            &all_visible
-        }
-    };
     let shape = HeadShape { heads, group: heads / kv_heads, d, scale: (1.0 / (d as f64).sqrt()) as f32 };
     let layout = KeyLayout { head_stride: s * d, row_stride: d };
     let mut context = vec![0f32; rows * width];
@@ -533,9 +523,9 @@ mod tests {
     }
 
     /// Attention after a KV cache (2 sequences, 4 query heads on 2 kv heads of width 20, 7 held
-    /// positions and 5 new ones, a causal mask with a window of 9 and then none): the new keys
-    /// rotated and appended after the held ones, and each query's softmax(q·kᵀ/√d + mask)·v over
-    /// them by hand in f64, RoPE included.
+    /// positions and 5 new ones, a causal mask with a window of 9, then a mask showing every
+    /// key): the new keys rotated and appended after the held ones, and each query's
+    /// softmax(q·kᵀ/√d + mask)·v over them by hand in f64, RoPE included.
     #[test]
     fn attention_after_a_kv_cache_is_the_masked_softmax_by_hand() {
         let (b, heads, kv, d, held, t) = (2, 4, 2, 20, 7, 5);
@@ -551,7 +541,8 @@ mod tests {
         let cache = |x: &[f32]| Tensor::<CpuBackend, 4>::from_data(TensorData::new(x.to_vec(), [b, kv, held, d]), &Default::default());
         let past = (cache(&past_k), cache(&past_v));
         let windowed: Vec<f32> = (0..t * s).map(|n| if n % s <= held + n / s && held + n / s - n % s < 9 { 0.0 } else { f32::NEG_INFINITY }).collect();
-        for mask in [Some(&windowed[..]), None] {
+        let all_visible = vec![0f32; t * s];
+        for mask in [&windowed, &all_visible] {
             let (got, (keys, vals)) = attend_cached(&tensor(&q, [b * t, heads * d]), &tensor(&k, [b * t, kv * d]), &tensor(&v, [b * t, kv * d]), b, &tensor(&cos, [t, d]), &tensor(&sin, [t, d]), heads, kv, Some(&past), mask).unwrap();
             assert_eq!((keys.dims(), vals.dims()), ([b, kv, s, d], [b, kv, s, d]));
             let (keys, vals) = (keys.into_data().into_vec::<f32>().unwrap(), vals.into_data().into_vec::<f32>().unwrap());
@@ -575,7 +566,7 @@ mod tests {
                     assert!((0..d).all(|c| vals[((r * kv + g) * s + j) * d + c] as f64 == value(j, c)), "sequence {r} kv head {g}: value {j} in the extended cache");
                 }
                 let qi = rotated(&q, heads, r * t + i, h);
-                let visible = |j: usize| mask.is_none_or(|m| m[i * s + j] == 0.0);
+                let visible = |j: usize| mask[i * s + j] == 0.0;
                 let scores: Vec<f64> = (0..s).map(|j| if visible(j) { qi.iter().zip(key(j)).map(|(a, b)| a * b).sum::<f64>() / (d as f64).sqrt() } else { f64::NEG_INFINITY }).collect();
                 let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let total: f64 = scores.iter().map(|x| (x - max).exp()).sum();
@@ -585,7 +576,7 @@ mod tests {
             }
             let got = got.into_data().into_vec::<f32>().unwrap();
             for (n, (g, w)) in got.iter().zip(&want).enumerate() {
-                assert!((*g as f64 - w).abs() <= 1e-5 * w.abs().max(1.0), "mask {}: value {n}, {g} against {w}", mask.is_some());
+                assert!((*g as f64 - w).abs() <= 1e-5 * w.abs().max(1.0), "windowed {}: value {n}, {g} against {w}", mask == &windowed);
             }
         }
     }

@@ -202,8 +202,11 @@ enum PackedLayout<B: Backend> {
     Tensors { cos: Tensor<B, 2>, sin: Tensor<B, 2>, segments: Vec<(usize, usize, Tensor<B, 2>)> },
 }
 
-/// One layer's keys (after RoPE) and values for the positions seen so far, `[b, kv_heads, t, d]`.
-pub type LayerKv<B> = Option<(Tensor<B, 4>, Tensor<B, 4>)>;
+/// Keys (after RoPE) and values for some positions, each `[b, kv_heads, positions, d]`.
+pub type KeysValues<B> = (Tensor<B, 4>, Tensor<B, 4>);
+
+/// One layer's keys and values for the positions seen so far (none yet: `None`).
+pub type LayerKv<B> = Option<KeysValues<B>>;
 
 /// Keys and values of every layer, so decoding a token costs one position, not the whole prefix.
 /// A clone shares the tensors held so far (they are never written in place), so several
@@ -327,9 +330,9 @@ impl<B: Backend> Attention<B> {
         let cache = match cache {
             Some(cache) if crate::host::is_cpu::<B>() => {
                 let past = cache.as_ref().map_or(0, |(k, _)| k.dims()[2]);
-                let mask = attention_mask(t, past, self.sliding_window);
+                let mask = attention_mask(t, past, self.sliding_window).unwrap_or_else(|| vec![0.0; t * (past + t)]);
                 let (q, k) = self.normed(q, k);
-                let (context, kv) = crate::host::attend_cached(&q, &k, &v, b, cos, sin, h, self.kv_heads, cache.as_ref(), mask.as_deref()).expect("the CPU backend");
+                let (context, kv) = crate::host::attend_cached(&q, &k, &v, b, cos, sin, h, self.kv_heads, cache.as_ref(), &mask).expect("the CPU backend");
                 *cache = Some(kv);
                 return context;
             }
