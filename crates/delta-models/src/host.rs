@@ -24,11 +24,13 @@ use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensorOps;
 use burn::tensor::{Tensor, TensorData, TensorPrimitive};
 use delta_format::CompressedWeight;
-use delta_kernels::dense::dot;
 use rayon::prelude::*;
 
 use crate::llama::KeysValues;
 use crate::CpuBackend;
+use attention::{attend_segment, HeadShape, KeyLayout};
+
+mod attention;
 
 /// Up to this many rows the in-place product beats the packing GEMM (it reads the weight once for
 /// all rows either way; beyond this a blocked GEMM, [`product`], wins on arithmetic).
@@ -300,85 +302,6 @@ pub fn attend_cached<B: Backend>(q: &Tensor<B, 2>, k: &Tensor<B, 2>, v: &Tensor<
     Some((Tensor::from_data(TensorData::new(context, [rows, width]), &device), (cache(keys), cache(values))))
 }
 
-/// The sizes [`attend_segment`] works with.
-#[derive(Clone, Copy)]
-struct HeadShape {
-    heads: usize,
-    /// Query heads per kv head.
-    group: usize,
-    d: usize,
-    scale: f32,
-}
-
-/// Where [`attend_segment`] finds key (and value) j of kv head g: at `g·head_stride +
-/// j·row_stride` — a packed batch's rows as the projections return them, or a KV cache's
-/// `[kv_heads, positions, d]`.
-#[derive(Clone, Copy)]
-struct KeyLayout {
-    head_stride: usize,
-    row_stride: usize,
-}
-
-/// One segment of [`attend_packed`] (or queries of [`attend_cached`]): its rows of the context
-/// (`part`, `[queries, heads·d]`) from its rotated queries `q` (`[queries, heads·d]`) over the
-/// `keys` keys and values in `k` and `v` (laid out as `layout` says), `mask` `[queries, keys]`.
-/// With AVX2 the same loops are compiled for its 8-lane registers: the same operations in the
-/// same order, so the same bits.
-#[allow(clippy::too_many_arguments)]
-fn attend_segment(q: &[f32], k: &[f32], v: &[f32], layout: KeyLayout, shape: HeadShape, keys: usize, mask: &[f32], part: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU has AVX2 (checked just above).
-        return unsafe { attend_segment_avx2(q, k, v, layout, shape, keys, mask, part) };
-    }
-    attend_segment_loops(q, k, v, layout, shape, keys, mask, part)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn attend_segment_avx2(q: &[f32], k: &[f32], v: &[f32], layout: KeyLayout, shape: HeadShape, keys: usize, mask: &[f32], part: &mut [f32]) {
-    attend_segment_loops(q, k, v, layout, shape, keys, mask, part)
-}
-
-/// For every query head and row: the scaled scores over the keys the mask shows, their softmax,
-/// and the weighted sum of the values (hidden keys cost nothing past their mask test).
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn attend_segment_loops(q: &[f32], k: &[f32], v: &[f32], layout: KeyLayout, shape: HeadShape, keys: usize, mask: &[f32], part: &mut [f32]) {
-    let HeadShape { heads, group, d, scale } = shape;
-    let KeyLayout { head_stride, row_stride } = layout;
-    let width = heads * d;
-    let mut p = vec![0f32; keys];
-    for head in 0..heads {
-        let at = head / group * head_stride;
-        for i in 0..part.len() / width {
-            let qi = &q[i * width + head * d..][..d];
-            let mask = &mask[i * keys..(i + 1) * keys];
-            let mut max = f32::NEG_INFINITY;
-            for j in 0..keys {
-                p[j] = if mask[j] == f32::NEG_INFINITY { f32::NEG_INFINITY } else { dot(qi, &k[at + j * row_stride..][..d]) * scale + mask[j] };
-                max = max.max(p[j]);
-            }
-            let mut sum = 0f32;
-            for p in p.iter_mut() {
-                // e^−∞ = 0: a hidden key adds nothing, without the call.
-                *p = if *p == f32::NEG_INFINITY { 0.0 } else { (*p - max).exp() };
-                sum += *p;
-            }
-            let out = &mut part[i * width + head * d..][..d];
-            for (j, &pj) in p.iter().enumerate() {
-                if pj != 0.0 {
-                    let w = pj / sum;
-                    for (o, &vj) in out.iter_mut().zip(&v[at + j * row_stride..][..d]) {
-                        *o += w * vj;
-                    }
-                }
-            }
-        }
-    }
-}
-
 /// `silu(gate) ⊙ up` (`silu(x) = x / (1 + e^−x)`), on the host in parallel over rows when `B` is
 /// the CPU backend, through Burn otherwise.
 pub fn silu_mul<B: Backend>(gate: Tensor<B, 2>, up: Tensor<B, 2>) -> Tensor<B, 2> {
@@ -485,20 +408,23 @@ mod tests {
     }
 
     /// A segment's attention (4 query heads on 2 kv heads of width 20 or 64, a causal mask with
-    /// a window of 9, the segment at token 5 of 50): softmax(q·kᵀ·scale + mask)·v by hand in f64,
-    /// and with AVX2 the same bits as the plain loops.
+    /// a window of 9, the segment at token 5 of 50, 37 to 39 tokens long so that the last tile
+    /// holds 1, 2 or 3 queries): softmax(q·kᵀ·scale + mask)·v by hand in f64, and with AVX2 the
+    /// same bits as the plain tiles.
     #[test]
     fn a_segments_attention_is_the_masked_softmax_by_hand() {
-        for d in [20, 64] {
-            segment_attention_by_hand(d);
+        for (d, len) in [(20, 37), (64, 37), (64, 38), (64, 39)] {
+            segment_attention_by_hand(d, len);
         }
     }
 
-    /// [`a_segments_attention_is_the_masked_softmax_by_hand`] at head width `d`.
-    fn segment_attention_by_hand(d: usize) {
-        let (heads, kv_heads, t, start, len) = (4, 2, 50, 5, 37);
+    /// [`a_segments_attention_is_the_masked_softmax_by_hand`] at head width `d`, `len` tokens.
+    fn segment_attention_by_hand(d: usize, len: usize) {
+        let (heads, kv_heads, t, start) = (4, 2, 50, 5);
         let shape = HeadShape { heads, group: heads / kv_heads, d, scale: 0.3 };
-        let (q, k, v) = (values(t * heads * d, 4), values(t * kv_heads * d, 5), values(t * kv_heads * d, 6));
+        // Queries scaled so that the scores stay a few units, as a model's do.
+        let q: Vec<f32> = values(t * heads * d, 4).iter().map(|x| x * 0.1).collect();
+        let (k, v) = (values(t * kv_heads * d, 5), values(t * kv_heads * d, 6));
         let mask: Vec<f32> = (0..len * len).map(|n| if n % len <= n / len && n / len - n % len < 9 { 0.0 } else { f32::NEG_INFINITY }).collect();
         let mut got = vec![0f32; len * heads * d];
         let rows = |x: &[f32], width: usize| x[start * width..(start + len) * width].to_vec();
@@ -518,8 +444,43 @@ mod tests {
             }
         }
         let mut plain = vec![0f32; got.len()];
-        attend_segment_loops(&qs, &ks, &vs, layout, shape, len, &mask, &mut plain);
-        assert!(plain.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits()), "the AVX2 loops differ from the plain ones");
+        attention::attend_segment_plain(&qs, &ks, &vs, layout, shape, len, &mask, &mut plain);
+        assert!(plain.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits()), "the AVX2 tiles differ from the plain ones");
+    }
+
+    /// A prefill and a decode give the same bits: 29 positions of 2 sequences (4 query heads on
+    /// 2 kv heads of width 20 or 64, a window of 11) attended in one call, and one position at a
+    /// time after the cache that the calls before built. In the prefill a query shares its tile
+    /// of 4 with others that see other keys; decoded, it is alone.
+    #[test]
+    fn a_query_gets_the_same_context_in_a_prefill_as_decoded_alone() {
+        for d in [20, 64] {
+            let (b, heads, kv, t, window) = (2, 4, 2, 29, 11);
+            let q: Vec<f32> = values(b * t * heads * d, 21).iter().map(|x| x * 0.1).collect();
+            let (k, v) = (values(b * t * kv * d, 22), values(b * t * kv * d, 23));
+            let angles = values(t * d, 24);
+            let table = |f: fn(f32) -> f32| -> Vec<f32> { (0..t * d).map(|n| f(angles[n / d * d + n % d % (d / 2)])).collect() };
+            let (cos, sin) = (table(f32::cos), table(f32::sin));
+            let seen = |i: usize, j: usize| if j <= i && i - j < window { 0.0 } else { f32::NEG_INFINITY };
+            let mask: Vec<f32> = (0..t * t).map(|n| seen(n / t, n % t)).collect();
+            let (whole, _) = attend_cached(&tensor(&q, [b * t, heads * d]), &tensor(&k, [b * t, kv * d]), &tensor(&v, [b * t, kv * d]), b, &tensor(&cos, [t, d]), &tensor(&sin, [t, d]), heads, kv, None, &mask).unwrap();
+            let whole = whole.into_data().into_vec::<f32>().unwrap();
+            let mut cache = None;
+            for i in 0..t {
+                // Position i of both sequences.
+                let rows = |x: &[f32], width: usize| -> Vec<f32> { (0..b).flat_map(|r| x[(r * t + i) * width..][..width].to_vec()).collect() };
+                let (qi, ki, vi) = (rows(&q, heads * d), rows(&k, kv * d), rows(&v, kv * d));
+                let mask: Vec<f32> = (0..=i).map(|j| seen(i, j)).collect();
+                let at = |x: &[f32]| tensor(&x[i * d..(i + 1) * d], [1, d]);
+                let (alone, kv_cache) = attend_cached(&tensor(&qi, [b, heads * d]), &tensor(&ki, [b, kv * d]), &tensor(&vi, [b, kv * d]), b, &at(&cos), &at(&sin), heads, kv, cache.as_ref(), &mask).unwrap();
+                let alone = alone.into_data().into_vec::<f32>().unwrap();
+                for r in 0..b {
+                    let prefilled = &whole[(r * t + i) * heads * d..][..heads * d];
+                    assert!(alone[r * heads * d..][..heads * d].iter().zip(prefilled).all(|(a, p)| a.to_bits() == p.to_bits()), "width {d}, sequence {r}, position {i}: decoded alone differs from the prefill");
+                }
+                cache = Some(kv_cache);
+            }
+        }
     }
 
     /// Attention after a KV cache (2 sequences, 4 query heads on 2 kv heads of width 20, 7 held

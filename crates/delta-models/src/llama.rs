@@ -321,23 +321,23 @@ impl<B: Backend> Attention<B> {
     /// the projections return them) -> the context `[b·t, heads·d]` that `o_proj` takes
     /// (q/k norm, RoPE, cache, causal softmax). The new positions follow those already in `cache`
     /// (cos / sin are the tables of the new positions); with a cache, the new keys and values are
-    /// appended to it. On the CPU backend a cached step runs on the host
-    /// ([`crate::host::attend_cached`]). Calibration calls it with its own projections.
+    /// appended to it. On the CPU backend it runs on the host ([`crate::host::attend_cached`]),
+    /// with a cache or without. Calibration calls it with its own projections.
     #[allow(clippy::too_many_arguments)]
     pub fn attend(&self, q: Tensor<B, 2>, k: Tensor<B, 2>, v: Tensor<B, 2>, b: usize, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>, cache: Option<&mut LayerKv<B>>) -> Tensor<B, 2> {
         let (h, d) = (self.heads, self.head_dim);
         let t = q.dims()[0] / b;
-        let cache = match cache {
-            Some(cache) if crate::host::is_cpu::<B>() => {
-                let past = cache.as_ref().map_or(0, |(k, _)| k.dims()[2]);
-                let mask = attention_mask(t, past, self.sliding_window).unwrap_or_else(|| vec![0.0; t * (past + t)]);
-                let (q, k) = self.normed(q, k);
-                let (context, kv) = crate::host::attend_cached(&q, &k, &v, b, cos, sin, h, self.kv_heads, cache.as_ref(), &mask).expect("the CPU backend");
+        if crate::host::is_cpu::<B>() {
+            let held = cache.as_ref().and_then(|c| c.as_ref());
+            let past = held.map_or(0, |(k, _)| k.dims()[2]);
+            let mask = attention_mask(t, past, self.sliding_window).unwrap_or_else(|| vec![0.0; t * (past + t)]);
+            let (q, k) = self.normed(q, k);
+            let (context, kv) = crate::host::attend_cached(&q, &k, &v, b, cos, sin, h, self.kv_heads, held, &mask).expect("the CPU backend");
+            if let Some(cache) = cache {
                 *cache = Some(kv);
-                return context;
             }
-            other => other,
-        };
+            return context;
+        }
         let (q, mut k, mut v) = self.heads_rotated(q, k, v, b, cos, sin);
         let mut past = 0;
         if let Some(cache) = cache {
