@@ -250,7 +250,7 @@ const QUERY_ROWS: usize = 16;
 /// is the CPU backend (`None` otherwise): q `[b·t, heads·d]`, k and v `[b·t, kv_heads·d]` as the
 /// projections return them (q/k norms applied), rotated here with the new positions' RoPE tables
 /// `cos` / `sin` (`[t, d]`); `past` the cache's keys and values so far. Every query sees the keys
-/// `mask` shows (additive, `[t, past + t]`), through the same loops as
+/// `mask` shows (additive, `[t, past + t]`), through the same tiles as
 /// [`attend_packed`], each kv head shared by its query heads without copies. Returns the context
 /// `[b·t, heads·d]` and the cache extended by the new positions; sequences and blocks of
 /// [`QUERY_ROWS`] queries run in parallel.

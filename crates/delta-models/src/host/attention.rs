@@ -75,8 +75,8 @@ unsafe fn attend_segment_avx2(q: &[f32], k: &[f32], v: &[f32], layout: KeyLayout
     attend_tiles(Isa::Avx2, q, k, v, layout, shape, keys, mask, part)
 }
 
-/// Every head's queries in tiles of [`QUERY_TILE`], each over the keys from the first any of
-/// them sees to the last (hidden keys in between weigh 0).
+/// Every head's queries in tiles of [`QUERY_TILE`], each over the keys from the multiple of
+/// [`LANES`] at or below the first any of them sees to the last (hidden keys in between weigh 0).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn attend_tiles(isa: Isa, q: &[f32], k: &[f32], v: &[f32], layout: KeyLayout, shape: HeadShape, keys: usize, mask: &[f32], part: &mut [f32]) {
