@@ -314,7 +314,7 @@ fn exp_to_one(x: f32) -> f32 {
     let shifted = x * std::f32::consts::LOG2_E + ROUND;
     let n = shifted - ROUND;
     let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, x));
-    let p = 1.987_569_2e-4f32.mul_add(r, 1.398_2e-3).mul_add(r, 8.333_452e-3).mul_add(r, 4.166_579_6e-2).mul_add(r, 1.666_666_5e-1).mul_add(r, 5.000_000_1e-1);
+    let p = 1.987_569_2e-4f32.mul_add(r, 1.398_2e-3).mul_add(r, 8.333_452e-3).mul_add(r, 4.166_579_6e-2).mul_add(r, 1.666_666_5e-1).mul_add(r, 0.5);
     let e_r = (p * r).mul_add(r, r) + 1.0;
     // n in [−126, 0] sits in the low bits of `shifted`; 2^n is the float with exponent n.
     let two_n = (shifted.to_bits() as i32 - ROUND.to_bits() as i32 + 127) << 23;
