@@ -603,21 +603,11 @@ impl<B: Backend> Llama<B> {
         Ok(self.head(x).reshape([rows.len(), self.cfg.vocab_size]))
     }
 
-    /// The whole forward: logits `[b, t, vocab]`. On the CPU backend each row's attention runs
-    /// on the host as a segment of its own ([`crate::host::attend_packed`], rows in parallel),
-    /// instead of Burn's tensors.
+    /// The whole forward: logits `[b, t, vocab]` (on the CPU backend the attention runs on the
+    /// host, as [`Attention::attend`] does there).
     pub fn forward(&self, ids: &[Vec<u32>]) -> Result<Tensor<B, 3>, ModelError> {
         let mut x = self.embed(ids)?;
-        let [b, t, _] = x.dims();
-        if crate::host::is_cpu::<B>() {
-            let mask = attention_mask(t, 0, self.cfg.sliding_window()).unwrap_or_else(|| vec![0.0; t * t]);
-            let (cos, sin) = self.rope.host_tables(&(0..b).flat_map(|_| 0..t).collect::<Vec<_>>());
-            let layout = PackedLayout::Host { cos, sin, segments: (0..b).map(|r| (r * t, t, mask.clone())).collect() };
-            for i in 0..self.layers.len() {
-                x = self.block_with(i, x, |a, q, k, v| a.attend_packed(q, k, v, &layout));
-            }
-            return Ok(self.head(x));
-        }
+        let t = x.dims()[1];
         let (cos, sin) = self.rope_tables(t);
         for i in 0..self.layers.len() {
             x = self.block(i, x, &cos, &sin);
