@@ -26,11 +26,12 @@ use burn::tensor::{Tensor, TensorData, TensorPrimitive};
 use delta_format::CompressedWeight;
 use rayon::prelude::*;
 
-use crate::llama::KeysValues;
 use crate::CpuBackend;
 use attention::{attend_segment, HeadShape, KeyLayout};
+pub use kv::HostKv;
 
 mod attention;
+mod kv;
 
 /// Up to this many rows the in-place product beats the packing GEMM (it reads the weight once for
 /// all rows either way; beyond this a blocked GEMM, [`product`], wins on arithmetic).
@@ -249,57 +250,41 @@ const QUERY_ROWS: usize = 16;
 /// Attention of `t` new positions per sequence after those in a KV cache, on the host, when `B`
 /// is the CPU backend (`None` otherwise): q `[b·t, heads·d]`, k and v `[b·t, kv_heads·d]` as the
 /// projections return them (q/k norms applied), rotated here with the new positions' RoPE tables
-/// `cos` / `sin` (`[t, d]`); `past` the cache's keys and values so far. Every query sees the keys
-/// `mask` shows (additive, `[t, past + t]`), through the same tiles as
+/// `cos` / `sin` (`[t, d]`); `cache` the keys and values so far, to which the new ones are
+/// appended (in place while its room lasts, [`HostKv::append`]). Every query sees the keys
+/// `mask` shows (additive, `[t, cache.len() + t]`), through the same tiles as
 /// [`attend_packed`], each kv head shared by its query heads without copies. Returns the context
-/// `[b·t, heads·d]` and the cache extended by the new positions; sequences and blocks of
-/// [`QUERY_ROWS`] queries run in parallel.
-#[allow(clippy::too_many_arguments, clippy::type_complexity)]
-pub fn attend_cached<B: Backend>(q: &Tensor<B, 2>, k: &Tensor<B, 2>, v: &Tensor<B, 2>, b: usize, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>, heads: usize, kv_heads: usize, past: Option<&KeysValues<B>>, mask: &[f32]) -> Option<(Tensor<B, 2>, KeysValues<B>)> {
+/// `[b·t, heads·d]`; sequences and blocks of [`QUERY_ROWS`] queries run in parallel.
+#[allow(clippy::too_many_arguments)]
+pub fn attend_cached<B: Backend>(q: &Tensor<B, 2>, k: &Tensor<B, 2>, v: &Tensor<B, 2>, b: usize, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>, heads: usize, cache: &mut HostKv, mask: &[f32]) -> Option<Tensor<B, 2>> {
     if !is_cpu::<B>() {
         return None;
     }
     let ([rows, width], device) = (q.dims(), q.device());
     let (t, d) = (rows / b, width / heads);
-    let kv_width = kv_heads * d;
+    let kv_heads = k.dims()[1] / d;
+    assert_eq!(cache.rows(), b, "a KV cache of {} sequences for a batch of {b}", cache.rows());
     // Row r of q and k is position r mod t of the new ones.
     let tables = |x: &Tensor<B, 2>| with_values(x, |x| x.repeat(b));
     let (cos, sin) = (tables(cos), tables(sin));
     let q = with_values(q, |q| rotate(q, heads, d, &cos, &sin));
-    let held = past.map_or(0, |(k, _)| k.dims()[2]);
-    let s = held + t;
-    // [b, kv, s, d]: each sequence's and kv head's held positions, then the new ones.
-    let extend = |old: Option<&Tensor<B, 4>>, new: &[f32]| {
-        let mut all = vec![0f32; b * kv_heads * s * d];
-        if let Some(old) = old {
-            with_values(&old.clone().reshape([b * kv_heads * held, d]), |old| {
-                for (all, old) in all.chunks_exact_mut(s * d).zip(old.chunks_exact(held * d)) {
-                    all[..held * d].copy_from_slice(old);
-                }
-            });
-        }
-        for (r, i, g) in (0..b).flat_map(|r| (0..t).flat_map(move |i| (0..kv_heads).map(move |g| (r, i, g)))) {
-            all[((r * kv_heads + g) * s + held + i) * d..][..d].copy_from_slice(&new[(r * t + i) * kv_width + g * d..][..d]);
-        }
-        all
-    };
-    let keys = with_values(k, |k| extend(past.map(|(k, _)| k), &rotate(k, kv_heads, d, &cos, &sin)));
-    let values = with_values(v, |v| extend(past.map(|(_, v)| v), v));
+    with_values(k, |k| with_values(v, |v| cache.append(&rotate(k, kv_heads, d, &cos, &sin), v, t)));
+    let s = cache.len();
     let shape = HeadShape { heads, group: heads / kv_heads, d, scale: (1.0 / (d as f64).sqrt()) as f32 };
-    let layout = KeyLayout { head_stride: s * d, row_stride: d };
+    let layout = KeyLayout { head_stride: cache.capacity() * d, row_stride: d };
     let mut context = vec![0f32; rows * width];
     let jobs: Vec<(usize, usize, &mut [f32])> = context
         .chunks_mut(t * width)
         .enumerate()
         .flat_map(|(r, part)| part.chunks_mut(QUERY_ROWS * width).enumerate().map(move |(c, part)| (r, c * QUERY_ROWS, part)))
         .collect();
+    let cache = &*cache;
     jobs.into_par_iter().for_each(|(r, i0, part)| {
         let n = part.len() / width;
-        let seq = r * kv_heads * s * d..(r + 1) * kv_heads * s * d;
-        attend_segment(&q[(r * t + i0) * width..(r * t + i0 + n) * width], &keys[seq.clone()], &values[seq], layout, shape, s, &mask[i0 * s..(i0 + n) * s], part)
+        let (keys, values) = cache.sequence(r);
+        attend_segment(&q[(r * t + i0) * width..(r * t + i0 + n) * width], keys, values, layout, shape, s, &mask[i0 * s..(i0 + n) * s], part)
     });
-    let cache = |x: Vec<f32>| Tensor::from_data(TensorData::new(x, [b, kv_heads, s, d]), &device);
-    Some((Tensor::from_data(TensorData::new(context, [rows, width]), &device), (cache(keys), cache(values))))
+    Some(Tensor::from_data(TensorData::new(context, [rows, width]), &device))
 }
 
 /// `silu(gate) ⊙ up` (`silu(x) = x / (1 + e^−x)`), on the host in parallel over rows when `B` is
@@ -463,22 +448,21 @@ mod tests {
             let (cos, sin) = (table(f32::cos), table(f32::sin));
             let seen = |i: usize, j: usize| if j <= i && i - j < window { 0.0 } else { f32::NEG_INFINITY };
             let mask: Vec<f32> = (0..t * t).map(|n| seen(n / t, n % t)).collect();
-            let (whole, _) = attend_cached(&tensor(&q, [b * t, heads * d]), &tensor(&k, [b * t, kv * d]), &tensor(&v, [b * t, kv * d]), b, &tensor(&cos, [t, d]), &tensor(&sin, [t, d]), heads, kv, None, &mask).unwrap();
+            let whole = attend_cached(&tensor(&q, [b * t, heads * d]), &tensor(&k, [b * t, kv * d]), &tensor(&v, [b * t, kv * d]), b, &tensor(&cos, [t, d]), &tensor(&sin, [t, d]), heads, &mut HostKv::new(b, kv, d), &mask).unwrap();
             let whole = whole.into_data().into_vec::<f32>().unwrap();
-            let mut cache = None;
+            let mut cache = HostKv::new(b, kv, d);
             for i in 0..t {
                 // Position i of both sequences.
                 let rows = |x: &[f32], width: usize| -> Vec<f32> { (0..b).flat_map(|r| x[(r * t + i) * width..][..width].to_vec()).collect() };
                 let (qi, ki, vi) = (rows(&q, heads * d), rows(&k, kv * d), rows(&v, kv * d));
                 let mask: Vec<f32> = (0..=i).map(|j| seen(i, j)).collect();
                 let at = |x: &[f32]| tensor(&x[i * d..(i + 1) * d], [1, d]);
-                let (alone, kv_cache) = attend_cached(&tensor(&qi, [b, heads * d]), &tensor(&ki, [b, kv * d]), &tensor(&vi, [b, kv * d]), b, &at(&cos), &at(&sin), heads, kv, cache.as_ref(), &mask).unwrap();
+                let alone = attend_cached(&tensor(&qi, [b, heads * d]), &tensor(&ki, [b, kv * d]), &tensor(&vi, [b, kv * d]), b, &at(&cos), &at(&sin), heads, &mut cache, &mask).unwrap();
                 let alone = alone.into_data().into_vec::<f32>().unwrap();
                 for r in 0..b {
                     let prefilled = &whole[(r * t + i) * heads * d..][..heads * d];
                     assert!(alone[r * heads * d..][..heads * d].iter().zip(prefilled).all(|(a, p)| a.to_bits() == p.to_bits()), "width {d}, sequence {r}, position {i}: decoded alone differs from the prefill");
                 }
-                cache = Some(kv_cache);
             }
         }
     }
@@ -486,7 +470,8 @@ mod tests {
     /// Attention after a KV cache (2 sequences, 4 query heads on 2 kv heads of width 20, 7 held
     /// positions and 5 new ones, a causal mask with a window of 9, then a mask showing every
     /// key): the new keys rotated and appended after the held ones, and each query's
-    /// softmax(q·kᵀ/√d + mask)·v over them by hand in f64, RoPE included.
+    /// softmax(q·kᵀ/√d + mask)·v over them by hand in f64, RoPE included. The cache grows to 14
+    /// positions' room for the 12, so its heads lie further apart than the positions held.
     #[test]
     fn attention_after_a_kv_cache_is_the_masked_softmax_by_hand() {
         let (b, heads, kv, d, held, t) = (2, 4, 2, 20, 7, 5);
@@ -499,14 +484,16 @@ mod tests {
         let table = |f: fn(f32) -> f32| -> Vec<f32> { (0..t * d).map(|n| f(angles[n / d * d + n % d % (d / 2)])).collect() };
         let (cos, sin) = (table(f32::cos), table(f32::sin));
         let (past_k, past_v) = (values(b * kv * held * d, 16), values(b * kv * held * d, 17));
-        let cache = |x: &[f32]| Tensor::<CpuBackend, 4>::from_data(TensorData::new(x.to_vec(), [b, kv, held, d]), &Default::default());
-        let past = (cache(&past_k), cache(&past_v));
+        // The held positions as the projections return them: `[b·held, kv·d]`.
+        let as_rows = |x: &[f32]| -> Vec<f32> { (0..b).flat_map(|r| (0..held).flat_map(move |j| (0..kv).flat_map(move |g| x[((r * kv + g) * held + j) * d..][..d].to_vec()))).collect() };
+        let mut past = HostKv::new(b, kv, d);
+        past.append(&as_rows(&past_k), &as_rows(&past_v), held);
         let windowed: Vec<f32> = (0..t * s).map(|n| if n % s <= held + n / s && held + n / s - n % s < 9 { 0.0 } else { f32::NEG_INFINITY }).collect();
         let all_visible = vec![0f32; t * s];
         for mask in [&windowed, &all_visible] {
-            let (got, (keys, vals)) = attend_cached(&tensor(&q, [b * t, heads * d]), &tensor(&k, [b * t, kv * d]), &tensor(&v, [b * t, kv * d]), b, &tensor(&cos, [t, d]), &tensor(&sin, [t, d]), heads, kv, Some(&past), mask).unwrap();
-            assert_eq!((keys.dims(), vals.dims()), ([b, kv, s, d], [b, kv, s, d]));
-            let (keys, vals) = (keys.into_data().into_vec::<f32>().unwrap(), vals.into_data().into_vec::<f32>().unwrap());
+            let mut cache = past.clone();
+            let got = attend_cached(&tensor(&q, [b * t, heads * d]), &tensor(&k, [b * t, kv * d]), &tensor(&v, [b * t, kv * d]), b, &tensor(&cos, [t, d]), &tensor(&sin, [t, d]), heads, &mut cache, mask).unwrap();
+            assert_eq!((cache.len(), cache.capacity()), (s, 14));
             // x of width n·d at row r (new position i = r mod t), head h, rotated in f64.
             let rotated = |x: &[f32], n: usize, r: usize, h: usize| -> Vec<f64> {
                 let (x, i, half) = (&x[r * n * d + h * d..][..d], r % t, d / 2);
@@ -522,9 +509,8 @@ mod tests {
                 let key = |j: usize| if j < held { (0..d).map(|c| past_k[((r * kv + g) * held + j) * d + c] as f64).collect() } else { rotated(&k, kv, r * t + j - held, g) };
                 let value = |j: usize, c: usize| if j < held { past_v[((r * kv + g) * held + j) * d + c] as f64 } else { v[(r * t + j - held) * kv * d + g * d + c] as f64 };
                 for j in 0..s {
-                    let cached: Vec<f64> = (0..d).map(|c| keys[((r * kv + g) * s + j) * d + c] as f64).collect();
-                    assert!(cached.iter().zip(key(j)).all(|(a, b)| (a - b).abs() <= 1e-5), "sequence {r} kv head {g}: key {j} in the extended cache");
-                    assert!((0..d).all(|c| vals[((r * kv + g) * s + j) * d + c] as f64 == value(j, c)), "sequence {r} kv head {g}: value {j} in the extended cache");
+                    assert!(cache.key(r, g, j).iter().zip(key(j)).all(|(&a, b)| (a as f64 - b).abs() <= 1e-5), "sequence {r} kv head {g}: key {j} in the extended cache");
+                    assert!((0..d).all(|c| cache.value(r, g, j)[c] as f64 == value(j, c)), "sequence {r} kv head {g}: value {j} in the extended cache");
                 }
                 let qi = rotated(&q, heads, r * t + i, h);
                 let visible = |j: usize| mask[i * s + j] == 0.0;

@@ -6,11 +6,14 @@
 //! is staged — [`Llama::embed`], [`Llama::block`], [`Llama::head`] — because calibration needs the
 //! activations between blocks and Burn has no forward hooks.
 
+use std::sync::Arc;
+
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 
 use crate::config::ModelConfig;
 use crate::error::ModelError;
+use crate::host::HostKv;
 use crate::delta_linear::Projection;
 use crate::weights::Weights;
 
@@ -202,15 +205,32 @@ enum PackedLayout<B: Backend> {
     Tensors { cos: Tensor<B, 2>, sin: Tensor<B, 2>, segments: Vec<(usize, usize, Tensor<B, 2>)> },
 }
 
-/// Keys (after RoPE) and values for some positions, each `[b, kv_heads, positions, d]`.
-pub type KeysValues<B> = (Tensor<B, 4>, Tensor<B, 4>);
+/// One layer's keys (after RoPE) and values for the positions seen so far.
+#[derive(Clone)]
+pub enum HeldKv<B: Backend> {
+    /// On the CPU backend: host buffers with room for more positions, shared by clones of the
+    /// cache until one of them appends (then it copies them first).
+    Host(Arc<HostKv>),
+    /// On every other backend: tensors `[b, kv_heads, positions, d]`, concatenated on append.
+    Tensors(Tensor<B, 4>, Tensor<B, 4>),
+}
+
+impl<B: Backend> HeldKv<B> {
+    /// Sequences (rows of the batch).
+    pub(crate) fn rows(&self) -> usize {
+        match self {
+            HeldKv::Host(kv) => kv.rows(),
+            HeldKv::Tensors(k, _) => k.dims()[0],
+        }
+    }
+}
 
 /// One layer's keys and values for the positions seen so far (none yet: `None`).
-pub type LayerKv<B> = Option<KeysValues<B>>;
+pub type LayerKv<B> = Option<HeldKv<B>>;
 
 /// Keys and values of every layer, so decoding a token costs one position, not the whole prefix.
-/// A clone shares the tensors held so far (they are never written in place), so several
-/// continuations of one prefill can each go on from it.
+/// A clone shares what is held so far (copied by whichever clone appends first, never changed
+/// under another), so several continuations of one prefill can each go on from it.
 #[derive(Clone)]
 pub struct KvCache<B: Backend> {
     pub(crate) layers: Vec<LayerKv<B>>,
@@ -328,25 +348,31 @@ impl<B: Backend> Attention<B> {
         let (h, d) = (self.heads, self.head_dim);
         let t = q.dims()[0] / b;
         if crate::host::is_cpu::<B>() {
-            let held = cache.as_ref().and_then(|c| c.as_ref());
-            let past = held.map_or(0, |(k, _)| k.dims()[2]);
-            let mask = attention_mask(t, past, self.sliding_window).unwrap_or_else(|| vec![0.0; t * (past + t)]);
+            let mut scratch = None;
+            let kv = match cache {
+                Some(slot) => match slot.get_or_insert_with(|| HeldKv::Host(Arc::new(HostKv::new(b, self.kv_heads, d)))) {
+                    HeldKv::Host(kv) => Arc::make_mut(kv),
+                    HeldKv::Tensors(..) => unreachable!("the CPU backend holds its keys and values on the host"),
+                },
+                None => scratch.insert(HostKv::new(b, self.kv_heads, d)),
+            };
+            let mask = attention_mask(t, kv.len(), self.sliding_window).unwrap_or_else(|| vec![0.0; t * (kv.len() + t)]);
             let (q, k) = self.normed(q, k);
-            let (context, kv) = crate::host::attend_cached(&q, &k, &v, b, cos, sin, h, self.kv_heads, held, &mask).expect("the CPU backend");
-            if let Some(cache) = cache {
-                *cache = Some(kv);
-            }
-            return context;
+            return crate::host::attend_cached(&q, &k, &v, b, cos, sin, h, kv, &mask).expect("the CPU backend");
         }
         let (q, mut k, mut v) = self.heads_rotated(q, k, v, b, cos, sin);
         let mut past = 0;
         if let Some(cache) = cache {
-            if let Some((pk, pv)) = cache.take() {
-                past = pk.dims()[2];
-                k = Tensor::cat(vec![pk, k], 2);
-                v = Tensor::cat(vec![pv, v], 2);
+            match cache.take() {
+                Some(HeldKv::Tensors(pk, pv)) => {
+                    past = pk.dims()[2];
+                    k = Tensor::cat(vec![pk, k], 2);
+                    v = Tensor::cat(vec![pv, v], 2);
+                }
+                Some(HeldKv::Host(_)) => unreachable!("host keys and values only on the CPU backend"),
+                None => {}
             }
-            *cache = Some((k.clone(), v.clone()));
+            *cache = Some(HeldKv::Tensors(k.clone(), v.clone()));
         }
         let mask = attention_mask(t, past, self.sliding_window).map(|m| Tensor::<B, 2>::from_data(TensorData::new(m, [t, past + t]), &self.device()));
         self.softmax_context(q, k, v, mask).swap_dims(1, 2).reshape([b * t, h * d])
@@ -544,9 +570,9 @@ impl<B: Backend> Llama<B> {
         if cache.layers.len() != self.layers.len() {
             return Err(ModelError::Input(format!("a KV cache for {} layers, the model has {}", cache.layers.len(), self.layers.len())));
         }
-        if let Some(Some((k, _))) = cache.layers.first() {
-            if k.dims()[0] != ids.len() {
-                return Err(ModelError::Input(format!("a KV cache of {} rows for a batch of {}", k.dims()[0], ids.len())));
+        if let Some(Some(held)) = cache.layers.first() {
+            if held.rows() != ids.len() {
+                return Err(ModelError::Input(format!("a KV cache of {} rows for a batch of {}", held.rows(), ids.len())));
             }
         }
         let (cos, sin) = self.rope.tables(cache.len, t, &self.device);

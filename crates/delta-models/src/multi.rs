@@ -142,9 +142,9 @@ pub fn step_batch<B: Backend>(base: &Llama<B>, seqs: &mut [SeqStep<'_, B>]) -> R
         if s.cache.layers.len() != base.layers.len() {
             return Err(ModelError::Input(format!("a KV cache for {} layers, the model has {}", s.cache.layers.len(), base.layers.len())));
         }
-        if let Some(Some((k, _))) = s.cache.layers.first() {
-            if k.dims()[0] != 1 {
-                return Err(ModelError::Input(format!("a batched step takes one-row caches, not {}", k.dims()[0])));
+        if let Some(Some(held)) = s.cache.layers.first() {
+            if held.rows() != 1 {
+                return Err(ModelError::Input(format!("a batched step takes one-row caches, not {}", held.rows())));
             }
         }
         if let Some(t) = s.tenant {
