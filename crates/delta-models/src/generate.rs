@@ -76,7 +76,7 @@ pub fn generate<B: Backend>(
     sampling.check()?;
     let mut g = Generation { prompt_tokens: prompt.len(), ..Default::default() };
     let mut rng = SplitMix(sampling.seed);
-    let mut cache = KvCache::new(model.layers.len());
+    let mut cache = KvCache::with_room(model.layers.len(), prompt.len() + max_new);
     let started = Instant::now();
     let mut input = prompt.to_vec();
     while g.tokens.len() < max_new {

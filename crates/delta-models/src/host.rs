@@ -448,9 +448,9 @@ mod tests {
             let (cos, sin) = (table(f32::cos), table(f32::sin));
             let seen = |i: usize, j: usize| if j <= i && i - j < window { 0.0 } else { f32::NEG_INFINITY };
             let mask: Vec<f32> = (0..t * t).map(|n| seen(n / t, n % t)).collect();
-            let whole = attend_cached(&tensor(&q, [b * t, heads * d]), &tensor(&k, [b * t, kv * d]), &tensor(&v, [b * t, kv * d]), b, &tensor(&cos, [t, d]), &tensor(&sin, [t, d]), heads, &mut HostKv::new(b, kv, d), &mask).unwrap();
+            let whole = attend_cached(&tensor(&q, [b * t, heads * d]), &tensor(&k, [b * t, kv * d]), &tensor(&v, [b * t, kv * d]), b, &tensor(&cos, [t, d]), &tensor(&sin, [t, d]), heads, &mut HostKv::new(b, kv, d, 0), &mask).unwrap();
             let whole = whole.into_data().into_vec::<f32>().unwrap();
-            let mut cache = HostKv::new(b, kv, d);
+            let mut cache = HostKv::new(b, kv, d, 0);
             for i in 0..t {
                 // Position i of both sequences.
                 let rows = |x: &[f32], width: usize| -> Vec<f32> { (0..b).flat_map(|r| x[(r * t + i) * width..][..width].to_vec()).collect() };
@@ -486,7 +486,7 @@ mod tests {
         let (past_k, past_v) = (values(b * kv * held * d, 16), values(b * kv * held * d, 17));
         // The held positions as the projections return them: `[b·held, kv·d]`.
         let as_rows = |x: &[f32]| -> Vec<f32> { (0..b).flat_map(|r| (0..held).flat_map(move |j| (0..kv).flat_map(move |g| x[((r * kv + g) * held + j) * d..][..d].to_vec()))).collect() };
-        let mut past = HostKv::new(b, kv, d);
+        let mut past = HostKv::new(b, kv, d, 0);
         past.append(&as_rows(&past_k), &as_rows(&past_v), held);
         let windowed: Vec<f32> = (0..t * s).map(|n| if n % s <= held + n / s && held + n / s - n % s < 9 { 0.0 } else { f32::NEG_INFINITY }).collect();
         let all_visible = vec![0f32; t * s];

@@ -235,11 +235,30 @@ pub type LayerKv<B> = Option<HeldKv<B>>;
 pub struct KvCache<B: Backend> {
     pub(crate) layers: Vec<LayerKv<B>>,
     pub(crate) len: usize,
+    /// Positions a layer's host cache makes room for when it starts (0: what its first step needs).
+    room: usize,
 }
 
 impl<B: Backend> KvCache<B> {
     pub fn new(layers: usize) -> Self {
-        KvCache { layers: (0..layers).map(|_| None).collect(), len: 0 }
+        KvCache { layers: (0..layers).map(|_| None).collect(), len: 0, room: 0 }
+    }
+
+    /// A cache that will hold about `positions` positions (a prompt and the tokens to come): on the
+    /// CPU backend each layer makes room for them at once, so no step moves what it holds (past
+    /// them the room doubles as it runs out).
+    pub fn with_room(layers: usize, positions: usize) -> Self {
+        KvCache { room: positions, ..Self::new(layers) }
+    }
+
+    /// Layer `i`'s keys and values, for `attention` over `b` sequences: on the CPU backend, made
+    /// with the cache's room if none are held yet.
+    pub(crate) fn layer(&mut self, i: usize, attention: &Attention<B>, b: usize) -> &mut LayerKv<B> {
+        let slot = &mut self.layers[i];
+        if slot.is_none() && self.room > 0 && crate::host::is_cpu::<B>() {
+            *slot = Some(HeldKv::Host(Arc::new(HostKv::new(b, attention.kv_heads, attention.head_dim, self.room))));
+        }
+        slot
     }
 
     /// Positions held.
@@ -350,11 +369,11 @@ impl<B: Backend> Attention<B> {
         if crate::host::is_cpu::<B>() {
             let mut scratch = None;
             let kv = match cache {
-                Some(slot) => match slot.get_or_insert_with(|| HeldKv::Host(Arc::new(HostKv::new(b, self.kv_heads, d)))) {
+                Some(slot) => match slot.get_or_insert_with(|| HeldKv::Host(Arc::new(HostKv::new(b, self.kv_heads, d, 0)))) {
                     HeldKv::Host(kv) => Arc::make_mut(kv),
                     HeldKv::Tensors(..) => unreachable!("the CPU backend holds its keys and values on the host"),
                 },
-                None => scratch.insert(HostKv::new(b, self.kv_heads, d)),
+                None => scratch.insert(HostKv::new(b, self.kv_heads, d, 0)),
             };
             let mask = attention_mask(t, kv.len(), self.sliding_window).unwrap_or_else(|| vec![0.0; t * (kv.len() + t)]);
             let (q, k) = self.normed(q, k);
@@ -576,8 +595,8 @@ impl<B: Backend> Llama<B> {
             }
         }
         let (cos, sin) = self.rope.tables(cache.len, t, &self.device);
-        for (i, kv) in cache.layers.iter_mut().enumerate() {
-            x = self.block_cached(i, x, &cos, &sin, Some(kv));
+        for i in 0..self.layers.len() {
+            x = self.block_cached(i, x, &cos, &sin, Some(cache.layer(i, &self.layers[i].self_attn, ids.len())));
         }
         cache.len += t;
         Ok(x)

@@ -179,7 +179,8 @@ pub fn step_batch<B: Backend>(base: &Llama<B>, seqs: &mut [SeqStep<'_, B>]) -> R
             let (at, len) = spans[s];
             let (cos, sin) = &tables[s];
             let rows = |t: &Tensor<B, 2>| t.clone().narrow(0, at, len);
-            contexts.push(model(s).layers[i].self_attn.attend(rows(&q), rows(&k), rows(&v), 1, cos, sin, Some(&mut seq.cache.layers[i])));
+            let attention = &model(s).layers[i].self_attn;
+            contexts.push(attention.attend(rows(&q), rows(&k), rows(&v), 1, cos, sin, Some(seq.cache.layer(i, attention, 1))));
         }
         let h = x + project(3, Tensor::cat(contexts, 0));
         let n = norm_rows(h.clone(), &|m| &m.layers[i].post_attention_layernorm);

@@ -17,9 +17,11 @@ pub struct HostKv {
 }
 
 impl HostKv {
-    /// No positions yet, for `b` sequences of `kv_heads` heads of width `d`.
-    pub fn new(b: usize, kv_heads: usize, d: usize) -> Self {
-        HostKv { b, kv_heads, d, len: 0, capacity: 0, keys: Vec::new(), values: Vec::new() }
+    /// No positions yet, for `b` sequences of `kv_heads` heads of width `d`, with room for
+    /// `room` positions (0: as much as the first append needs).
+    pub fn new(b: usize, kv_heads: usize, d: usize, room: usize) -> Self {
+        let buffer = || vec![0f32; b * kv_heads * room * d];
+        HostKv { b, kv_heads, d, len: 0, capacity: room, keys: buffer(), values: buffer() }
     }
 
     /// Sequences (rows of a batch).
@@ -66,8 +68,8 @@ impl HostKv {
 
     /// Appends `t` positions per sequence: `keys` and `values` `[b·t, kv_heads·d]`, row `r·t + i`
     /// being position `len + i` of sequence r. Grows the room to `max(len + t, 2 · capacity)`
-    /// positions when it is short (exactly `len + t` the first time, so a cache used once wastes
-    /// nothing).
+    /// positions when it is short (exactly `len + t` when there was none, so a cache used once
+    /// wastes nothing).
     pub fn append(&mut self, keys: &[f32], values: &[f32], t: usize) {
         let (b, kv, d) = (self.b, self.kv_heads, self.d);
         assert!(keys.len() == b * t * kv * d && values.len() == keys.len(), "appending {t} positions of {b} sequences, {kv} heads of width {d}: {} keys, {} values", keys.len(), values.len());
@@ -102,8 +104,8 @@ mod tests {
     use super::*;
 
     /// Positions appended 5, then 1 at a time, then 9 (2 sequences, 3 kv heads, width 4): every
-    /// key and value is where `key` / `value` find it after each append, and the room grows only when
-    /// it runs out (5 → 10 → 20 → 40).
+    /// key and value is where `key` / `value` find it after each append, and the room grows only
+    /// when it runs out (5 → 10 → 20 → 40); a cache made with room keeps it until it is full.
     #[test]
     fn appended_positions_survive_growth() {
         let (b, kv, d) = (2, 3, 4);
@@ -112,7 +114,7 @@ mod tests {
         let rows = |from: usize, t: usize, sign: f32| -> Vec<f32> {
             (0..b).flat_map(|r| (from..from + t).flat_map(move |p| (0..kv).flat_map(move |g| (0..d).map(move |c| sign * val(r, g, p, c))))).collect()
         };
-        let mut cache = HostKv::new(b, kv, d);
+        let mut cache = HostKv::new(b, kv, d, 0);
         let mut capacities = Vec::new();
         for t in [5, 1, 1, 1, 1, 1, 1, 9, 1] {
             let from = cache.len();
@@ -126,5 +128,15 @@ mod tests {
             }
         }
         assert_eq!(capacities, [5, 10, 10, 10, 10, 10, 20, 20, 40]);
+        // Made with room for 12: none of the first 12 positions moves it.
+        let mut cache = HostKv::new(b, kv, d, 12);
+        let mut capacities = Vec::new();
+        for t in [5, 1, 6, 1] {
+            let from = cache.len();
+            cache.append(&rows(from, t, 1.0), &rows(from, t, -1.0), t);
+            capacities.push(cache.capacity());
+        }
+        assert_eq!(capacities, [12, 12, 12, 24]);
+        assert_eq!(cache.key(1, 2, 12), (0..d).map(|c| val(1, 2, 12, c)).collect::<Vec<_>>());
     }
 }
