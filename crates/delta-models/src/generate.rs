@@ -60,6 +60,10 @@ impl Generation {
     }
 }
 
+/// Most new tokens [`generate`] makes KV cache room for at once, within the model's context (a
+/// longer generation grows the cache by doubling).
+const ROOM_AHEAD: usize = 8192;
+
 /// Generates up to `max_new` tokens after `prompt`, ending early on any of `stop` (which is kept
 /// as the last token). `on_token` sees every other token as it comes; returning false stops.
 pub fn generate<B: Backend>(
@@ -76,7 +80,8 @@ pub fn generate<B: Backend>(
     sampling.check()?;
     let mut g = Generation { prompt_tokens: prompt.len(), ..Default::default() };
     let mut rng = SplitMix(sampling.seed);
-    let mut cache = KvCache::with_room(model.layers.len(), prompt.len() + max_new);
+    let room = prompt.len() + max_new.min(ROOM_AHEAD);
+    let mut cache = KvCache::with_room(model.layers.len(), model.cfg.max_position_embeddings.map_or(room, |context| room.min(context)));
     let started = Instant::now();
     let mut input = prompt.to_vec();
     while g.tokens.len() < max_new {
