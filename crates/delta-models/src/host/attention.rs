@@ -245,8 +245,8 @@ impl Tile<'_> {
 }
 
 /// `q · k` (the head's width): [`LANES`] running sums of every 8th product, fused
-/// multiply-adds in order of the columns, added up as ((0 + 1) + (2 + 3)) + ((4 + 5) + (6 + 7)),
-/// then the last `d mod 8` products in order.
+/// multiply-adds in order of the columns, added up by [`lane_sum`], then the last `d mod 8`
+/// products in order.
 #[inline(always)]
 fn score(q: &[f32], k: &[f32]) -> f32 {
     let mut acc = [0f32; LANES];
@@ -257,8 +257,13 @@ fn score(q: &[f32], k: &[f32]) -> f32 {
             *a = x.mul_add(y, *a);
         }
     }
-    let sum = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-    tail.fold(sum, |a, (&x, &y)| x.mul_add(y, a))
+    tail.fold(lane_sum(&acc), |a, (&x, &y)| x.mul_add(y, a))
+}
+
+/// [`LANES`] running sums added up as ((0 + 1) + (2 + 3)) + ((4 + 5) + (6 + 7)).
+#[inline(always)]
+fn lane_sum(lanes: &[f32; LANES]) -> f32 {
+    ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]))
 }
 
 /// `scores` (over a query's keys, from a multiple of [`LANES`]) scaled and masked (`mask`
@@ -292,7 +297,7 @@ fn softmax(scores: &mut [f32], mask: &[f32], scale: f32) {
     for (sum, &s) in sums.iter_mut().zip(last) {
         *sum += s;
     }
-    let sum = ((sums[0] + sums[1]) + (sums[2] + sums[3])) + ((sums[4] + sums[5]) + (sums[6] + sums[7]));
+    let sum = lane_sum(&sums);
     if sum > 0.0 {
         for s in scores.iter_mut() {
             *s /= sum;
