@@ -1,13 +1,15 @@
 //! `cargo xtask ci`: the test suite. Builds every test target of the workspace (release, with the
 //! wgpu backend, so the CubeCL kernels and the models on them are tested too — on Mesa's
-//! lavapipe where there is no GPU), then runs each test in its own process, as many at once as
-//! the machine has cores, and the doc tests last.
+//! lavapipe where there is no GPU), runs the test binaries as many at once as the machine has
+//! cores, then the doc tests.
 //!
-//! `cargo test` runs one test binary after another, and a binary's last slow test leaves the other
-//! cores idle (the models binary ends on a single 80-second test). Taking the tests one by one
-//! from all binaries keeps every core busy. Order: the tests an earlier run on this checkout timed
-//! (`target/ci-times.json`) slowest first, new ones before them; in a fresh clone, the order
-//! `cargo test` lists them in.
+//! `cargo test` runs one test binary after another, and a binary's last slow tests leave the
+//! other cores idle (the models binary ends on a single 80-second test). Here the next binary
+//! starts as soon as one ends. Each binary still runs its own tests the way `cargo test` does,
+//! in one process (the wgpu tests of a binary share its CubeCL autotune results and compiled
+//! kernels: one process per test made a fresh clone's suite no faster, 727 s against 743 s).
+//! Order: the binaries an earlier run on this checkout timed (`target/ci-times.json`) slowest
+//! first, new ones before them; in a fresh clone, by name (the order `cargo test` takes).
 
 use std::collections::BTreeMap;
 use std::io::BufRead;
@@ -33,58 +35,45 @@ struct Binary {
     dir: PathBuf,
 }
 
-struct Test {
-    binary: usize,
-    name: String,
-}
-
+/// How one binary's run went.
 struct Outcome {
-    test: usize,
+    binary: usize,
     secs: f64,
     passed: bool,
+    /// Tests that passed and failed, from libtest's summary line.
+    counts: (usize, usize),
 }
 
 pub fn ci(root: &Path, target: &Path, fixtures: &Path) -> Result<()> {
     let started = Instant::now();
-    let binaries = build(root)?;
-    let mut tests = Vec::new();
-    for (b, bin) in binaries.iter().enumerate() {
-        tests.extend(list(bin)?.into_iter().map(|name| Test { binary: b, name }));
-    }
+    let mut binaries = build(root)?;
+    binaries.sort_by(|a, b| a.label.cmp(&b.label));
     let times_file = target.join("ci-times.json");
     let known: BTreeMap<String, f64> = std::fs::read(&times_file).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
-    let key = |t: &Test| format!("{} {}", binaries[t.binary].label, t.name);
-    // New tests (no time on record) first in listing order, then the timed ones slowest first.
-    let mut order: Vec<usize> = (0..tests.len()).collect();
-    order.sort_by(|&a, &b| {
-        let (ta, tb) = (known.get(&key(&tests[a])), known.get(&key(&tests[b])));
-        match (ta, tb) {
-            (None, None) => a.cmp(&b),
-            (None, Some(_)) => std::cmp::Ordering::Less,
-            (Some(_), None) => std::cmp::Ordering::Greater,
-            (Some(x), Some(y)) => y.total_cmp(x),
-        }
+    // New binaries (no time on record) first, by name, then the timed ones slowest first.
+    binaries.sort_by(|a, b| match (known.get(&a.label), known.get(&b.label)) {
+        (None, None) => std::cmp::Ordering::Equal,
+        (None, Some(_)) => std::cmp::Ordering::Less,
+        (Some(_), None) => std::cmp::Ordering::Greater,
+        (Some(x), Some(y)) => y.total_cmp(x),
     });
 
     let jobs = std::thread::available_parallelism().map_or(2, |n| n.get());
-    eprintln!("running {} tests from {} binaries, {jobs} at a time", tests.len(), binaries.len());
+    eprintln!("running {} test binaries, {jobs} at a time", binaries.len());
     let next = AtomicUsize::new(0);
     let outcomes = Mutex::new(Vec::new());
     let run_started = Instant::now();
     std::thread::scope(|s| {
         for _ in 0..jobs {
             s.spawn(|| {
-                while let Some(&t) = order.get(next.fetch_add(1, Ordering::Relaxed)) {
-                    let (test, bin) = (&tests[t], &binaries[tests[t].binary]);
+                while let Some((binary, bin)) = Some(next.fetch_add(1, Ordering::Relaxed)).and_then(|i| Some((i, binaries.get(i)?))) {
                     let clock = Instant::now();
-                    let (passed, log) = run_one(bin, &test.name, fixtures);
+                    let (passed, counts, log) = run_binary(bin, fixtures);
                     let secs = clock.elapsed().as_secs_f64();
-                    let mut done = outcomes.lock().unwrap_or_else(|e| e.into_inner());
-                    done.push(Outcome { test: t, secs, passed });
-                    eprintln!("{} [{secs:6.1} s] ({:3}/{}) {} {}", if passed { "PASS" } else { "FAIL" }, done.len(), tests.len(), bin.label, test.name);
-                    if !passed {
-                        eprintln!("{}", log.trim_end());
-                    }
+                    outcomes.lock().unwrap_or_else(|e| e.into_inner()).push(Outcome { binary, secs, passed, counts });
+                    // The binary's whole output at once, so that binaries running side by side
+                    // do not interleave their lines.
+                    eprintln!("\n{} [{secs:6.1} s] {} ({})\n{}", if passed { "PASS" } else { "FAIL" }, bin.label, bin.exe.display(), log.trim_end());
                 }
             });
         }
@@ -92,30 +81,26 @@ pub fn ci(root: &Path, target: &Path, fixtures: &Path) -> Result<()> {
     let outcomes = outcomes.into_inner().unwrap_or_else(|e| e.into_inner());
     let run_secs = run_started.elapsed().as_secs_f64();
 
-    // Every test that ran gets its time on record for the next run's order.
+    // Every binary that ran gets its time on record for the next run's order.
     let mut times = known;
     for o in &outcomes {
-        times.insert(key(&tests[o.test]), (o.secs * 10.0).round() / 10.0);
+        times.insert(binaries[o.binary].label.clone(), (o.secs * 10.0).round() / 10.0);
     }
     if let Ok(json) = serde_json::to_vec_pretty(&times) {
         let _ = std::fs::write(&times_file, json);
     }
 
-    let failed: Vec<String> = outcomes.iter().filter(|o| !o.passed).map(|o| key(&tests[o.test])).collect();
-    let mut slowest: Vec<&Outcome> = outcomes.iter().collect();
-    slowest.sort_by(|a, b| b.secs.total_cmp(&a.secs));
-    eprintln!("\nslowest tests:");
-    for o in slowest.iter().take(8) {
-        eprintln!("  {:6.1} s  {}", o.secs, key(&tests[o.test]));
+    let mut by_time: Vec<&Outcome> = outcomes.iter().collect();
+    by_time.sort_by(|a, b| b.secs.total_cmp(&a.secs));
+    eprintln!("\ntest binaries, slowest first:");
+    for o in by_time.iter().filter(|o| o.counts.0 + o.counts.1 > 0) {
+        eprintln!("  {:6.1} s  {:3} tests  {}", o.secs, o.counts.0 + o.counts.1, binaries[o.binary].label);
     }
-    eprintln!(
-        "\nci: {} passed, {} failed, in {run_secs:.0} s of tests ({:.0} s of test time on {jobs} at a time)",
-        outcomes.len() - failed.len(),
-        failed.len(),
-        outcomes.iter().map(|o| o.secs).sum::<f64>()
-    );
-    if !failed.is_empty() {
-        bail!("{} of {} tests failed: {}", failed.len(), outcomes.len(), failed.join(", "));
+    let (passed, failed) = outcomes.iter().fold((0, 0), |(p, f), o| (p + o.counts.0, f + o.counts.1));
+    eprintln!("\nci: {passed} tests passed, {failed} failed, in {run_secs:.0} s ({:.0} s of binaries' time, {jobs} at a time)", outcomes.iter().map(|o| o.secs).sum::<f64>());
+    let broken: Vec<&str> = outcomes.iter().filter(|o| !o.passed).map(|o| binaries[o.binary].label.as_str()).collect();
+    if !broken.is_empty() {
+        bail!("test binaries failed: {} ({failed} tests failed)", broken.join(", "));
     }
 
     sh(cargo().current_dir(root).args(["test", "--workspace", "--release", "--features", FEATURES, "--doc"]).env("DELTA_FIXTURES", fixtures))?;
@@ -123,22 +108,25 @@ pub fn ci(root: &Path, target: &Path, fixtures: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Runs one test alone in its binary, where `cargo test` would run the binary: whether it passed
-/// (a filter that ran no test is a failure too), and what it printed.
-fn run_one(bin: &Binary, name: &str, fixtures: &Path) -> (bool, String) {
-    let output = Command::new(&bin.exe)
-        .args([name, "--exact", "--test-threads", "1"])
-        .current_dir(&bin.dir)
-        .env("CARGO_MANIFEST_DIR", &bin.dir)
-        .env("DELTA_FIXTURES", fixtures)
-        .output();
+/// Runs one test binary where `cargo test` would run it: whether it passed, its tests passed
+/// and failed (libtest's summary line), and what it printed.
+fn run_binary(bin: &Binary, fixtures: &Path) -> (bool, (usize, usize), String) {
+    let output = Command::new(&bin.exe).current_dir(&bin.dir).env("CARGO_MANIFEST_DIR", &bin.dir).env("DELTA_FIXTURES", fixtures).output();
     match output {
         Ok(o) => {
-            let stdout = String::from_utf8_lossy(&o.stdout);
-            (o.status.success() && stdout.contains("test result: ok. 1 passed"), format!("{stdout}{}", String::from_utf8_lossy(&o.stderr)))
+            let log = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+            let counts = summary(&log);
+            (o.status.success(), counts, log)
         }
-        Err(e) => (false, format!("could not start {}: {e}", bin.exe.display())),
+        Err(e) => (false, (0, 0), format!("could not start {}: {e}", bin.exe.display())),
     }
+}
+
+/// Passed and failed counts from libtest's `test result: ok. 3 passed; 1 failed; …` line.
+fn summary(log: &str) -> (usize, usize) {
+    let Some(line) = log.lines().rev().find(|l| l.starts_with("test result:")) else { return (0, 0) };
+    let count = |word: &str| line.split(';').find_map(|part| part.trim().strip_suffix(word)?.rsplit(' ').next()?.parse().ok()).unwrap_or(0);
+    (count(" passed"), count(" failed"))
 }
 
 /// Builds the workspace's test targets and returns their executables.
@@ -169,13 +157,4 @@ fn build(root: &Path) -> Result<Vec<Binary>> {
         bail!("building the tests failed ({status})");
     }
     Ok(binaries)
-}
-
-/// The names of a test binary's tests (`--list --format terse`: `name: test` lines).
-fn list(bin: &Binary) -> Result<Vec<String>> {
-    let out = Command::new(&bin.exe).args(["--list", "--format", "terse"]).current_dir(&bin.dir).output().with_context(|| format!("listing {}", bin.exe.display()))?;
-    if !out.status.success() {
-        bail!("listing the tests of {} failed: {}", bin.label, String::from_utf8_lossy(&out.stderr).trim());
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| l.strip_suffix(": test")).map(str::to_string).collect())
 }

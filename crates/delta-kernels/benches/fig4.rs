@@ -1,12 +1,13 @@
 //! BitDelta's Fig. 4 sweep on the CPU: B requests, each with its own delta over one N×N base
-//! weight, decoded together — one dense product for all rows plus each row's packed delta term —
-//! against B separate dense f32 GEMVs of merged weights; and a copy-bandwidth probe for the
-//! roofline. `cargo xtask bench` runs it and collects the results (sizes from `FIG4_SIZES`,
+//! weight, decoded together — one dense product for all rows plus each row's packed delta term,
+//! in one pass as serving runs it (`dense_delta_matmul_t`) and as two separate products — against
+//! B separate dense f32 GEMVs of merged weights; and a copy-bandwidth probe for the roofline. `cargo xtask bench` runs it and collects the results (sizes from `FIG4_SIZES`,
 //! default 1024,2048,4096,8192).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use delta_format::CompressedWeight;
 use delta_kernels::dense::dense_matmul_t;
+use delta_kernels::fused::dense_delta_matmul_t;
 use delta_kernels::gemm::batched_delta_matmul_add;
 
 #[path = "../tests/support/mod.rs"]
@@ -29,9 +30,16 @@ fn fig4(c: &mut Criterion) {
         for b in BATCHES {
             let x = random(b * n, 99);
             let idx: Vec<usize> = (0..b).collect();
+            let row_delta: Vec<Option<usize>> = (0..b).map(Some).collect();
             let mut y = vec![0f32; b * n];
             // Bytes that must come from memory: the base once, each row's signs and scales.
             group.throughput(Throughput::Bytes((n * n * 4 + b * (n * n / 8 + n * 4)) as u64));
+            // The batched path as serving runs it: each task takes a block of output columns, its
+            // base sums for every row, then those columns' delta terms — one pass, one fork-join.
+            group.bench_with_input(BenchmarkId::new("one_pass", b), &b, |bench, _| {
+                bench.iter(|| dense_delta_matmul_t(&x, &wt, n, n, &deltas[..b], &row_delta, &mut y).unwrap())
+            });
+            // The same product as two separate passes.
             group.bench_with_input(BenchmarkId::new("batched_delta", b), &b, |bench, _| {
                 bench.iter(|| {
                     dense_matmul_t(&x, &wt, n, n, &mut y).unwrap();

@@ -42,7 +42,8 @@ pub(crate) enum Lookup {
     /// covers 4 signs (8 tables per sign word).
     Avx512,
     /// AVX2: 8 output rows per register; `vpermilps` picks one of 4 floats within each 128-bit
-    /// half, so a table covers 2 signs (its 4 sums twice; 16 tables per sign word). AVX2's
+    /// half, so a table covers 2 signs (its 4 sums, loaded into both halves; 16 tables per sign
+    /// word). AVX2's
     /// `vpermps` picks one of 8 (3 signs a table, 11 per word), but measured slower on Zen 3: the
     /// 8 delta terms at B = 8, 4096², three runs each, 3.3–3.5 ms against 2.5–3.3 ms.
     Avx2,
@@ -62,11 +63,12 @@ impl Lookup {
         32 / self.bits()
     }
 
-    /// Floats in one table (the register's lanes).
+    /// Floats in one table: the 16 sums of 4 signs (a register's lanes), or the 4 sums of 2
+    /// signs (a 128-bit half, broadcast into both halves of the register as it is loaded).
     const fn entries(self) -> usize {
         match self {
             Lookup::Avx512 => 16,
-            Lookup::Avx2 => 8,
+            Lookup::Avx2 => 4,
         }
     }
 
@@ -105,14 +107,30 @@ pub(crate) fn available() -> bool {
 /// For every group of `bits` inputs of z (zero beyond its end, up to `words` sign words), the
 /// 2^bits signed sums: entry `n` of a group is `Σ_t (bit t of n ? +z[t] : −z[t])` over its
 /// inputs — bit 1 means Δ ≥ 0, the packing convention — summed as `(±z[0] ± z[1]) + (±z[2] ±
-/// z[3])`, the second pair ±0 for 2-sign groups; a table of more floats than sums repeats them
-/// (entry `n` is sum `n mod 2^bits`).
+/// z[3])`, the second pair ±0 for 2-sign groups. Kept in 16-byte quads, so that every table
+/// starts on a 16-byte boundary (the AVX2 tile broadcasts each 4-float table from memory).
 pub(crate) struct SumTables {
-    floats: Vec<f32>,
+    quads: Vec<Quad>,
     lookup: Lookup,
 }
 
+#[derive(Clone, Copy, Default)]
+#[repr(C, align(16))]
+struct Quad([f32; 4]);
+
 impl SumTables {
+    /// The tables' floats, table after table.
+    fn floats(&self) -> &[f32] {
+        // SAFETY: a Quad is 4 f32 and nothing else (repr(C), size 16), so the quads are
+        // 4 × len initialised f32 in a row.
+        unsafe { std::slice::from_raw_parts(self.quads.as_ptr() as *const f32, 4 * self.quads.len()) }
+    }
+
+    fn floats_mut(&mut self) -> &mut [f32] {
+        // SAFETY: as in `floats`, and the borrow is unique.
+        unsafe { std::slice::from_raw_parts_mut(self.quads.as_mut_ptr() as *mut f32, 4 * self.quads.len()) }
+    }
+
     /// The tables for this CPU's lookup. Needs [`available`].
     pub(crate) fn new(z: &[f32], words: usize) -> SumTables {
         SumTables::with(lookup().expect("a CPU with table lookups"), z, words)
@@ -120,8 +138,8 @@ impl SumTables {
 
     pub(crate) fn with(lookup: Lookup, z: &[f32], words: usize) -> SumTables {
         let bits = lookup.bits();
-        let mut t = vec![0f32; words * lookup.floats_per_word()];
-        for (g, tg) in t.chunks_exact_mut(lookup.entries()).enumerate() {
+        let mut tables = SumTables { quads: vec![Quad::default(); words * lookup.floats_per_word() / 4], lookup };
+        for (g, tg) in tables.floats_mut().chunks_exact_mut(lookup.entries()).enumerate() {
             let v = |k: usize| if k < bits { z.get(bits * g + k).copied().unwrap_or(0.0) } else { 0.0 };
             let pair = |a: f32, b: f32| [-a - b, a - b, -a + b, a + b];
             let (lo, hi) = (pair(v(0), v(1)), pair(v(2), v(3)));
@@ -130,7 +148,7 @@ impl SumTables {
                 *e = lo[n & 3] + hi[n >> 2];
             }
         }
-        SumTables { floats: t, lookup }
+        tables
     }
 }
 
@@ -140,7 +158,8 @@ impl SumTables {
 /// CPU.
 pub(crate) fn add_sums(words: &[u32], wpr: usize, i0: usize, i1: usize, tables: &SumTables, sums: &mut [f32]) {
     let lookup = tables.lookup;
-    assert!(supports(lookup) && i1 <= words.len() / wpr.max(1) && tables.floats.len() >= wpr * lookup.floats_per_word() && sums.len() >= (i1 - i0).next_multiple_of(LANES));
+    assert!(supports(lookup) && i1 <= words.len() / wpr.max(1) && tables.floats().len() >= wpr * lookup.floats_per_word() && sums.len() >= (i1 - i0).next_multiple_of(LANES));
+    let floats = tables.floats().as_ptr();
     for w0 in (0..wpr).step_by(BLOCK_WORDS) {
         let w1 = (w0 + BLOCK_WORDS).min(wpr);
         for (t, s) in (i0..i1).step_by(LANES).zip(sums.chunks_exact_mut(LANES)) {
@@ -152,11 +171,11 @@ pub(crate) fn add_sums(words: &[u32], wpr: usize, i0: usize, i1: usize, tables: 
             unsafe {
                 let rows = words.as_ptr().add(t * wpr);
                 match lookup {
-                    Lookup::Avx512 => tile_avx512(rows, wpr, lanes, w0, w1, tables.floats.as_ptr(), s.as_mut_ptr()),
+                    Lookup::Avx512 => tile_avx512(rows, wpr, lanes, w0, w1, floats, s.as_mut_ptr()),
                     Lookup::Avx2 => {
-                        tile_avx2(rows, wpr, lanes.min(8), w0, w1, tables.floats.as_ptr(), s.as_mut_ptr());
+                        tile_avx2(rows, wpr, lanes.min(8), w0, w1, floats, s.as_mut_ptr());
                         if lanes > 8 {
-                            tile_avx2(rows.add(8 * wpr), wpr, lanes - 8, w0, w1, tables.floats.as_ptr(), s.as_mut_ptr().add(8));
+                            tile_avx2(rows.add(8 * wpr), wpr, lanes - 8, w0, w1, floats, s.as_mut_ptr().add(8));
                         }
                     }
                 }
@@ -228,8 +247,10 @@ unsafe fn tile_avx2(rows: *const u32, wpr: usize, lanes: usize, w0: usize, w1: u
             let t = tables.add((w + j) * FLOATS);
             let mut s = word;
             for k in 0..Lookup::Avx2.groups() {
+                // The table in both halves (it starts on 16 bytes: SumTables keeps quads);
                 // vpermilps reads only the low 2 bits of each lane's index, within its half.
-                let v = _mm256_permutevar_ps(_mm256_loadu_ps(t.add(8 * k)), s);
+                let table = _mm256_broadcast_ps(&*(t.add(4 * k) as *const __m128));
+                let v = _mm256_permutevar_ps(table, s);
                 acc[k & 3] = _mm256_add_ps(acc[k & 3], v);
                 s = _mm256_srli_epi32::<2>(s);
             }
@@ -316,7 +337,7 @@ mod tests {
                 let word = words[i * wpr + w];
                 for k in 0..l.groups() {
                     let entry = (word >> (l.bits() * k)) as usize & l.mask();
-                    acc[k & 3] += tables.floats[w * l.floats_per_word() + l.entries() * k + entry];
+                    acc[k & 3] += tables.floats()[w * l.floats_per_word() + l.entries() * k + entry];
                 }
             }
             total += (acc[0] + acc[1]) + (acc[2] + acc[3]);
