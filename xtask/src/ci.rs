@@ -8,8 +8,8 @@
 //! starts as soon as one ends. Each binary still runs its own tests the way `cargo test` does,
 //! in one process (the wgpu tests of a binary share its CubeCL autotune results and compiled
 //! kernels: one process per test made a fresh clone's suite no faster, 727 s against 743 s).
-//! Order: the binaries an earlier run on this checkout timed (`target/ci-times.json`) slowest
-//! first, new ones before them; in a fresh clone, by name (the order `cargo test` takes).
+//! Order: slowest first, by the times of the last run on this checkout (`target/ci-times.json`),
+//! else by [`FRESH_CLONE_SECS`]; binaries with no time at all go first, by name.
 
 use std::collections::BTreeMap;
 use std::io::BufRead;
@@ -25,6 +25,11 @@ use crate::{cargo, sh};
 
 /// The features the suite is built with.
 const FEATURES: &str = "delta-cli/wgpu";
+
+/// The slow binaries' times in a fresh clone (96c6418's CI on the Zen 3 machine, cold lavapipe
+/// caches; BENCHMARKS.md), for the order when this checkout has no times of its own: by name, the
+/// models binary would start last and run alone for five minutes at the end.
+const FRESH_CLONE_SECS: [(&str, f64); 4] = [("delta-models::models", 298.0), ("delta-cli::cli", 220.0), ("delta-cli::serve", 145.0), ("delta-calib::calibration", 74.0)];
 
 /// A test executable cargo built, and where `cargo test` would run it.
 struct Binary {
@@ -49,8 +54,9 @@ pub fn ci(root: &Path, target: &Path, fixtures: &Path) -> Result<()> {
     let mut binaries = build(root)?;
     binaries.sort_by(|a, b| a.label.cmp(&b.label));
     let times_file = target.join("ci-times.json");
-    let known: BTreeMap<String, f64> = std::fs::read(&times_file).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
-    // New binaries (no time on record) first, by name, then the timed ones slowest first.
+    let recorded: Option<BTreeMap<String, f64>> = std::fs::read(&times_file).ok().and_then(|b| serde_json::from_slice(&b).ok());
+    let known = recorded.unwrap_or_else(|| FRESH_CLONE_SECS.iter().map(|&(label, secs)| (label.to_string(), secs)).collect());
+    // Binaries with no time first, by name, then the timed ones slowest first.
     binaries.sort_by(|a, b| match (known.get(&a.label), known.get(&b.label)) {
         (None, None) => std::cmp::Ordering::Equal,
         (None, Some(_)) => std::cmp::Ordering::Less,
