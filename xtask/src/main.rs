@@ -3,10 +3,9 @@
 //! - `fixtures [DIR]` builds the real test fixtures (SmolLM2 pair, text, tasks) into DIR
 //!   (default `$DELTA_FIXTURES`, else `~/.cache/delta-fixtures`).
 //! - `demo` runs the main job on them: compress the pair, inspect, apply, check, report.
-//! - `ci` is the test command: fixtures, then the test binaries of `cargo test --workspace
-//!   --release --features delta-cli/wgpu` — with the wgpu backend, so the CubeCL kernels and the
-//!   models on them are tested too (on Mesa's lavapipe where there is no GPU) —, as many binaries
-//!   at once as there are cores (see `ci.rs`).
+//! - `ci` is the test command: fixtures, then `cargo test --workspace --release --features
+//!   delta-cli/wgpu` — the workspace with the wgpu backend, so the CubeCL kernels and the models
+//!   on them are tested too (on Mesa's lavapipe where there is no GPU).
 //! - `report [--limit N | --full | --render]`: the quality report on the pair (`REPORT.md`, see
 //!   `report.rs`); `--render` rewrites the page from `report/report.json` without measuring.
 //! - `bench [pipeline|kernels|serve|plot]`: `pipeline` times compress, apply (against copying the
@@ -31,7 +30,6 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 
-mod ci;
 mod gpu_kit;
 mod interpolate;
 mod plot;
@@ -69,7 +67,7 @@ fn run() -> Result<()> {
             eprintln!(
                 "usage: cargo xtask <command>\n\n  fixtures [DIR]  build the real fixtures (default $DELTA_FIXTURES, else ~/.cache/delta-fixtures)\n  \
                  demo            compress the SmolLM2 pair, inspect, apply, verify, print a report\n  \
-                 ci              fixtures, then the tests of cargo test --workspace --release --features\n                  delta-cli/wgpu (the CubeCL kernels and the models on the wgpu backend too),\n                  as many test binaries at once as there are cores\n  \
+                 ci              fixtures, then cargo test --workspace --release --features delta-cli/wgpu\n                  (the CubeCL kernels and the models on the wgpu backend too)\n  \
                  report [--limit N | --full | --render]\n                  quality report on the pair: perplexity, zero-shot tasks (first N = 50 documents\n                  each by default), sizes, times -> REPORT.md, report/report.{{json,svg}};\n                  --render rewrites REPORT.md and the plot from report/report.json\n  \
                  bench [pipeline|kernels|serve|plot]\n                  time compress / apply / generation on the pair (pipeline.json), the Fig. 4\n                  kernel sweep with a bandwidth probe (kernels.json + kernels.png), and multi-tenant\n                  serving against swapping merged models (serve.json); the first three by default;\n                  `plot` redraws kernels.png from kernels.json\n  \
                  gpu-kit [--backend cuda|wgpu]\n                  binaries, model config and script for the GPU checks on a lent machine -> .device/\n  \
@@ -152,7 +150,9 @@ fn cargo() -> Command {
 
 fn ci() -> Result<()> {
     let dir = fixtures(None)?;
-    ci::ci(&root(), &target_dir(), &dir)
+    // With the wgpu backend, so the CubeCL kernels and the models on them are tested too: on a GPU
+    // where there is one, else on Mesa's lavapipe (`.ci/run` installs it).
+    sh(cargo().current_dir(root()).args(["test", "--workspace", "--release", "--features", "delta-cli/wgpu"]).env("DELTA_FIXTURES", &dir))
 }
 
 fn bitdelta() -> Result<PathBuf> {
