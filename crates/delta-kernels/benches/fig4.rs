@@ -1,8 +1,9 @@
 //! BitDelta's Fig. 4 sweep on the CPU: B requests, each with its own delta over one N×N base
 //! weight, decoded together — one dense product for all rows plus each row's packed delta term,
 //! in one pass as serving runs it (`dense_delta_matmul_t`) and as two separate products — against
-//! B separate dense f32 GEMVs of merged weights; and a copy-bandwidth probe for the roofline. `cargo xtask bench` runs it and collects the results (sizes from `FIG4_SIZES`,
-//! default 1024,2048,4096,8192).
+//! B separate dense f32 GEMVs of merged weights; and a copy-bandwidth probe for the roofline.
+//! `cargo xtask bench` runs it and collects the results (sizes from `FIG4_SIZES`, default
+//! 1024,2048,4096,8192).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use delta_format::CompressedWeight;

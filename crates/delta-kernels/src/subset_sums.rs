@@ -27,8 +27,9 @@ const PREFETCH_TILES: usize = 8;
 /// for 16 tiles into L2, 2.8–3.1 ms for 4 and 2.6–3.5 ms for 8.
 const AVX2_PREFETCH_TILES: usize = 2;
 
-/// Sign words (32 inputs each) per column block: their tables (64 KiB) stay in L1/L2 while
-/// every row tile of a task reads them, and each row's signs are read in runs of 512 bytes.
+/// Sign words (32 inputs each) per column block: their tables (64 KiB on AVX-512, 32 KiB on
+/// AVX2) stay in L1/L2 while every row tile of a task reads them, and each row's signs are read
+/// in runs of 512 bytes.
 /// AVX-512: 64 or 256 words measured slower at 4096 inputs: 3.3 / 3.2 against 3.1 ms. AVX2
 /// (Zen 3, the 8 delta terms at B = 8, three runs each, with the 3-sign tables of `vpermps`):
 /// 2.6–2.8 ms, against 3.1–4.8 ms for 32 words and 3.3–4.2 ms for 64; at 8192 inputs
@@ -43,9 +44,9 @@ pub(crate) enum Lookup {
     Avx512,
     /// AVX2: 8 output rows per register; `vpermilps` picks one of 4 floats within each 128-bit
     /// half, so a table covers 2 signs (its 4 sums, loaded into both halves; 16 tables per sign
-    /// word). AVX2's
-    /// `vpermps` picks one of 8 (3 signs a table, 11 per word), but measured slower on Zen 3: the
-    /// 8 delta terms at B = 8, 4096², three runs each, 3.3–3.5 ms against 2.5–3.3 ms.
+    /// word). AVX2's `vpermps` picks one of 8 (3 signs a table, 11 per word), but measured slower
+    /// on Zen 3: the 8 delta terms at B = 8, 4096², three runs each, 3.3–3.5 ms against 2.5–3.3
+    /// ms (with 8-float tables, each table's sums twice).
     Avx2,
 }
 
