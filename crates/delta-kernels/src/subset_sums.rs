@@ -64,18 +64,14 @@ impl Lookup {
         32 / self.bits()
     }
 
-    /// Floats in one table: the 16 sums of 4 signs (a register's lanes), or the 4 sums of 2
-    /// signs (a 128-bit half, broadcast into both halves of the register as it is loaded).
+    /// Floats in one table, 2^bits — each sum of its signs once, picked by the low `bits` bits of
+    /// a lane's index: the 16 sums of 4 signs (a register's lanes), or the 4 sums of 2 signs (a
+    /// 128-bit half, broadcast into both halves of the register as it is loaded).
     const fn entries(self) -> usize {
         match self {
             Lookup::Avx512 => 16,
             Lookup::Avx2 => 4,
         }
-    }
-
-    /// The bits of a lane's index that pick its entry.
-    const fn mask(self) -> usize {
-        (1 << self.bits()) - 1
     }
 
     /// Floats of tables per sign word.
@@ -145,7 +141,6 @@ impl SumTables {
             let pair = |a: f32, b: f32| [-a - b, a - b, -a + b, a + b];
             let (lo, hi) = (pair(v(0), v(1)), pair(v(2), v(3)));
             for (n, e) in tg.iter_mut().enumerate() {
-                let n = n & lookup.mask();
                 *e = lo[n & 3] + hi[n >> 2];
             }
         }
@@ -337,7 +332,7 @@ mod tests {
             for w in w0..(w0 + BLOCK_WORDS).min(wpr) {
                 let word = words[i * wpr + w];
                 for k in 0..l.groups() {
-                    let entry = (word >> (l.bits() * k)) as usize & l.mask();
+                    let entry = (word >> (l.bits() * k)) as usize & (l.entries() - 1);
                     acc[k & 3] += tables.floats()[w * l.floats_per_word() + l.entries() * k + entry];
                 }
             }
