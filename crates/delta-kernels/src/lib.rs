@@ -9,6 +9,8 @@
 //!   table lookups).
 //! - [`dense`]: the base product `Y = X·W` of a decode step, read in place (no packing), and a
 //!   vectorising dot product.
+//! - [`dense_nt`]: `Y = X·Wᵀ` for a weight kept as stored (`[out, in]`): a tied LM head reading
+//!   the embedding matrix in place.
 //! - [`fused`]: a decode step's whole projection, base product and delta terms, in one pass.
 //! - [`convert`]: bf16 / f16 / f32 conversions (round to nearest even).
 //!
@@ -20,6 +22,7 @@ pub mod convert;
 pub mod cube;
 pub mod delta;
 pub mod dense;
+pub mod dense_nt;
 pub mod error;
 pub mod fused;
 pub mod gemm;

@@ -129,7 +129,9 @@ fn gemm(a: &NdArrayTensor, b: &NdArrayTensor, b_t: bool) -> Option<NdArrayTensor
 
 /// `x · wt` plus, for every row r with `idx[r] = Some(d)`, the packed delta term `x[r]·Δ̂_dᵀ`
 /// (`idx` empty: none) — on the host, in one pass, when `B` is the CPU backend, `x` has at most
-/// [`FEW_ROWS`] rows and the weight is contiguous f32. `None` otherwise.
+/// [`FEW_ROWS`] rows and the weight is contiguous f32. Without deltas, `wt` may also be the
+/// transposed view of a contiguous `[out, in]` weight (a tied LM head: the embedding matrix),
+/// read in place as dot products. `None` otherwise.
 pub fn few_rows<B: Backend>(x: &Tensor<B, 2>, wt: &Tensor<B, 2>, deltas: &[&CompressedWeight<'_>], idx: &[Option<usize>]) -> Option<Tensor<B, 2>> {
     let [rows, inp] = x.dims();
     let out = wt.dims()[1];
@@ -138,13 +140,23 @@ pub fn few_rows<B: Backend>(x: &Tensor<B, 2>, wt: &Tensor<B, 2>, deltas: &[&Comp
     }
     let none = vec![None; if idx.is_empty() { rows } else { 0 }];
     let idx = if idx.is_empty() { &none } else { idx };
-    in_place(wt, |w| {
+    let product = |kernel: &dyn Fn(&[f32], &mut [f32])| {
         let y = with_values(x, |xs| {
             let mut y = vec![0f32; rows * out];
-            delta_kernels::fused::dense_delta_matmul_t(xs, w, inp, out, deltas, idx, &mut y).expect("shapes checked when the layers were built");
+            kernel(xs, &mut y);
             y
         });
         Tensor::from_data(TensorData::new(y, [rows, out]), &x.device())
+    };
+    in_place(wt, |w| {
+        product(&|xs, y| delta_kernels::fused::dense_delta_matmul_t(xs, w, inp, out, deltas, idx, y).expect("shapes checked when the layers were built"))
+    })
+    .or_else(|| {
+        if deltas.is_empty() {
+            in_place_transposed(wt, |w| product(&|xs, y| delta_kernels::dense_nt::dense_matmul_nt(xs, w, inp, out, y).expect("shapes checked when the model was built")))
+        } else {
+            None
+        }
     })
 }
 
@@ -182,6 +194,15 @@ fn in_place<B: Backend, R>(t: &Tensor<B, 2>, f: impl FnOnce(&[f32]) -> R) -> Opt
     let NdArrayTensor::F32(storage) = cpu.clone().into_primitive().tensor() else { return None };
     let view = storage.view();
     view.as_slice().map(f)
+}
+
+/// `f` on the values of `t`'s transpose without a copy, when `t` is the transposed view of a
+/// contiguous f32 tensor of the CPU backend.
+fn in_place_transposed<B: Backend, R>(t: &Tensor<B, 2>, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+    let cpu = (t as &dyn Any).downcast_ref::<Tensor<CpuBackend, 2>>()?;
+    let NdArrayTensor::F32(storage) = cpu.clone().into_primitive().tensor() else { return None };
+    let view = storage.view();
+    view.t().as_slice().map(f)
 }
 
 /// Whether `B` is the CPU backend, whose tensors the functions here read in place.

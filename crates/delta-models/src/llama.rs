@@ -331,7 +331,7 @@ pub struct Llama<B: Backend> {
     pub embed_tokens: Tensor<B, 2>,
     pub layers: Vec<Block<B>>,
     pub norm: RmsNorm<B>,
-    /// The LM head as `[hidden, vocab]` (the embedding transposed when tied).
+    /// The LM head as `[hidden, vocab]` (when tied, a transposed view of `embed_tokens`: no copy).
     pub lm_head_t: Tensor<B, 2>,
     pub rope: Rope,
     pub device: B::Device,
@@ -512,7 +512,9 @@ impl<B: Backend> Llama<B> {
         let layers = (0..blocks.min(cfg.num_hidden_layers)).map(|i| Block::load(w, &cfg, i)).collect::<Result<Vec<_>, _>>()?;
         let embed_tokens = w.matrix("model.embed_tokens.weight", vocab, hidden)?;
         let lm_head_t = if cfg.tie_word_embeddings && !w.has("lm_head.weight") {
-            w.matrix_t("model.embed_tokens.weight", vocab, hidden)?
+            // A view of the embedding matrix, not a copy: products read it as dot products
+            // (`host::few_rows`, `delta_kernels::dense_nt`) or through its strides.
+            embed_tokens.clone().transpose()
         } else {
             w.matrix_t("lm_head.weight", vocab, hidden)?
         };

@@ -99,11 +99,13 @@ impl<B: Backend> Tenant<B> {
             used.insert("model.embed_tokens.weight".to_string());
         }
         let own_head = if tied { own_embed } else { whole("lm_head.weight") };
-        if own_head {
-            let name = if tied { "model.embed_tokens.weight" } else { "lm_head.weight" };
-            model.lm_head_t = w.matrix_t(name, vocab, hidden)?;
+        if own_head && tied {
+            // The tied head reads the embedding matrix itself (a transposed view, no copy).
+            model.lm_head_t = model.embed_tokens.clone().transpose();
+        } else if own_head {
+            model.lm_head_t = w.matrix_t("lm_head.weight", vocab, hidden)?;
             bytes += vocab * hidden * 4;
-            used.insert(name.to_string());
+            used.insert("lm_head.weight".to_string());
         }
         let changed = delta.weights().map(|c| c.name.to_string()).chain(delta.whole_tensors().map(|(n, _)| n.to_string()));
         if let Some(name) = changed.into_iter().find(|n| !used.contains(n)) {
