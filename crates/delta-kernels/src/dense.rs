@@ -48,8 +48,16 @@ pub fn dense_matmul_t(x: &[f32], wt: &[f32], inp: usize, out: usize, y: &mut [f3
             y.len()
         )));
     }
+    in_column_tasks(rows, out, y, |c0, c1, acc| axpy_columns(x, wt, inp, out, c0, c1, acc));
+    Ok(())
+}
+
+/// Splits the output columns of `y` (`[rows, out]`) into tasks run in parallel: `sums(c0, c1,
+/// acc)` fills a task's `[rows, c1 − c0]` sums (`acc` comes in zeroed, at most
+/// [`MAX_ACC_FLOATS`]), which are then placed into their columns of `y`.
+pub(crate) fn in_column_tasks(rows: usize, out: usize, y: &mut [f32], sums: impl Fn(usize, usize, &mut [f32]) + Sync) {
     if rows == 0 || out == 0 {
-        return Ok(());
+        return;
     }
     let width = per_task(out, 8).min((MAX_ACC_FLOATS / rows).max(8));
     let tasks = out.div_ceil(width);
@@ -58,12 +66,11 @@ pub fn dense_matmul_t(x: &[f32], wt: &[f32], inp: usize, out: usize, y: &mut [f3
         .map(|t| {
             let (c0, c1) = (t * width, ((t + 1) * width).min(out));
             let mut acc = vec![0f32; rows * (c1 - c0)];
-            axpy_columns(x, wt, inp, out, c0, c1, &mut acc);
+            sums(c0, c1, &mut acc);
             acc
         })
         .collect();
     place_columns(&parts, width, out, y);
-    Ok(())
 }
 
 /// Copies each task's `[rows, w]` block of sums (task t owns the output columns from `t · width`)

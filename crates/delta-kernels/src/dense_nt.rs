@@ -7,11 +7,8 @@
 //! the end, on every path (portable and AVX2), so a row's result does not depend on the rows it is
 //! computed with: batched serving gives each sequence what it would get alone, bit for bit.
 
-use rayon::prelude::*;
-
-use crate::dense::{place_columns, MAX_ACC_FLOATS};
+use crate::dense::in_column_tasks;
 use crate::error::KernelError;
-use crate::per_task;
 
 /// `Y = X · Wᵀ` (`x`: `[rows, inp]`, `w`: `[out, inp]`, `y`: `[rows, out]`). Output columns (weight
 /// rows) are split across threads and each weight row is read once for all rows of X, several
@@ -26,21 +23,7 @@ pub fn dense_matmul_nt(x: &[f32], w: &[f32], inp: usize, out: usize, y: &mut [f3
             y.len()
         )));
     }
-    if rows == 0 || out == 0 {
-        return Ok(());
-    }
-    let width = per_task(out, 8).min((MAX_ACC_FLOATS / rows).max(8));
-    let tasks = out.div_ceil(width);
-    let parts: Vec<Vec<f32>> = (0..tasks)
-        .into_par_iter()
-        .map(|t| {
-            let (c0, c1) = (t * width, ((t + 1) * width).min(out));
-            let mut acc = vec![0f32; rows * (c1 - c0)];
-            dot_columns(x, w, inp, c0, c1, &mut acc);
-            acc
-        })
-        .collect();
-    place_columns(&parts, width, out, y);
+    in_column_tasks(rows, out, y, |c0, c1, acc| dot_columns(x, w, inp, c0, c1, acc));
     Ok(())
 }
 
