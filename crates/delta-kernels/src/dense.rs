@@ -34,6 +34,29 @@ where
     acc.into_iter().sum::<T>() + tail
 }
 
+/// `a · b` as 8 running sums of every 8th product (fused multiply-adds in order), added up by
+/// [`lane_sum`], then the last `len mod 8` products in order. Vector code that keeps the 8 sums
+/// in a register and adds them the same way gets the same bits (the attention's scores, the tied
+/// head's dot products of [`crate::dense_nt`]).
+#[inline(always)]
+pub fn fma_dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail = ca.remainder().iter().zip(cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for ((s, &x), &y) in acc.iter_mut().zip(x).zip(y) {
+            *s = x.mul_add(y, *s);
+        }
+    }
+    tail.fold(lane_sum(&acc), |s, (&x, &y)| x.mul_add(y, s))
+}
+
+/// 8 running sums added up as ((0 + 1) + (2 + 3)) + ((4 + 5) + (6 + 7)).
+#[inline(always)]
+pub fn lane_sum(lanes: &[f32; 8]) -> f32 {
+    ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]))
+}
+
 /// `Y = X · W` for a weight given as `wt` (`[in, out]`, row-major — the transposed layout the
 /// models keep): the decode-shaped product. Each weight is read once for all `rows` of X, output
 /// columns are split across threads, and nothing is packed or copied (a general GEMM packs the

@@ -3,11 +3,11 @@
 //! matrix is that weight, so the model reads it in place instead of keeping a transposed copy
 //! (113 MB for SmolLM2's 49,152 × 576; 1 GB for a 128,256-token, 2,048-wide vocabulary).
 //!
-//! A dot product is eight running FMA sums over the inputs in order, added up in a fixed order at
-//! the end, on every path (portable and AVX2), so a row's result does not depend on the rows it is
-//! computed with: batched serving gives each sequence what it would get alone, bit for bit.
+//! Every output is [`fma_dot`]'s sum on every path (portable, and AVX2 tiles with its eight lanes
+//! in a register), so a row's result does not depend on the rows it is computed with: batched
+//! serving gives each sequence what it would get alone, bit for bit.
 
-use crate::dense::in_column_tasks;
+use crate::dense::{fma_dot, in_column_tasks};
 use crate::error::KernelError;
 
 /// `Y = X · Wᵀ` (`x`: `[rows, inp]`, `w`: `[out, inp]`, `y`: `[rows, out]`). Output columns (weight
@@ -37,12 +37,13 @@ fn dot_columns(x: &[f32], w: &[f32], inp: usize, c0: usize, c1: usize, acc: &mut
     dot_columns_portable(x, w, inp, c0, c1, acc)
 }
 
-/// The order of the tiles: the weight rows c0..c1 in blocks of 8 (18 KiB at 576 inputs, in L1
+/// The order of the AVX2 tiles: the weight rows c0..c1 in blocks of 8 (18 KiB at 576 inputs, in L1
 /// while every row of X passes them: a task's rows are read from memory once), and for each
 /// block the rows of X 4 at a time, in tiles of O weight rows (R·O ≤ 8 sums in flight; a last
 /// short block one weight row at a time); `tile(nr, no, r0, c, fetch)` computes rows r0..r0 + nr
 /// by weight rows c..c + no, and with `fetch` (the first tile of a block, when X has more than
 /// one row) prefetches the next block.
+#[cfg(target_arch = "x86_64")]
 fn tile_order(rows: usize, c0: usize, c1: usize, mut tile: impl FnMut(usize, usize, usize, usize, bool)) {
     for block in (c0..c1).step_by(8) {
         let end = (block + 8).min(c1);
@@ -58,6 +59,7 @@ fn tile_order(rows: usize, c0: usize, c1: usize, mut tile: impl FnMut(usize, usi
 
 /// `$tile::<R, O>($args)` for a tile of `$nr` rows of X by `$no` weight rows: the counts are
 /// const parameters, so that each case keeps its sums in registers.
+#[cfg(target_arch = "x86_64")]
 macro_rules! tile {
     ($tile:ident, $nr:expr, $no:expr, $args:expr) => {
         match ($nr, $no) {
@@ -76,6 +78,7 @@ macro_rules! tile {
 
 /// Where a tile reads and writes: rows r0.. of X, weight rows c.., into the task's sums (`acc`,
 /// `[rows, width]`, columns from c0).
+#[cfg(target_arch = "x86_64")]
 struct Tile<'a> {
     x: &'a [f32],
     w: &'a [f32],
@@ -84,58 +87,38 @@ struct Tile<'a> {
     c: usize,
     c0: usize,
     width: usize,
-    /// Prefetch the next block of weight rows (vector kernels; at one row of X the hardware
-    /// prefetchers did better alone: measured on the tied head of SmolLM2).
-    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    /// Prefetch the next block of weight rows (at one row of X the hardware prefetchers did
+    /// better alone: measured on the tied head of SmolLM2).
     fetch: bool,
     acc: &'a mut [f32],
 }
 
+#[cfg(target_arch = "x86_64")]
 impl Tile<'_> {
     /// The dot product of row r0 + r of X and weight row c + o, from its eight lanes' sums over
-    /// the whole blocks of 8 inputs: the last inputs' FMAs onto the first lanes, then the lanes
-    /// added in a fixed order.
+    /// the whole blocks of 8 inputs, finished as [`fma_dot`] finishes: the lanes added up by
+    /// [`crate::dense::lane_sum`], then the last inputs' FMAs in order.
     #[inline(always)]
-    fn finish(&mut self, r: usize, o: usize, mut lanes: [f32; 8]) {
+    fn finish(&mut self, r: usize, o: usize, lanes: [f32; 8]) {
         let (xr, wr) = (&self.x[(self.r0 + r) * self.inp..][..self.inp], &self.w[(self.c + o) * self.inp..][..self.inp]);
         let full = self.inp / 8 * 8;
-        for (l, (&a, &b)) in xr[full..].iter().zip(&wr[full..]).enumerate() {
-            lanes[l] = a.mul_add(b, lanes[l]);
-        }
-        let [a0, a1, a2, a3, a4, a5, a6, a7] = lanes;
-        self.acc[(self.r0 + r) * self.width + self.c + o - self.c0] = ((a0 + a4) + (a1 + a5)) + ((a2 + a6) + (a3 + a7));
+        let tail = xr[full..].iter().zip(&wr[full..]);
+        self.acc[(self.r0 + r) * self.width + self.c + o - self.c0] = tail.fold(crate::dense::lane_sum(&lanes), |s, (&a, &b)| a.mul_add(b, s));
     }
 }
 
+/// `acc[r, c - c0] = x[r] · w[c]`, one [`fma_dot`] at a time.
 fn dot_columns_portable(x: &[f32], w: &[f32], inp: usize, c0: usize, c1: usize, acc: &mut [f32]) {
     let width = c1 - c0;
-    tile_order(acc.len() / width, c0, c1, |nr, no, r0, c, fetch| tile!(tile, nr, no, Tile { x, w, inp, r0, c, c0, width, fetch, acc: &mut *acc }));
-
-    /// The R × O dot products of rows r0..r0 + R of X with weight rows c..c + O, lane l of each
-    /// summing inputs l, l + 8, … in order.
-    fn tile<const R: usize, const O: usize>(mut t: Tile<'_>) {
-        let mut sums = [[[0f32; 8]; O]; R];
-        for i in (0..t.inp / 8 * 8).step_by(8) {
-            for o in 0..O {
-                let wv = &t.w[(t.c + o) * t.inp + i..][..8];
-                for (r, s) in sums.iter_mut().enumerate() {
-                    let xv = &t.x[(t.r0 + r) * t.inp + i..][..8];
-                    for l in 0..8 {
-                        s[o][l] = xv[l].mul_add(wv[l], s[o][l]);
-                    }
-                }
-            }
-        }
-        for (r, s) in sums.into_iter().enumerate() {
-            for (o, lanes) in s.into_iter().enumerate() {
-                t.finish(r, o, lanes);
-            }
+    for (r, sums) in acc.chunks_exact_mut(width).enumerate() {
+        for (c, s) in (c0..c1).zip(sums) {
+            *s = fma_dot(&x[r * inp..][..inp], &w[c * inp..][..inp]);
         }
     }
 }
 
-/// On AVX2 (with FMA): the portable tiles with each sum's eight lanes in one register, the same
-/// FMAs in the same order. A weight row's 8 inputs are loaded once for the tile's rows of X,
+/// On AVX2 (with FMA): tiles of [`fma_dot`]s with each sum's eight lanes in one register, the
+/// same FMAs in the same order. A weight row's 8 inputs are loaded once for the tile's rows of X,
 /// whose 8 inputs stay in registers across the tile's weight rows.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]

@@ -4,12 +4,14 @@
 //! registers. With AVX2 and FMA the scores are taken 8 keys at a time and their lane sums added
 //! up together; everything else is plain loops, compiled for AVX2 where the CPU has it.
 //!
-//! Every score is [`score`]'s sum (8 running lanes, then a fixed tree), every context value
+//! Every score is [`fma_dot`]'s sum (8 running lanes, then a fixed tree), every context value
 //! `Σ_j w_j·v_j[c]` is summed in order of j, and e^x is [`exp_to_one`] — fused multiply-adds in
 //! both paths: the AVX2 and plain paths give the same bits (tested), and so does a query
 //! whatever tile it falls in. A CPU without FMA runs the plain path with `fma` from libm.
 
 use std::ops::Range;
+
+use delta_kernels::dense::{fma_dot, lane_sum};
 
 /// Queries whose scores and weighted values are computed together.
 const QUERY_TILE: usize = 4;
@@ -171,19 +173,19 @@ impl Tile<'_> {
         self.weighted_values::<NQ>(by_key, lo..hi, outs);
     }
 
-    /// `scores[n·keys + j]` = [`score`]`(qs[n], k_j)` for the keys `range`.
+    /// `scores[n·keys + j]` = [`fma_dot`]`(qs[n], k_j)` for the keys `range`.
     #[inline(always)]
     fn scores<const NQ: usize>(&self, qs: &[&[f32]; NQ], range: Range<usize>, scores: &mut [f32]) {
         let (d, keys) = (self.shape.d, self.keys);
         for (n, q) in qs.iter().enumerate() {
             for j in range.clone() {
-                scores[n * keys + j] = score(q, &self.k[self.at + j * self.row_stride..][..d]);
+                scores[n * keys + j] = fma_dot(q, &self.k[self.at + j * self.row_stride..][..d]);
             }
         }
     }
 
     /// [`Tile::scores`] with AVX2: per query, 8 keys at a time, their 8 lane sums in 8 registers
-    /// and then added up together (`vhaddps` in the order [`score`] adds them). Where the head's
+    /// and then added up together (`vhaddps` in the order [`fma_dot`] adds them). Where the head's
     /// width is not a multiple of 8, and for the last keys of the range, the plain loop.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
@@ -242,28 +244,6 @@ impl Tile<'_> {
             }
         }
     }
-}
-
-/// `q · k` (the head's width): [`LANES`] running sums of every 8th product, fused
-/// multiply-adds in order of the columns, added up by [`lane_sum`], then the last `d mod 8`
-/// products in order.
-#[inline(always)]
-fn score(q: &[f32], k: &[f32]) -> f32 {
-    let mut acc = [0f32; LANES];
-    let (qs, ks) = (q.chunks_exact(LANES), k.chunks_exact(LANES));
-    let tail = qs.remainder().iter().zip(ks.remainder());
-    for (x, y) in qs.zip(ks) {
-        for ((a, &x), &y) in acc.iter_mut().zip(x).zip(y) {
-            *a = x.mul_add(y, *a);
-        }
-    }
-    tail.fold(lane_sum(&acc), |a, (&x, &y)| x.mul_add(y, a))
-}
-
-/// [`LANES`] running sums added up as ((0 + 1) + (2 + 3)) + ((4 + 5) + (6 + 7)).
-#[inline(always)]
-fn lane_sum(lanes: &[f32; LANES]) -> f32 {
-    ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]))
 }
 
 /// `scores` (over a query's keys, from a multiple of [`LANES`]) scaled and masked (`mask`
