@@ -5,6 +5,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 #[derive(Debug)]
@@ -25,10 +26,15 @@ impl Response {
     }
 }
 
+/// How long a request may wait for its answer: the wgpu check's requests, the slowest, take
+/// about 50 s on lavapipe with cold caches on a Zen 4 host and about 100 s with both cores busy
+/// besides; a server that has not answered in 7 minutes is stuck.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(420);
+
 /// `method path` on `addr` (`host:port`) with an optional JSON body.
 pub fn request(addr: &str, method: &str, path: &str, body: Option<&str>) -> std::io::Result<Response> {
     let mut stream = TcpStream::connect(addr)?;
-    stream.set_read_timeout(Some(Duration::from_secs(600)))?;
+    stream.set_read_timeout(Some(READ_TIMEOUT))?;
     let body = body.unwrap_or("");
     write!(
         stream,
@@ -73,6 +79,7 @@ pub struct Server {
     child: Child,
     /// `host:port` it listens on.
     pub addr: String,
+    stacks_taken: AtomicBool,
 }
 
 impl Server {
@@ -98,15 +105,28 @@ impl Server {
                 panic!("the server did not start: first line `{}`, status {:?}", line.trim(), child.wait());
             }
         };
-        Server { child, addr }
+        Server { child, addr, stacks_taken: AtomicBool::new(false) }
     }
 
     pub fn get(&self, path: &str) -> Response {
-        request(&self.addr, "GET", path, None).expect("GET")
+        request(&self.addr, "GET", path, None).unwrap_or_else(|e| panic!("GET {path}: {e}\n{}", self.stacks()))
     }
 
     pub fn post(&self, path: &str, body: &serde_json::Value) -> Response {
-        request(&self.addr, "POST", path, Some(&body.to_string())).expect("POST")
+        request(&self.addr, "POST", path, Some(&body.to_string())).unwrap_or_else(|e| panic!("POST {path}: {e}\n{}", self.stacks()))
+    }
+
+    /// Every thread's stack in the server, as gdb prints them (or why not), once per server:
+    /// what a request that never got its answer was waiting on.
+    pub fn stacks(&self) -> String {
+        if self.stacks_taken.swap(true, Ordering::SeqCst) {
+            return "(the server's threads: printed with another request's failure)".into();
+        }
+        let pid = self.child.id().to_string();
+        match Command::new("timeout").args(["120", "gdb", "-p", &pid, "-batch", "-ex", "thread apply all bt 40"]).output() {
+            Ok(o) => format!("the server's threads (gdb):\n{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)),
+            Err(e) => format!("(no stacks: running gdb: {e})"),
+        }
     }
 
     pub fn pid(&self) -> u32 {

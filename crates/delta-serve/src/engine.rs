@@ -4,7 +4,12 @@
 //! each delta's term for its rows. New requests join at the next step; finished or abandoned ones
 //! leave. Tokens go back to each request's channel as they come. A request for several choices
 //! (`n`) prefills its prompt once; the choices then go on from copies of that KV cache.
+//!
+//! The loop's thread is the only one that touches the models' device: a delta's weights are put
+//! there by [`Engine::on_device`], between two steps, not by the thread that read the file. GPU
+//! runtimes (CubeCL's streams and device queue, wgpu) then see one thread, as in `generate`.
 
+use std::collections::VecDeque;
 use std::sync::mpsc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -150,49 +155,86 @@ pub struct Stats {
     pub max_models: AtomicU64,
 }
 
+/// What the loop takes in: a generation, or work on the models' device.
+enum Work<B: Backend> {
+    Job(Job<B>),
+    OnDevice(Box<dyn FnOnce() + Send>),
+}
+
 /// The handle requests submit to; the loop stops when every handle is dropped.
 pub struct Engine<B: Backend> {
-    jobs: mpsc::Sender<Job<B>>,
+    work: mpsc::Sender<Work<B>>,
     pub stats: Arc<Stats>,
 }
 
 impl<B: Backend> Clone for Engine<B> {
     fn clone(&self) -> Self {
-        Engine { jobs: self.jobs.clone(), stats: self.stats.clone() }
+        Engine { work: self.work.clone(), stats: self.stats.clone() }
     }
 }
 
 impl<B: Backend> Engine<B> {
     pub fn start(base: Arc<Llama<B>>, options: EngineOptions) -> Self {
-        let (jobs, queue) = mpsc::channel();
+        let (work, queue) = mpsc::channel();
         let stats = Arc::new(Stats::default());
         let s = stats.clone();
         // The loop itself runs on a thread of rayon's pool (this one waits for it): every
         // product's fork-join then starts from a worker, which saves waking one thread and
         // blocking another per product (a decode step has ~200).
         std::thread::Builder::new().name("bitdelta-engine".into()).spawn(move || rayon::scope(|_| run(&base, options, queue, &s))).expect("spawn the engine thread");
-        Engine { jobs, stats }
+        Engine { work, stats }
     }
 
     pub fn submit(&self, job: Job<B>) -> Result<(), String> {
-        self.jobs.send(job).map_err(|_| "the engine has stopped".to_string())
+        self.work.send(Work::Job(job)).map_err(|_| STOPPED.to_string())
+    }
+
+    /// Runs `f` on the loop's thread before its next step and waits for the result: how
+    /// anything that puts tensors on the models' device (a delta's weights) gets there. A panic
+    /// in `f` comes back as an error. Never call it from inside `f`: the loop would wait on itself.
+    pub fn on_device<R: Send + 'static>(&self, f: impl FnOnce() -> R + Send + 'static) -> Result<R, String> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        let task = move || {
+            let _ = tx.send(std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|p| panic_message(p.as_ref())));
+        };
+        self.work.send(Work::OnDevice(Box::new(task))).map_err(|_| STOPPED.to_string())?;
+        rx.recv().map_err(|_| STOPPED.to_string())?
     }
 }
 
-fn run<B: Backend>(base: &Llama<B>, options: EngineOptions, queue: mpsc::Receiver<Job<B>>, stats: &Stats) {
+const STOPPED: &str = "the engine has stopped";
+
+/// A panic's message, without the `===` rulers some of Burn's carry.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    let what = panic.downcast_ref::<String>().map(String::as_str).or(panic.downcast_ref::<&str>().copied()).unwrap_or("no message");
+    let what: Vec<&str> = what.split_whitespace().filter(|w| !w.contains("===")).collect();
+    what.join(" ")
+}
+
+fn run<B: Backend>(base: &Llama<B>, options: EngineOptions, queue: mpsc::Receiver<Work<B>>, stats: &Stats) {
     let layers = base.layers.len();
     let mut running: Vec<Running<B>> = Vec::new();
+    // Jobs taken in while the batch was full, in order. Device work runs as it comes, so a
+    // delta loads whether or not the batch has room.
+    let mut waiting: VecDeque<Job<B>> = VecDeque::new();
+    let take = |work: Work<B>, waiting: &mut VecDeque<Job<B>>| match work {
+        Work::Job(job) => waiting.push_back(job),
+        Work::OnDevice(task) => task(),
+    };
     loop {
-        if running.is_empty() {
+        if running.is_empty() && waiting.is_empty() {
             match queue.recv() {
-                Ok(job) => running.push(Running::admit(job, layers)),
+                Ok(work) => take(work, &mut waiting),
                 Err(_) => return,
             }
         }
+        while let Ok(work) = queue.try_recv() {
+            take(work, &mut waiting);
+        }
         while running.iter().map(Running::places).sum::<usize>() < options.max_batch.max(1) {
-            match queue.try_recv() {
-                Ok(job) => running.push(Running::admit(job, layers)),
-                Err(_) => break,
+            match waiting.pop_front() {
+                Some(job) => running.push(Running::admit(job, layers)),
+                None => break,
             }
         }
         // A client that went away frees its place now rather than after its last token.
@@ -227,11 +269,7 @@ fn run<B: Backend>(base: &Llama<B>, options: EngineOptions, queue: mpsc::Receive
                 .collect();
             step_batch(base, &mut batch).and_then(|t| t.into_data().into_vec::<f32>().map_err(|e| delta_models::ModelError::Input(format!("{e:?}"))))
         }))
-        .unwrap_or_else(|panic| {
-            let what = panic.downcast_ref::<String>().map(String::as_str).or(panic.downcast_ref::<&str>().copied()).unwrap_or("no message");
-            let what: Vec<&str> = what.split_whitespace().filter(|w| !w.contains("===")).collect();
-            Err(delta_models::ModelError::Input(format!("the decode step panicked: {}", what.join(" "))))
-        });
+        .unwrap_or_else(|panic| Err(delta_models::ModelError::Input(format!("the decode step panicked: {}", panic_message(panic.as_ref())))));
         let logits = match logits {
             Ok(l) => l,
             Err(e) => {

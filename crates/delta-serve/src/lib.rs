@@ -62,8 +62,8 @@ pub fn build<B: Backend>(o: &ServeOptions, device: &B::Device) -> Result<axum::R
     let base_name = o.base_name.clone().unwrap_or_else(|| o.base.canonicalize().unwrap_or(o.base.clone()).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "base".into()));
     let (eos, context) = (base.cfg.eos_token_ids(), base.cfg.max_position_embeddings);
     let text = Arc::new(registry::TextSide { tokenizer: Arc::new(tokenizer), template, eos, context });
-    let registry = Arc::new(registry::Registry::new(base_name, base.clone(), text, ckpt, o.deltas.clone(), o.max_resident));
-    let engine = engine::Engine::start(base, o.engine);
+    let engine = engine::Engine::start(base.clone(), o.engine);
+    let registry = Arc::new(registry::Registry::new(base_name, base, text, ckpt, o.deltas.clone(), o.max_resident, engine.clone()));
     let state = api::AppState { registry, engine, max_context, requests: Default::default() };
     Ok(api::router(Arc::new(state)))
 }

@@ -4,7 +4,9 @@
 //! `max_resident`, the least recently used one is dropped. Requests already running on a dropped
 //! delta keep it alive (`Arc`) until they finish. A delta that ships its own tokenizer, chat
 //! template or `config.json` (its `files`) reads and ends text with them; one whose config asks for
-//! another forward pass than the base's (another RoPE, vocabulary, ...) is refused.
+//! another forward pass than the base's (another RoPE, vocabulary, ...) is refused. A load reads
+//! and checks the file on the caller's thread and puts the weights on the device on the engine's
+//! ([`Engine::on_device`]).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -17,6 +19,7 @@ use delta_models::chat::ChatTemplate;
 use delta_models::multi::Tenant;
 use delta_models::{Llama, ModelConfig, ModelFiles, Tokenizer};
 
+use crate::engine::Engine;
 use crate::error::ServeError;
 
 /// The file name suffix of a delta artifact; the model name is what comes before it.
@@ -69,10 +72,11 @@ pub struct Registry<B: Backend> {
     pub base_name: String,
     pub base: Arc<Llama<B>>,
     pub base_text: Arc<TextSide>,
-    base_ckpt: Checkpoint,
+    base_ckpt: Arc<Checkpoint>,
     deltas_dir: PathBuf,
     max_resident: usize,
     state: Mutex<State<B>>,
+    engine: Engine<B>,
 }
 
 /// The model a request asked for, ready to run.
@@ -91,8 +95,9 @@ impl<B: Backend> Clone for Resolved<B> {
 }
 
 impl<B: Backend> Registry<B> {
-    pub fn new(base_name: String, base: Arc<Llama<B>>, base_text: Arc<TextSide>, base_ckpt: Checkpoint, deltas_dir: PathBuf, max_resident: usize) -> Self {
-        Registry { base_name, base, base_text, base_ckpt, deltas_dir, max_resident: max_resident.max(1), state: Mutex::default() }
+    /// `engine` is the loop the deltas will run on: it puts their weights on the device.
+    pub fn new(base_name: String, base: Arc<Llama<B>>, base_text: Arc<TextSide>, base_ckpt: Checkpoint, deltas_dir: PathBuf, max_resident: usize, engine: Engine<B>) -> Self {
+        Registry { base_name, base, base_text, base_ckpt: Arc::new(base_ckpt), deltas_dir, max_resident: max_resident.max(1), state: Mutex::default(), engine }
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State<B>> {
@@ -175,7 +180,9 @@ impl<B: Backend> Registry<B> {
         // The base first (a delta made for another one says so), then the text side, then the weights.
         let loaded = artifact.metadata().base.verify(&self.base_ckpt).map_err(|e| e.to_string()).and_then(|()| {
             let text = self.text_side(&artifact)?;
-            Ok((Tenant::new(&self.base, &self.base_ckpt, &artifact).map_err(|e| e.to_string())?, text))
+            let (base, ckpt) = (self.base.clone(), self.base_ckpt.clone());
+            let tenant = self.engine.on_device(move || Tenant::new(&base, &ckpt, &artifact).map_err(|e| e.to_string()))??;
+            Ok((tenant, text))
         });
         // Checking the fingerprint read the base file's pages; the model holds its own copy.
         self.base_ckpt.release_pages();
