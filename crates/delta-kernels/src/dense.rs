@@ -57,20 +57,22 @@ pub fn lane_sum(lanes: &[f32; 8]) -> f32 {
     ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]))
 }
 
+/// The rows of X in a product of X (`[rows, inp]`) and a weight of `inp × out` values stored as
+/// `w_dims`, into y (`[rows, out]`), or an error naming every length when they do not agree.
+pub(crate) fn product_rows(what: &str, x: &[f32], w: &[f32], w_dims: [usize; 2], inp: usize, out: usize, y: &[f32]) -> Result<usize, KernelError> {
+    let rows = if inp == 0 { 0 } else { x.len() / inp };
+    if x.len() != rows * inp || w.len() != inp * out || y.len() != rows * out {
+        return Err(KernelError::Batch(format!("{what}: x has {} values, W {w_dims:?} has {}, y has {} (rows {rows})", x.len(), w.len(), y.len())));
+    }
+    Ok(rows)
+}
+
 /// `Y = X · W` for a weight given as `wt` (`[in, out]`, row-major — the transposed layout the
 /// models keep): the decode-shaped product. Each weight is read once for all `rows` of X, output
 /// columns are split across threads, and nothing is packed or copied (a general GEMM packs the
 /// whole weight on every call, which at one row costs more than the product).
 pub fn dense_matmul_t(x: &[f32], wt: &[f32], inp: usize, out: usize, y: &mut [f32]) -> Result<(), KernelError> {
-    let rows = if inp == 0 { 0 } else { x.len() / inp };
-    if x.len() != rows * inp || wt.len() != inp * out || y.len() != rows * out {
-        return Err(KernelError::Batch(format!(
-            "dense product: x has {} values, W [{inp}, {out}] has {}, y has {} (rows {rows})",
-            x.len(),
-            wt.len(),
-            y.len()
-        )));
-    }
+    let rows = product_rows("dense product", x, wt, [inp, out], inp, out, y)?;
     in_column_tasks(rows, out, y, |c0, c1, acc| axpy_columns(x, wt, inp, out, c0, c1, acc));
     Ok(())
 }

@@ -7,22 +7,14 @@
 //! in a register), so a row's result does not depend on the rows it is computed with: batched
 //! serving gives each sequence what it would get alone, bit for bit.
 
-use crate::dense::{fma_dot, in_column_tasks};
+use crate::dense::{fma_dot, in_column_tasks, product_rows};
 use crate::error::KernelError;
 
 /// `Y = X · Wᵀ` (`x`: `[rows, inp]`, `w`: `[out, inp]`, `y`: `[rows, out]`). Output columns (weight
 /// rows) are split across threads and each weight row is read once for all rows of X, several
 /// weight rows and rows of X at a time so that independent sums overlap.
 pub fn dense_matmul_nt(x: &[f32], w: &[f32], inp: usize, out: usize, y: &mut [f32]) -> Result<(), KernelError> {
-    let rows = if inp == 0 { 0 } else { x.len() / inp };
-    if x.len() != rows * inp || w.len() != inp * out || y.len() != rows * out {
-        return Err(KernelError::Batch(format!(
-            "dense product: x has {} values, W [{out}, {inp}] has {}, y has {} (rows {rows})",
-            x.len(),
-            w.len(),
-            y.len()
-        )));
-    }
+    let rows = product_rows("dense product", x, w, [out, inp], inp, out, y)?;
     in_column_tasks(rows, out, y, |c0, c1, acc| dot_columns(x, w, inp, c0, c1, acc));
     Ok(())
 }

@@ -17,7 +17,7 @@ use std::borrow::Borrow;
 use delta_format::CompressedWeight;
 use rayon::prelude::*;
 
-use crate::dense::{axpy_columns, dense_matmul_t, place_columns, MAX_ACC_FLOATS};
+use crate::dense::{axpy_columns, dense_matmul_t, place_columns, product_rows, MAX_ACC_FLOATS};
 use crate::error::KernelError;
 use crate::gemm::{batched_delta_matmul_add, signed_dot, TILE_MIN_ROWS};
 use crate::merge::{with_sign, ScaleFactors};
@@ -113,17 +113,9 @@ const MERGED_TILE_BYTES: usize = 4 << 20;
 /// parallel tasks (nested, its threads and rayon's contend). Decode-sized X is better served by
 /// [`dense_delta_matmul_t`], which reads each weight once per step without unpacking.
 pub fn merged_matmul_t(x: &[f32], wt: &[f32], inp: usize, out: usize, w: &CompressedWeight<'_>, y: &mut [f32]) -> Result<(), KernelError> {
-    let rows = if inp == 0 { 0 } else { x.len() / inp };
-    if x.len() != rows * inp || wt.len() != inp * out || y.len() != rows * out || (w.rows(), w.cols()) != (out, inp) {
-        return Err(KernelError::Batch(format!(
-            "merged product: x has {} values, W [{inp}, {out}] {}, y {}, delta `{}` is [{}, {}]",
-            x.len(),
-            wt.len(),
-            y.len(),
-            w.name,
-            w.rows(),
-            w.cols()
-        )));
+    let rows = product_rows("merged product", x, wt, [inp, out], inp, out, y)?;
+    if (w.rows(), w.cols()) != (out, inp) {
+        return Err(KernelError::Batch(format!("merged product: delta `{}` is [{}, {}], the weight [{out}, {inp}]", w.name, w.rows(), w.cols())));
     }
     y.fill(0.0);
     if rows == 0 || out == 0 || inp == 0 {
