@@ -122,7 +122,7 @@ impl Server {
         if self.stacks_taken.swap(true, Ordering::SeqCst) {
             return "(the server's threads: printed with another request's failure)".into();
         }
-        let pid = self.child.id().to_string();
+        let pid = self.pid().to_string();
         match Command::new("timeout").args(["120", "gdb", "-p", &pid, "-batch", "-ex", "thread apply all bt 40"]).output() {
             Ok(o) => format!("the server's threads (gdb):\n{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)),
             Err(e) => format!("(no stacks: running gdb: {e})"),
