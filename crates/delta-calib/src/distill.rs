@@ -37,7 +37,7 @@ use delta_format::checkpoint::Checkpoint;
 use delta_format::ScaleMode;
 use delta_kernels::merge::ScaleFactors;
 use delta_models::llama::{Attention, Block, Linear, Mlp, RmsNorm};
-use delta_models::{Llama, ModelConfig, Projection, ScaledDelta, Weights};
+use delta_models::{Llama, ModelConfig, Projection, ScaledDelta, WeightT, Weights};
 use rayon::prelude::*;
 use serde::Serialize;
 
@@ -161,8 +161,8 @@ impl<B: Backend> Trainable<B> {
             }
         }
         let after = (theta(&self.rows), theta(&self.cols));
-        let moved = ScaledDelta::<B>::moved(self.merged.weight_t.clone().inner(), &self.delta_t.clone().inner(), (&before.0, &before.1), (&after.0, &after.1));
-        self.merged.weight_t = Tensor::from_inner(moved);
+        let moved = ScaledDelta::<B>::moved(self.merged.weight_t.to_tensor().inner(), &self.delta_t.clone().inner(), (&before.0, &before.1), (&after.0, &after.1));
+        self.merged.weight_t = WeightT::Tensor(Tensor::from_inner(moved));
     }
 
     /// The trained scales in the artifact's layout for `mode`.
@@ -229,7 +229,7 @@ pub fn distill<B: Backend>(
         d.par_chunks_mut(out).enumerate().for_each(|(j, row)| row.iter_mut().enumerate().for_each(|(i, v)| *v = f.delta_hat(&w.signs, i, j)));
         let delta_t = Tensor::<B, 2>::from_data(TensorData::new(d, [inp, out]), device);
         // All multipliers start at 1: the merged weight is W_base + Δ̂₀.
-        let merged = Linear { weight_t: Tensor::from_inner(base_weights.matrix_t(&w.name, out, inp)? + delta_t.clone()), bias: proj.linear().bias.clone() };
+        let merged = Linear::from_tensor(Tensor::from_inner(base_weights.matrix_t(&w.name, out, inp)? + delta_t.clone()), proj.linear().bias.clone());
         let delta_t = Tensor::from_inner(delta_t);
         let (rows, cols) = match w.mode {
             ScaleMode::Scalar => (Some(Adam::ones(1)), None),
@@ -424,10 +424,10 @@ fn lift<B: Backend>(m: &Llama<B>) -> Llama<AB<B>> {
         Tensor::from_inner(x.clone())
     }
     let norm = |n: &RmsNorm<B>| RmsNorm { weight: t(&n.weight), eps: n.eps };
-    let linear = |l: &Linear<B>| Linear { weight_t: t(&l.weight_t), bias: l.bias.as_ref().map(t) };
+    let linear = |l: &Linear<B>| Linear::from_tensor(t(&l.weight_t.to_tensor()), l.bias.as_ref().map(t));
     let proj = |p: &Projection<B>| match p {
         Projection::Dense(l) => Projection::Dense(linear(l)),
-        Projection::Delta(d) => Projection::Dense(Linear { weight_t: t(&d.merged_weight_t()), bias: d.base.bias.as_ref().map(t) }),
+        Projection::Delta(d) => Projection::Dense(Linear::from_tensor(t(&d.merged_weight_t()), d.base.bias.as_ref().map(t))),
         Projection::Scaled(d) => Projection::Scaled(ScaledDelta {
             merged: linear(&d.merged),
             delta_t: t(&d.delta_t),

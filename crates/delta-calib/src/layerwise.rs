@@ -153,7 +153,7 @@ pub fn calibrate_layerwise<B: Backend>(
             let w = &c.weights[k];
             let proj = ls.projection_mut(p).expect("checked above");
             let bias = proj.linear().bias.clone();
-            let linear = Linear { weight_t: base_weights.matrix_t(&w.name, w.rows(), w.cols())?, bias };
+            let linear = Linear::from_tensor(base_weights.matrix_t(&w.name, w.rows(), w.cols())?, bias);
             *proj = Projection::Delta(DeltaLinear::new(linear, w.clone())?);
         }
         // Everything of this block is in f32 tensors now; the mapped pages need not stay resident.

@@ -157,7 +157,8 @@ impl ModelArgs {
         let cfg = ModelConfig::load(files)?;
         let tokenizer = Tokenizer::load(files)?;
         let mut weights = Weights::<B>::new(&ckpt, delta.as_ref(), device.clone())
-            .with_context(|| format!("applying {}", self.delta.as_deref().unwrap_or(Path::new("")).display()))?;
+            .with_context(|| format!("applying {}", self.delta.as_deref().unwrap_or(Path::new("")).display()))?
+            .bf16_on_host();
         if let DeltaUseArg::Fused = self.delta_use {
             weights = weights.fused();
         }

@@ -6,8 +6,63 @@
 
 use rayon::prelude::*;
 
+use crate::convert::{Bf16Bits, WeightElem};
 use crate::error::KernelError;
 use crate::per_task;
+
+/// A weight value the dense products read: f32, or bf16 ([`Bf16Bits`]: the upper half of an
+/// f32, so widening it is exact). A product on bf16 weights is the f32 product on the widened
+/// values, bit for bit, reading half the bytes (a decode step is bound by reading the weights).
+pub trait DenseValue: WeightElem {
+    /// 16 values from `p`, widened to f32 lanes.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F and `p` points to 16 readable values.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
+    /// 8 values from `p`, widened to f32 lanes.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and `p` points to 8 readable values.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+}
+
+impl DenseValue for f32 {
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load16(p: *const f32) -> std::arch::x86_64::__m512 {
+        // SAFETY: the caller's contract.
+        unsafe { std::arch::x86_64::_mm512_loadu_ps(p) }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn load8(p: *const f32) -> std::arch::x86_64::__m256 {
+        // SAFETY: the caller's contract.
+        unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
+    }
+}
+
+impl DenseValue for Bf16Bits {
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load16(p: *const Bf16Bits) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's contract (16 values of 2 bytes).
+        unsafe { _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i)))) }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn load8(p: *const Bf16Bits) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's contract (8 values of 2 bytes).
+        unsafe { _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i)))) }
+    }
+}
 
 /// How many sweeps ahead the AVX2 kernel prefetches the weight rows (at B = 8 of a 4096² weight
 /// on Zen 3, 2 measured 3.3–4.3 ms in six runs, against 3.9–4.9 ms for 1 and 3.7–4.2 ms for 4
@@ -59,10 +114,10 @@ pub fn lane_sum(lanes: &[f32; 8]) -> f32 {
 
 /// The rows of X in a product of X (`[rows, inp]`) and a weight of `inp × out` values stored as
 /// `w_dims`, into y (`[rows, out]`), or an error naming every length when they do not agree.
-pub(crate) fn product_rows(what: &str, x: &[f32], w: &[f32], w_dims: [usize; 2], inp: usize, out: usize, y: &[f32]) -> Result<usize, KernelError> {
+pub(crate) fn product_rows(what: &str, x: &[f32], w_len: usize, w_dims: [usize; 2], inp: usize, out: usize, y: &[f32]) -> Result<usize, KernelError> {
     let rows = if inp == 0 { 0 } else { x.len() / inp };
-    if x.len() != rows * inp || w.len() != inp * out || y.len() != rows * out {
-        return Err(KernelError::Batch(format!("{what}: x has {} values, W {w_dims:?} has {}, y has {} (rows {rows})", x.len(), w.len(), y.len())));
+    if x.len() != rows * inp || w_len != inp * out || y.len() != rows * out {
+        return Err(KernelError::Batch(format!("{what}: x has {} values, W {w_dims:?} has {w_len}, y has {} (rows {rows})", x.len(), y.len())));
     }
     Ok(rows)
 }
@@ -70,10 +125,63 @@ pub(crate) fn product_rows(what: &str, x: &[f32], w: &[f32], w_dims: [usize; 2],
 /// `Y = X · W` for a weight given as `wt` (`[in, out]`, row-major — the transposed layout the
 /// models keep): the decode-shaped product. Each weight is read once for all `rows` of X, output
 /// columns are split across threads, and nothing is packed or copied (a general GEMM packs the
-/// whole weight on every call, which at one row costs more than the product).
-pub fn dense_matmul_t(x: &[f32], wt: &[f32], inp: usize, out: usize, y: &mut [f32]) -> Result<(), KernelError> {
-    let rows = product_rows("dense product", x, wt, [inp, out], inp, out, y)?;
+/// whole weight on every call, which at one row costs more than the product). The weight is f32
+/// or bf16 ([`DenseValue`]).
+pub fn dense_matmul_t<T: DenseValue>(x: &[f32], wt: &[T], inp: usize, out: usize, y: &mut [f32]) -> Result<(), KernelError> {
+    let rows = product_rows("dense product", x, wt.len(), [inp, out], inp, out, y)?;
     in_column_tasks(rows, out, y, |c0, c1, acc| axpy_columns(x, wt, inp, out, c0, c1, acc));
+    Ok(())
+}
+
+/// Bytes of one widened tile of [`widened_matmul_t`] (a whole SmolLM2 projection fits in one).
+const WIDENED_TILE_BYTES: usize = 4 << 20;
+
+/// `Y = X · W` for prefill-sized X (`[rows, inp]`) on a bf16 weight `wt` (`[inp, out]`): tile by
+/// tile of output columns, the weight's values widened to f32 (exact; all cores), then one
+/// `matrixmultiply` GEMM per tile written straight into Y (`[rows, out]`). The GEMM sums every
+/// output in the same order whatever the tile, so Y is, bit for bit, the GEMM on the f32 weight.
+/// Decode-sized X is better served by [`dense_matmul_t`], which reads the bf16 values in place.
+pub fn widened_matmul_t(x: &[f32], wt: &[Bf16Bits], inp: usize, out: usize, y: &mut [f32]) -> Result<(), KernelError> {
+    let rows = product_rows("widened product", x, wt.len(), [inp, out], inp, out, y)?;
+    y.fill(0.0);
+    if rows == 0 || out == 0 || inp == 0 {
+        return Ok(());
+    }
+    let tile = (WIDENED_TILE_BYTES / (4 * inp)).next_multiple_of(16).min(out);
+    let mut w = vec![0f32; inp * tile];
+    for c0 in (0..out).step_by(tile) {
+        let n = tile.min(out - c0);
+        w[..inp * n].par_chunks_mut(64 * n).enumerate().for_each(|(b, part)| {
+            for (k, row) in part.chunks_exact_mut(n).enumerate() {
+                let j = b * 64 + k;
+                for (v, &b) in row.iter_mut().zip(&wt[j * out + c0..j * out + c0 + n]) {
+                    *v = b.to_f32();
+                }
+            }
+        });
+        // SAFETY: the pointers and strides describe x [rows, inp], the tile [inp, n] (row-major)
+        // and columns c0..c0 + n of y [rows, out] — or, in the second call, their transposes —
+        // all in bounds.
+        unsafe {
+            if n <= rows {
+                matrixmultiply::sgemm(
+                    rows, inp, n, 1.0,
+                    x.as_ptr(), inp as isize, 1,
+                    w.as_ptr(), n as isize, 1,
+                    0.0, y.as_mut_ptr().add(c0), out as isize, 1,
+                );
+            } else {
+                // Yᵀ = Wᵀ·Xᵀ: `matrixmultiply` packs its right operand on the calling thread and
+                // splits the left one's packing among its threads, so the wider operand goes left.
+                matrixmultiply::sgemm(
+                    n, inp, rows, 1.0,
+                    w.as_ptr(), 1, n as isize,
+                    x.as_ptr(), 1, inp as isize,
+                    0.0, y.as_mut_ptr().add(c0), 1, out as isize,
+                );
+            }
+        }
+    }
     Ok(())
 }
 
@@ -111,7 +219,7 @@ pub(crate) fn place_columns(parts: &[Vec<f32>], width: usize, out: usize, y: &mu
 }
 
 /// `acc[r, c - c0] = Σ_i x[r, i] · wt[i, c]` for c in c0..c1 (`acc` comes in zeroed).
-pub(crate) fn axpy_columns(x: &[f32], wt: &[f32], inp: usize, out: usize, c0: usize, c1: usize, acc: &mut [f32]) {
+pub(crate) fn axpy_columns<T: DenseValue>(x: &[f32], wt: &[T], inp: usize, out: usize, c0: usize, c1: usize, acc: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
         // SAFETY: the CPU supports AVX-512F (checked just above).
@@ -126,14 +234,14 @@ pub(crate) fn axpy_columns(x: &[f32], wt: &[f32], inp: usize, out: usize, c0: us
 }
 
 #[inline(always)]
-fn axpy_columns_portable(x: &[f32], wt: &[f32], inp: usize, out: usize, c0: usize, c1: usize, acc: &mut [f32]) {
+fn axpy_columns_portable<T: DenseValue>(x: &[f32], wt: &[T], inp: usize, out: usize, c0: usize, c1: usize, acc: &mut [f32]) {
     let width = c1 - c0;
     for i in 0..inp {
         let w = &wt[i * out + c0..i * out + c1];
         for (r, acc_r) in acc.chunks_exact_mut(width).enumerate() {
             let a = x[r * inp + i];
             for (s, &v) in acc_r.iter_mut().zip(w) {
-                *s = a.mul_add(v, *s);
+                *s = a.mul_add(v.to_f32(), *s);
             }
         }
     }
@@ -141,13 +249,13 @@ fn axpy_columns_portable(x: &[f32], wt: &[f32], inp: usize, out: usize, c0: usiz
 
 /// Columns `from..c1` (fewer than a register block) one sum at a time: the same chain of FMAs in
 /// input order as every other path.
-fn tail_columns(x: &[f32], wt: &[f32], inp: usize, out: usize, from: usize, c0: usize, c1: usize, acc: &mut [f32]) {
+fn tail_columns<T: DenseValue>(x: &[f32], wt: &[T], inp: usize, out: usize, from: usize, c0: usize, c1: usize, acc: &mut [f32]) {
     let width = c1 - c0;
     for r in 0..acc.len() / width {
         for c in from..c1 {
             let mut sum = 0f32;
             for i in 0..inp {
-                sum = x[r * inp + i].mul_add(wt[i * out + c], sum);
+                sum = x[r * inp + i].mul_add(wt[i * out + c].to_f32(), sum);
             }
             acc[r * width + c - c0] = sum;
         }
@@ -168,7 +276,7 @@ const STREAM_INPUTS: usize = 4;
 /// What a sweep of the vector kernels reads: x, wt, inp, out, the first input i, the task's first
 /// column c0, its columns in whole registers, the first row r0, the task's width, its sums.
 #[cfg(target_arch = "x86_64")]
-type StreamArgs<'a> = (&'a [f32], &'a [f32], usize, usize, usize, usize, usize, usize, usize, &'a mut [f32]);
+type StreamArgs<'a, T> = (&'a [f32], &'a [T], usize, usize, usize, usize, usize, usize, usize, &'a mut [f32]);
 
 /// The order of the vector kernels: the inputs [`STREAM_INPUTS`] at a time (one at a time for
 /// the last few), and for each step every group of up to [`STREAM_ROWS`] rows of X;
@@ -191,14 +299,14 @@ fn stream_order(inp: usize, rows: usize, mut sweep: impl FnMut(usize, usize, usi
 macro_rules! sweep {
     ($stream:ident, $nr:expr, $ni:expr, $args:expr) => {
         match ($nr, $ni == STREAM_INPUTS) {
-            (1, true) => $stream::<1, STREAM_INPUTS>($args),
-            (2, true) => $stream::<2, STREAM_INPUTS>($args),
-            (3, true) => $stream::<3, STREAM_INPUTS>($args),
-            (4, true) => $stream::<4, STREAM_INPUTS>($args),
-            (1, false) => $stream::<1, 1>($args),
-            (2, false) => $stream::<2, 1>($args),
-            (3, false) => $stream::<3, 1>($args),
-            (4, false) => $stream::<4, 1>($args),
+            (1, true) => $stream::<_, 1, STREAM_INPUTS>($args),
+            (2, true) => $stream::<_, 2, STREAM_INPUTS>($args),
+            (3, true) => $stream::<_, 3, STREAM_INPUTS>($args),
+            (4, true) => $stream::<_, 4, STREAM_INPUTS>($args),
+            (1, false) => $stream::<_, 1, 1>($args),
+            (2, false) => $stream::<_, 2, 1>($args),
+            (3, false) => $stream::<_, 3, 1>($args),
+            (4, false) => $stream::<_, 4, 1>($args),
             _ => unreachable!("sweeps take 1 to STREAM_ROWS rows"),
         }
     };
@@ -214,7 +322,7 @@ macro_rules! sweep {
 /// ms for a register-blocked kernel walking down 32-column panels like the AVX2 one of that time.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn axpy_rows_avx512(x: &[f32], wt: &[f32], inp: usize, out: usize, c0: usize, c1: usize, acc: &mut [f32]) {
+unsafe fn axpy_rows_avx512<T: DenseValue>(x: &[f32], wt: &[T], inp: usize, out: usize, c0: usize, c1: usize, acc: &mut [f32]) {
     let width = c1 - c0;
     let rows = acc.len() / width;
     let full = width / 16 * 16;
@@ -225,7 +333,7 @@ unsafe fn axpy_rows_avx512(x: &[f32], wt: &[f32], inp: usize, out: usize, c0: us
     tail_columns(x, wt, inp, out, c0 + full, c0, c1, acc);
 
     #[target_feature(enable = "avx512f")]
-    unsafe fn stream<const NR: usize, const NI: usize>((x, wt, inp, out, i, c0, full, r0, width, acc): StreamArgs<'_>) {
+    unsafe fn stream<T: DenseValue, const NR: usize, const NI: usize>((x, wt, inp, out, i, c0, full, r0, width, acc): StreamArgs<'_, T>) {
         use std::arch::x86_64::*;
         assert!(i + NI <= inp && x.len() >= (r0 + NR) * inp && acc.len() >= (r0 + NR) * width && wt.len() >= (i + NI - 1) * out + c0 + full);
         let mut xv = [[_mm512_setzero_ps(); NI]; NR];
@@ -239,9 +347,11 @@ unsafe fn axpy_rows_avx512(x: &[f32], wt: &[f32], inp: usize, out: usize, c0: us
         for cb in (0..full).step_by(16) {
             let mut wv = [_mm512_setzero_ps(); NI];
             for (q, v) in wv.iter_mut().enumerate() {
-                *v = _mm512_loadu_ps(w.add(q * out + cb));
-                // The same columns of the next 4 weight rows.
-                _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add((q + NI) * out + cb) as *const i8);
+                *v = T::load16(w.add(q * out + cb));
+                // The same columns of the next 4 weight rows (a cache line: 16 f32 or 32 bf16).
+                if cb * size_of::<T>() % 64 == 0 {
+                    _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add((q + NI) * out + cb) as *const i8);
+                }
             }
             for (r, xr) in xv.iter().enumerate() {
                 let p = a.add(r * width + cb);
@@ -266,7 +376,7 @@ unsafe fn axpy_rows_avx512(x: &[f32], wt: &[f32], inp: usize, out: usize, c0: us
 /// loop: 2.9–3.4 ms there, 1.7–2.6 ms now).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn axpy_rows_avx2(x: &[f32], wt: &[f32], inp: usize, out: usize, c0: usize, c1: usize, acc: &mut [f32]) {
+unsafe fn axpy_rows_avx2<T: DenseValue>(x: &[f32], wt: &[T], inp: usize, out: usize, c0: usize, c1: usize, acc: &mut [f32]) {
     let width = c1 - c0;
     let rows = acc.len() / width;
     let full = width / 8 * 8;
@@ -277,7 +387,7 @@ unsafe fn axpy_rows_avx2(x: &[f32], wt: &[f32], inp: usize, out: usize, c0: usiz
     tail_columns(x, wt, inp, out, c0 + full, c0, c1, acc);
 
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn stream<const NR: usize, const NI: usize>((x, wt, inp, out, i, c0, full, r0, width, acc): StreamArgs<'_>) {
+    unsafe fn stream<T: DenseValue, const NR: usize, const NI: usize>((x, wt, inp, out, i, c0, full, r0, width, acc): StreamArgs<'_, T>) {
         use std::arch::x86_64::*;
         assert!(i + NI <= inp && x.len() >= (r0 + NR) * inp && acc.len() >= (r0 + NR) * width && wt.len() >= (i + NI - 1) * out + c0 + full);
         let mut xv = [[_mm256_setzero_ps(); NI]; NR];
@@ -291,8 +401,8 @@ unsafe fn axpy_rows_avx2(x: &[f32], wt: &[f32], inp: usize, out: usize, c0: usiz
         for cb in (0..full).step_by(8) {
             let mut wv = [_mm256_setzero_ps(); NI];
             for (q, v) in wv.iter_mut().enumerate() {
-                *v = _mm256_loadu_ps(w.add(q * out + cb));
-                if cb % 16 == 0 {
+                *v = T::load8(w.add(q * out + cb));
+                if cb * size_of::<T>() % 64 == 0 {
                     _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add((q + PREFETCH_ROWS * NI) * out + cb) as *const i8);
                 }
             }
@@ -360,6 +470,77 @@ mod tests {
         }
     }
 
+
+    /// A bf16 weight's values and the same values widened to f32.
+    fn bf16_weight(n: usize, seed: u64) -> (Vec<Bf16Bits>, Vec<f32>) {
+        let bits: Vec<Bf16Bits> = random(n, seed).into_iter().map(Bf16Bits::from_f32).collect();
+        let wide = bits.iter().map(|b| b.to_f32()).collect();
+        (bits, wide)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(60))]
+        /// A bf16 weight gives, on every kernel the CPU has, the product of its values widened to
+        /// f32, bit for bit.
+        #[test]
+        fn bf16_product_equals_the_widened_f32_one(rows in 1usize..20, inp in 1usize..70, out in 1usize..700, seed in any::<u64>()) {
+            let x = random(rows * inp, seed);
+            let (bits, wide) = bf16_weight(inp * out, seed ^ 7);
+            let mut want = vec![f32::NAN; rows * out];
+            dense_matmul_t(&x, &wide, inp, out, &mut want).unwrap();
+            let mut got = vec![f32::NAN; rows * out];
+            dense_matmul_t(&x, &bits, inp, out, &mut got).unwrap();
+            prop_assert!(got == want, "dispatched kernel");
+            let mut portable = vec![0f32; rows * out];
+            axpy_columns_portable(&x, &bits, inp, out, 0, out, &mut portable);
+            prop_assert!(portable == want, "portable loop");
+            #[cfg(target_arch = "x86_64")]
+            for (has, kernel) in [
+                (std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma"), axpy_rows_avx2::<Bf16Bits> as unsafe fn(&[f32], &[Bf16Bits], usize, usize, usize, usize, &mut [f32])),
+                (std::arch::is_x86_feature_detected!("avx512f"), axpy_rows_avx512::<Bf16Bits>),
+            ] {
+                if has {
+                    let mut got = vec![0f32; rows * out];
+                    // SAFETY: the CPU has the kernel's features (checked in the table).
+                    unsafe { kernel(&x, &bits, inp, out, 0, out, &mut got) };
+                    prop_assert!(got == want, "a vector kernel on bf16 differs from the f32 product");
+                }
+            }
+        }
+
+        /// The widened GEMM equals one GEMM on the f32 weight, bit for bit, whatever the tiles, and
+        /// the f64 sums within rounding.
+        #[test]
+        fn widened_product_equals_the_f32_gemm(rows in 1usize..40, inp in 1usize..300, out in 1usize..400, seed in any::<u64>()) {
+            let x = random(rows * inp, seed);
+            let (bits, wide) = bf16_weight(inp * out, seed ^ 5);
+            let mut got = vec![f32::NAN; rows * out];
+            widened_matmul_t(&x, &bits, inp, out, &mut got).unwrap();
+            let mut want = vec![0f32; rows * out];
+            // SAFETY: x [rows, inp], the weight [inp, out] and y [rows, out], row-major, in bounds.
+            unsafe { matrixmultiply::sgemm(rows, inp, out, 1.0, x.as_ptr(), inp as isize, 1, wide.as_ptr(), out as isize, 1, 0.0, want.as_mut_ptr(), out as isize, 1) };
+            prop_assert!(got == want, "widened tiles differ from the f32 GEMM");
+            let exact: Vec<f32> = (0..rows * out)
+                .map(|k| (0..inp).map(|i| x[k / out * inp + i] as f64 * wide[i * out + k % out] as f64).sum::<f64>() as f32)
+                .collect();
+            prop_assert!(close(&got, &exact).is_ok(), "{:?}", close(&got, &exact));
+        }
+    }
+
+    #[test]
+    fn widened_tiles_cover_a_weight_wider_than_one_tile() {
+        // 4 MiB tiles of 300 inputs hold 3,504 columns: 8,000 columns take three tiles.
+        let (rows, inp, out) = (17, 300, 8000);
+        let x = random(rows * inp, 1);
+        let (bits, wide) = bf16_weight(inp * out, 2);
+        let mut got = vec![f32::NAN; rows * out];
+        widened_matmul_t(&x, &bits, inp, out, &mut got).unwrap();
+        let mut want = vec![0f32; rows * out];
+        // SAFETY: x [rows, inp], the weight [inp, out] and y [rows, out], row-major, in bounds.
+        unsafe { matrixmultiply::sgemm(rows, inp, out, 1.0, x.as_ptr(), inp as isize, 1, wide.as_ptr(), out as isize, 1, 0.0, want.as_mut_ptr(), out as isize, 1) };
+        assert!(got == want);
+        assert!(widened_matmul_t(&x, &bits[1..], inp, out, &mut got).is_err());
+    }
 
     #[test]
     fn bad_shapes_are_errors() {

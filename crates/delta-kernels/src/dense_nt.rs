@@ -14,7 +14,7 @@ use crate::error::KernelError;
 /// rows) are split across threads and each weight row is read once for all rows of X, several
 /// weight rows and rows of X at a time so that independent sums overlap.
 pub fn dense_matmul_nt(x: &[f32], w: &[f32], inp: usize, out: usize, y: &mut [f32]) -> Result<(), KernelError> {
-    let rows = product_rows("dense product", x, w, [out, inp], inp, out, y)?;
+    let rows = product_rows("dense product", x, w.len(), [out, inp], inp, out, y)?;
     in_column_tasks(rows, out, y, |c0, c1, acc| dot_columns(x, w, inp, c0, c1, acc));
     Ok(())
 }

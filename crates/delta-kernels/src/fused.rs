@@ -17,7 +17,7 @@ use std::borrow::Borrow;
 use delta_format::CompressedWeight;
 use rayon::prelude::*;
 
-use crate::dense::{axpy_columns, dense_matmul_t, place_columns, product_rows, MAX_ACC_FLOATS};
+use crate::dense::{axpy_columns, dense_matmul_t, place_columns, product_rows, DenseValue, MAX_ACC_FLOATS};
 use crate::error::KernelError;
 use crate::gemm::{batched_delta_matmul_add, signed_dot, TILE_MIN_ROWS};
 use crate::merge::{with_sign, ScaleFactors};
@@ -28,7 +28,8 @@ use crate::subset_sums::{self, SumTables, LANES};
 /// weight `wt` is `[inp, out]` (the models' transposed layout), Y is `[rows, out]`, `idx` has one
 /// entry per row (`None`: the base alone). Decode-sized batches (fewer than 8 rows on each delta)
 /// go in one parallel pass; larger ones through the base product and the batched delta product.
-pub fn dense_delta_matmul_t<'w, W: Borrow<CompressedWeight<'w>>>(x: &[f32], wt: &[f32], inp: usize, out: usize, deltas: &[W], idx: &[Option<usize>], y: &mut [f32]) -> Result<(), KernelError> {
+/// The base weight is f32 or bf16 ([`DenseValue`]).
+pub fn dense_delta_matmul_t<'w, T: DenseValue, W: Borrow<CompressedWeight<'w>>>(x: &[f32], wt: &[T], inp: usize, out: usize, deltas: &[W], idx: &[Option<usize>], y: &mut [f32]) -> Result<(), KernelError> {
     let rows = idx.len();
     if x.len() != rows * inp || wt.len() != inp * out || y.len() != rows * out {
         return Err(KernelError::Batch(format!(
@@ -111,9 +112,10 @@ const MERGED_TILE_BYTES: usize = 4 << 20;
 /// into Y — one GEMM for base and delta together where the separate products take two. The GEMM
 /// is `matrixmultiply`'s own multi-threaded one, called once per tile rather than from inside
 /// parallel tasks (nested, its threads and rayon's contend). Decode-sized X is better served by
-/// [`dense_delta_matmul_t`], which reads each weight once per step without unpacking.
-pub fn merged_matmul_t(x: &[f32], wt: &[f32], inp: usize, out: usize, w: &CompressedWeight<'_>, y: &mut [f32]) -> Result<(), KernelError> {
-    let rows = product_rows("merged product", x, wt, [inp, out], inp, out, y)?;
+/// [`dense_delta_matmul_t`], which reads each weight once per step without unpacking. The base
+/// weight is f32 or bf16 ([`DenseValue`]).
+pub fn merged_matmul_t<T: DenseValue>(x: &[f32], wt: &[T], inp: usize, out: usize, w: &CompressedWeight<'_>, y: &mut [f32]) -> Result<(), KernelError> {
+    let rows = product_rows("merged product", x, wt.len(), [inp, out], inp, out, y)?;
     if (w.rows(), w.cols()) != (out, inp) {
         return Err(KernelError::Batch(format!("merged product: delta `{}` is [{}, {}], the weight [{out}, {inp}]", w.name, w.rows(), w.cols())));
     }
@@ -126,7 +128,7 @@ pub fn merged_matmul_t(x: &[f32], wt: &[f32], inp: usize, out: usize, w: &Compre
 }
 
 /// [`merged_matmul_t`] with `tile` output columns per tile (a multiple of [`LANES`]).
-fn merged_tiles(x: &[f32], wt: &[f32], rows: usize, w: &CompressedWeight<'_>, y: &mut [f32], tile: usize) -> Result<(), KernelError> {
+fn merged_tiles<T: DenseValue>(x: &[f32], wt: &[T], rows: usize, w: &CompressedWeight<'_>, y: &mut [f32], tile: usize) -> Result<(), KernelError> {
     let (out, inp) = (w.rows(), w.cols());
     let f = ScaleFactors::new(&w.name, w.mode, &w.scales, out, inp)?;
     let tile = tile.min(out);
@@ -135,14 +137,26 @@ fn merged_tiles(x: &[f32], wt: &[f32], rows: usize, w: &CompressedWeight<'_>, y:
         let n = tile.min(out - i0);
         d[..n * inp].par_chunks_mut(LANES * inp).enumerate().for_each(|(c, rows_of_d)| merge_rows(w, &f, wt, i0 + c * LANES, rows_of_d));
         // SAFETY: the pointers and strides describe x [rows, inp], the tile's transpose [inp, n]
-        // (d is [n, inp] row-major) and columns i0..i0 + n of y [rows, out], all in bounds.
+        // (d is [n, inp] row-major) and columns i0..i0 + n of y [rows, out] — or, in the second
+        // call, their transposes — all in bounds.
         unsafe {
-            matrixmultiply::sgemm(
-                rows, inp, n, 1.0,
-                x.as_ptr(), inp as isize, 1,
-                d.as_ptr(), 1, inp as isize,
-                0.0, y.as_mut_ptr().add(i0), out as isize, 1,
-            );
+            if n <= rows {
+                matrixmultiply::sgemm(
+                    rows, inp, n, 1.0,
+                    x.as_ptr(), inp as isize, 1,
+                    d.as_ptr(), 1, inp as isize,
+                    0.0, y.as_mut_ptr().add(i0), out as isize, 1,
+                );
+            } else {
+                // Yᵀ = D·Xᵀ, the wider operand on the left, whose packing `matrixmultiply`
+                // splits among its threads (it packs the right one on the calling thread).
+                matrixmultiply::sgemm(
+                    n, inp, rows, 1.0,
+                    d.as_ptr(), inp as isize, 1,
+                    x.as_ptr(), 1, inp as isize,
+                    0.0, y.as_mut_ptr().add(i0), 1, out as isize,
+                );
+            }
         }
     }
     Ok(())
@@ -152,7 +166,7 @@ fn merged_tiles(x: &[f32], wt: &[f32], rows: usize, w: &CompressedWeight<'_>, y:
 /// 16): each value `W_base[i, j] + S[i, j]·(r[i]·c[j])`, the sign applied by flipping the sign
 /// bit. On AVX-512 a full 16 rows take 16 × 16 blocks: 16 base rows (16 contiguous values each)
 /// transposed in registers, the 16 signs of a block as a lane mask; on AVX2, 8 × 8 blocks.
-fn merge_rows(w: &CompressedWeight<'_>, f: &ScaleFactors<'_>, wt: &[f32], i0: usize, d: &mut [f32]) {
+fn merge_rows<T: DenseValue>(w: &CompressedWeight<'_>, f: &ScaleFactors<'_>, wt: &[T], i0: usize, d: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if d.len() == LANES * w.cols() && std::arch::is_x86_feature_detected!("avx512f") {
         // SAFETY: AVX-512F is present (checked); d holds 16 rows, so rows i0..i0 + 16 exist.
@@ -168,12 +182,12 @@ fn merge_rows(w: &CompressedWeight<'_>, f: &ScaleFactors<'_>, wt: &[f32], i0: us
 
 /// [`merge_rows`] one value at a time: the base's values transposed in (each base row gives 16
 /// contiguous values; the rows of `d` being written stay in L1), then each row's Δ̂ added.
-fn merge_rows_portable(w: &CompressedWeight<'_>, f: &ScaleFactors<'_>, wt: &[f32], i0: usize, d: &mut [f32]) {
+fn merge_rows_portable<T: DenseValue>(w: &CompressedWeight<'_>, f: &ScaleFactors<'_>, wt: &[T], i0: usize, d: &mut [f32]) {
     let (out, inp) = (w.rows(), w.cols());
     let n = d.len() / inp;
     for j in 0..inp {
         for (k, &v) in wt[j * out + i0..j * out + i0 + n].iter().enumerate() {
-            d[k * inp + j] = v;
+            d[k * inp + j] = v.to_f32();
         }
     }
     for (k, dr) in d.chunks_exact_mut(inp).enumerate() {
@@ -188,12 +202,12 @@ fn merge_rows_portable(w: &CompressedWeight<'_>, f: &ScaleFactors<'_>, wt: &[f32
 
 /// Columns `from..` of [`merge_rows`]' rows (their sign words `words`), one value at a time:
 /// what the vector paths leave after their whole blocks.
-fn merge_columns_from(words: &[&[u32]], f: &ScaleFactors<'_>, wt: &[f32], out: usize, i0: usize, from: usize, d: &mut [f32]) {
+fn merge_columns_from<T: DenseValue>(words: &[&[u32]], f: &ScaleFactors<'_>, wt: &[T], out: usize, i0: usize, from: usize, d: &mut [f32]) {
     let inp = f.cols.len();
     for (k, row) in words.iter().enumerate() {
         let r = f.rows[i0 + k];
         for j in from..inp {
-            d[k * inp + j] = wt[j * out + i0 + k] + with_sign(r * f.cols[j], row[j / 32], j % 32);
+            d[k * inp + j] = wt[j * out + i0 + k].to_f32() + with_sign(r * f.cols[j], row[j / 32], j % 32);
         }
     }
 }
@@ -202,7 +216,7 @@ fn merge_columns_from(words: &[&[u32]], f: &ScaleFactors<'_>, wt: &[f32], out: u
 /// flip, one add per value), bit for bit.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn merge_rows_avx512(w: &CompressedWeight<'_>, f: &ScaleFactors<'_>, wt: &[f32], i0: usize, d: &mut [f32]) {
+unsafe fn merge_rows_avx512<T: DenseValue>(w: &CompressedWeight<'_>, f: &ScaleFactors<'_>, wt: &[T], i0: usize, d: &mut [f32]) {
     use std::arch::x86_64::*;
     let (out, inp) = (w.rows(), w.cols());
     assert!(d.len() == LANES * inp && i0 + LANES <= out && wt.len() == inp * out && f.cols.len() == inp && f.rows.len() == out);
@@ -212,7 +226,7 @@ unsafe fn merge_rows_avx512(w: &CompressedWeight<'_>, f: &ScaleFactors<'_>, wt: 
     for j0 in (0..full).step_by(LANES) {
         let mut m = [_mm512_setzero_si512(); LANES];
         for (jj, v) in m.iter_mut().enumerate() {
-            *v = _mm512_loadu_si512(wt.as_ptr().add((j0 + jj) * out + i0) as *const _);
+            *v = _mm512_castps_si512(T::load16(wt.as_ptr().add((j0 + jj) * out + i0)));
         }
         // base[k] lane jj = W_base[i0 + k, j0 + jj].
         let base = subset_sums::transpose(m);
@@ -233,7 +247,7 @@ unsafe fn merge_rows_avx512(w: &CompressedWeight<'_>, f: &ScaleFactors<'_>, wt: 
 /// arithmetic, bit for bit.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn merge_rows_avx2(w: &CompressedWeight<'_>, f: &ScaleFactors<'_>, wt: &[f32], i0: usize, d: &mut [f32]) {
+unsafe fn merge_rows_avx2<T: DenseValue>(w: &CompressedWeight<'_>, f: &ScaleFactors<'_>, wt: &[T], i0: usize, d: &mut [f32]) {
     use std::arch::x86_64::*;
     let (out, inp) = (w.rows(), w.cols());
     assert!(d.len() == LANES * inp && i0 + LANES <= out && wt.len() == inp * out && f.cols.len() == inp && f.rows.len() == out);
@@ -246,7 +260,7 @@ unsafe fn merge_rows_avx2(w: &CompressedWeight<'_>, f: &ScaleFactors<'_>, wt: &[
         for h in (0..LANES).step_by(8) {
             let mut m = [_mm256_setzero_si256(); 8];
             for (jj, v) in m.iter_mut().enumerate() {
-                *v = _mm256_loadu_si256(wt.as_ptr().add((j0 + jj) * out + i0 + h) as *const __m256i);
+                *v = _mm256_castps_si256(T::load8(wt.as_ptr().add((j0 + jj) * out + i0 + h)));
             }
             // base[k] lane jj = W_base[i0 + h + k, j0 + jj].
             let base = subset_sums::transpose8(m);
@@ -265,7 +279,7 @@ unsafe fn merge_rows_avx2(w: &CompressedWeight<'_>, f: &ScaleFactors<'_>, wt: &[
 }
 
 /// Prefill-sized groups: the base product, then the delta terms of the rows that have one.
-fn separately<'w, W: Borrow<CompressedWeight<'w>>>(x: &[f32], wt: &[f32], inp: usize, out: usize, deltas: &[W], idx: &[Option<usize>], y: &mut [f32]) -> Result<(), KernelError> {
+fn separately<'w, T: DenseValue, W: Borrow<CompressedWeight<'w>>>(x: &[f32], wt: &[T], inp: usize, out: usize, deltas: &[W], idx: &[Option<usize>], y: &mut [f32]) -> Result<(), KernelError> {
     dense_matmul_t(x, wt, inp, out, y)?;
     let with: Vec<usize> = (0..idx.len()).filter(|&r| idx[r].is_some()).collect();
     let xs: Vec<f32> = with.iter().flat_map(|&r| x[r * inp..(r + 1) * inp].iter().copied()).collect();
@@ -357,6 +371,45 @@ mod tests {
                 // SAFETY: the CPU has AVX2 (checked); the buffers hold 16 rows from i0.
                 unsafe { merge_rows_avx2(&w, &f, &wt, i0, &mut avx2) };
                 prop_assert!(avx2.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "AVX2: rows {i0}.., inp {inp}");
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(40))]
+        /// A bf16 base weight gives what its values widened to f32 give, bit for bit: the one-pass
+        /// product (and its separate path), the merged product and every tile build.
+        #[test]
+        fn bf16_base_equals_the_widened_f32_one(
+            rows in 1usize..40, out in 16usize..200, inp in 1usize..150, n in 1usize..3, seed in any::<u64>(),
+            mode in prop::sample::select(ScaleMode::ALL.to_vec()),
+        ) {
+            use crate::convert::{Bf16Bits, WeightElem};
+            let deltas: Vec<_> = (0..n).map(|d| weight(out, inp, mode, seed.wrapping_add(d as u64 * 1000))).collect();
+            let idx: Vec<Option<usize>> = (0..rows).map(|r| (r % (n + 1) < n).then_some(r % (n + 1))).collect();
+            let x = random(rows * inp, seed ^ 11);
+            let bits: Vec<Bf16Bits> = random(inp * out, seed ^ 13).into_iter().map(Bf16Bits::from_f32).collect();
+            let wide: Vec<f32> = bits.iter().map(|b| b.to_f32()).collect();
+            let (mut got, mut want) = (vec![f32::NAN; rows * out], vec![f32::NAN; rows * out]);
+            dense_delta_matmul_t(&x, &bits, inp, out, &deltas, &idx, &mut got).unwrap();
+            dense_delta_matmul_t(&x, &wide, inp, out, &deltas, &idx, &mut want).unwrap();
+            prop_assert!(got == want, "fused product, rows {rows}");
+            merged_matmul_t(&x, &bits, inp, out, &deltas[0], &mut got).unwrap();
+            merged_matmul_t(&x, &wide, inp, out, &deltas[0], &mut want).unwrap();
+            prop_assert!(got == want, "merged product");
+            let f = ScaleFactors::new(&deltas[0].name, mode, &deltas[0].scales, out, inp).unwrap();
+            let i0 = (seed as usize) % (out - LANES + 1);
+            let (mut got, mut want) = (vec![f32::NAN; LANES * inp], vec![f32::NAN; LANES * inp]);
+            merge_rows_portable(&deltas[0], &f, &wide, i0, &mut want);
+            merge_rows_portable(&deltas[0], &f, &bits, i0, &mut got);
+            prop_assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "portable tile");
+            merge_rows(&deltas[0], &f, &bits, i0, &mut got);
+            prop_assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "dispatched tile");
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx2") {
+                // SAFETY: the CPU has AVX2 (checked); the buffers hold 16 rows from i0.
+                unsafe { merge_rows_avx2(&deltas[0], &f, &bits, i0, &mut got) };
+                prop_assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "AVX2 tile");
             }
         }
     }

@@ -55,7 +55,7 @@ impl<B: Backend> DeltaLinear<B> {
         let [rows, _] = x.dims();
         crate::host::few_rows(x, &self.base.weight_t, &[&self.delta], &vec![Some(0); rows])
             .or_else(|| crate::host::merged(x, &self.base.weight_t, &self.delta))
-            .or_else(|| crate::cube::delta_product(x, &self.base.weight_t, &self.delta, &self.device))
+            .or_else(|| crate::cube::delta_product(x, self.base.weight_t.tensor()?, &self.delta, &self.device))
     }
 
     /// The merged weight as a dense `Wᵀ` (`[in, out]`), in f32 and unrounded: `W_base + Δ̂`.
@@ -68,7 +68,7 @@ impl<B: Backend> DeltaLinear<B> {
                 dt[j * out + i] = f.delta_hat(&self.delta.signs, i, j);
             }
         }
-        self.base.weight_t.clone() + Tensor::from_data(TensorData::new(dt, [inp, out]), &self.base.weight_t.device())
+        self.base.weight_t.to_tensor() + Tensor::from_data(TensorData::new(dt, [inp, out]), &self.base.weight_t.device())
     }
 }
 
@@ -243,7 +243,7 @@ mod tests {
             let param = |v: &[f64]| (!v.is_empty()).then(|| Tensor::<AD, 2>::from_inner(tensor(v, [1, v.len()])).require_grad());
             let (rt, ct) = (param(&r), param(&c));
             let xt = Tensor::<AD, 2>::from_inner(tensor(&x, [rows, inp])).require_grad();
-            let layer = ScaledDelta::<AD> { merged: Linear { weight_t: Tensor::from_inner(merged), bias: None }, delta_t: Tensor::from_inner(delta_t.clone()), rows: rt.clone(), cols: ct.clone() };
+            let layer = ScaledDelta::<AD> { merged: Linear::from_tensor(Tensor::from_inner(merged), None), delta_t: Tensor::from_inner(delta_t.clone()), rows: rt.clone(), cols: ct.clone() };
             let y = layer.forward(xt.clone());
             let loss = (y.clone() * Tensor::<AD, 2>::from_data(TensorData::new(g.iter().map(|&v| v as f32).collect::<Vec<f32>>(), [rows, out]), &device)).sum();
             let grads = loss.backward();

@@ -26,6 +26,7 @@ use burn::tensor::{Tensor, TensorData, TensorPrimitive};
 use delta_format::CompressedWeight;
 use rayon::prelude::*;
 
+use crate::llama::WeightT;
 use crate::CpuBackend;
 use attention::{attend_segment, HeadShape, KeyLayout};
 pub use kv::HostKv;
@@ -41,10 +42,33 @@ pub const FEW_ROWS: usize = 16;
 /// (`wt` then a constant), on the host values in place ([`few_rows`], [`product`],
 /// [`frozen_product`]); through Burn on every other backend.
 pub fn matmul<B: Backend>(x: Tensor<B, 2>, wt: &Tensor<B, 2>) -> Tensor<B, 2> {
-    few_rows(&x, wt, &[], &[])
+    few_rows(&x, &WeightT::Tensor(wt.clone()), &[], &[])
         .or_else(|| product(&x, wt))
         .or_else(|| frozen_product(&x, wt))
         .unwrap_or_else(|| x.matmul(wt.clone()))
+}
+
+/// `x · wt` for a linear layer's weight: [`matmul`] for a tensor; for bf16 values on the host, up
+/// to [`FEW_ROWS`] rows read them in place ([`few_rows`]), more go through a GEMM on tiles widened
+/// to f32 (`delta_kernels::dense::widened_matmul_t`) — either way the f32 tensor's result, bit for
+/// bit.
+pub fn project<B: Backend>(x: Tensor<B, 2>, wt: &WeightT<B>) -> Tensor<B, 2> {
+    match wt {
+        WeightT::Tensor(t) => matmul(x, t),
+        WeightT::Bf16(h) => few_rows(&x, wt, &[], &[])
+            .or_else(|| {
+                is_cpu::<B>().then(|| {
+                    let rows = x.dims()[0];
+                    let y = with_values(&x, |xs| {
+                        let mut y = vec![0f32; rows * h.out];
+                        delta_kernels::dense::widened_matmul_t(xs, &h.values, h.inp, h.out, &mut y).expect("shapes checked when the layer was built");
+                        y
+                    });
+                    Tensor::from_data(TensorData::new(y, [rows, h.out]), &x.device())
+                })
+            })
+            .unwrap_or_else(|| x.matmul(wt.to_tensor())),
+    }
 }
 
 /// `x · wt` as one GEMM on the host values in place, when `B` is the CPU backend (`None`
@@ -129,13 +153,13 @@ fn gemm(a: &NdArrayTensor, b: &NdArrayTensor, b_t: bool) -> Option<NdArrayTensor
 
 /// `x · wt` plus, for every row r with `idx[r] = Some(d)`, the packed delta term `x[r]·Δ̂_dᵀ`
 /// (`idx` empty: none) — on the host, in one pass, when `B` is the CPU backend, `x` has at most
-/// [`FEW_ROWS`] rows and the weight is contiguous f32. Without deltas, `wt` may also be the
-/// transposed view of a contiguous `[out, in]` weight (a tied LM head: the embedding matrix),
-/// read in place as dot products. `None` otherwise.
-pub fn few_rows<B: Backend>(x: &Tensor<B, 2>, wt: &Tensor<B, 2>, deltas: &[&CompressedWeight<'_>], idx: &[Option<usize>]) -> Option<Tensor<B, 2>> {
+/// [`FEW_ROWS`] rows and the weight is bf16 on the host or a contiguous f32 tensor. Without
+/// deltas, the tensor may also be the transposed view of a contiguous `[out, in]` weight (a tied
+/// LM head: the embedding matrix), read in place as dot products. `None` otherwise.
+pub fn few_rows<B: Backend>(x: &Tensor<B, 2>, wt: &WeightT<B>, deltas: &[&CompressedWeight<'_>], idx: &[Option<usize>]) -> Option<Tensor<B, 2>> {
     let [rows, inp] = x.dims();
     let out = wt.dims()[1];
-    if rows > FEW_ROWS {
+    if rows > FEW_ROWS || !is_cpu::<B>() {
         return None;
     }
     let none = vec![None; if idx.is_empty() { rows } else { 0 }];
@@ -147,6 +171,12 @@ pub fn few_rows<B: Backend>(x: &Tensor<B, 2>, wt: &Tensor<B, 2>, deltas: &[&Comp
             y
         });
         Tensor::from_data(TensorData::new(y, [rows, out]), &x.device())
+    };
+    let wt = match wt {
+        WeightT::Bf16(h) => {
+            return Some(product(&|xs, y| delta_kernels::fused::dense_delta_matmul_t(xs, &h.values, inp, out, deltas, idx, y).expect("shapes checked when the layers were built")));
+        }
+        WeightT::Tensor(t) => t,
     };
     in_place(wt, |w| {
         product(&|xs, y| delta_kernels::fused::dense_delta_matmul_t(xs, w, inp, out, deltas, idx, y).expect("shapes checked when the layers were built"))
@@ -162,18 +192,26 @@ pub fn few_rows<B: Backend>(x: &Tensor<B, 2>, wt: &Tensor<B, 2>, deltas: &[&Comp
 
 /// `x · (W_base + Δ̂)ᵀ` on the host, the base given as `wt` (`[in, out]`), merged one tile at a
 /// time (`delta_kernels::fused::merged_matmul_t`), when `B` is the CPU backend and the weight is
-/// contiguous f32 — a prefill's delta layer in one GEMM. `None` otherwise.
-pub fn merged<B: Backend>(x: &Tensor<B, 2>, wt: &Tensor<B, 2>, delta: &CompressedWeight<'_>) -> Option<Tensor<B, 2>> {
+/// bf16 on the host or a contiguous f32 tensor — a prefill's delta layer in one GEMM. `None`
+/// otherwise.
+pub fn merged<B: Backend>(x: &Tensor<B, 2>, wt: &WeightT<B>, delta: &CompressedWeight<'_>) -> Option<Tensor<B, 2>> {
     let [rows, inp] = x.dims();
     let out = wt.dims()[1];
-    in_place(wt, |w| {
+    if !is_cpu::<B>() {
+        return None;
+    }
+    let product = |kernel: &dyn Fn(&[f32], &mut [f32])| {
         let y = with_values(x, |xs| {
             let mut y = vec![0f32; rows * out];
-            delta_kernels::fused::merged_matmul_t(xs, w, inp, out, delta, &mut y).expect("shapes checked when the layer was built");
+            kernel(xs, &mut y);
             y
         });
         Tensor::from_data(TensorData::new(y, [rows, out]), &x.device())
-    })
+    };
+    match wt {
+        WeightT::Bf16(h) => Some(product(&|xs, y| delta_kernels::fused::merged_matmul_t(xs, &h.values, inp, out, delta, y).expect("shapes checked when the layer was built"))),
+        WeightT::Tensor(t) => in_place(t, |w| product(&|xs, y| delta_kernels::fused::merged_matmul_t(xs, w, inp, out, delta, y).expect("shapes checked when the layer was built"))),
+    }
 }
 
 /// Runs `f` on the row-major f32 values of `t`: in place for a contiguous tensor of the CPU

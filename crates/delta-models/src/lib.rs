@@ -33,7 +33,7 @@ pub use config::ModelConfig;
 pub use delta_linear::{DeltaLinear, Projection, ScaledDelta};
 pub use error::ModelError;
 pub use files::ModelFiles;
-pub use llama::{KvCache, Llama};
+pub use llama::{KvCache, Linear, Llama, WeightT};
 pub use tokenizer::{TextStream, Tokenizer};
 pub use weights::{DeltaUse, Weights};
 

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
+use delta_kernels::convert::{Bf16Bits, WeightElem};
 
 use crate::config::ModelConfig;
 use crate::error::ModelError;
@@ -17,23 +18,89 @@ use crate::host::HostKv;
 use crate::delta_linear::Projection;
 use crate::weights::Weights;
 
-/// `y = x·Wᵀ (+ b)`, holding Wᵀ (`[in, out]`, contiguous) so the product needs no transpose.
+/// A linear layer's weight, transposed (`[in, out]`, contiguous) so the product needs no transpose.
+#[derive(Clone)]
+pub enum WeightT<B: Backend> {
+    /// A tensor of the backend, f32.
+    Tensor(Tensor<B, 2>),
+    /// On the CPU backend only ([`Weights::bf16_on_host`]): a bf16 checkpoint's values as they
+    /// are, half the bytes of f32. Every product widens them to f32 exactly and gives what the f32
+    /// tensor gives, bit for bit; a decode step, bound by reading the weights, reads half as much.
+    Bf16(Arc<HostBf16>),
+}
+
+/// A bf16 weight `[inp, out]` on the host, row-major.
+pub struct HostBf16 {
+    pub values: Vec<Bf16Bits>,
+    pub inp: usize,
+    pub out: usize,
+}
+
+impl<B: Backend> WeightT<B> {
+    /// `[in, out]`.
+    pub fn dims(&self) -> [usize; 2] {
+        match self {
+            WeightT::Tensor(t) => t.dims(),
+            WeightT::Bf16(h) => [h.inp, h.out],
+        }
+    }
+
+    pub fn device(&self) -> B::Device {
+        match self {
+            WeightT::Tensor(t) => t.device(),
+            WeightT::Bf16(_) => Default::default(),
+        }
+    }
+
+    /// The f32 tensor, unless the weight is bf16 on the host.
+    pub fn tensor(&self) -> Option<&Tensor<B, 2>> {
+        match self {
+            WeightT::Tensor(t) => Some(t),
+            WeightT::Bf16(_) => None,
+        }
+    }
+
+    /// The weight as an f32 tensor of the backend: the tensor itself, or the bf16 values widened
+    /// into a new one (what the paths that cannot read bf16 use; the CPU's products all can).
+    pub fn to_tensor(&self) -> Tensor<B, 2> {
+        match self {
+            WeightT::Tensor(t) => t.clone(),
+            WeightT::Bf16(h) => {
+                let values: Vec<f32> = h.values.iter().map(|b| b.to_f32()).collect();
+                Tensor::from_data(TensorData::new(values, [h.inp, h.out]), &Default::default())
+            }
+        }
+    }
+
+    /// Bytes the weight's values take.
+    pub fn bytes(&self) -> usize {
+        let [inp, out] = self.dims();
+        inp * out * if matches!(self, WeightT::Bf16(_)) { 2 } else { 4 }
+    }
+}
+
+/// `y = x·Wᵀ (+ b)`, holding Wᵀ so the product needs no transpose.
 #[derive(Clone)]
 pub struct Linear<B: Backend> {
-    pub weight_t: Tensor<B, 2>,
+    pub weight_t: WeightT<B>,
     pub bias: Option<Tensor<B, 1>>,
 }
 
 impl<B: Backend> Linear<B> {
     pub fn load(w: &Weights<'_, B>, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Self, ModelError> {
-        let weight_t = w.matrix_t(&format!("{prefix}.weight"), out, inp)?;
+        let weight_t = w.linear_t(&format!("{prefix}.weight"), out, inp)?;
         let bias = if bias { Some(w.vector(&format!("{prefix}.bias"), out)?) } else { None };
         Ok(Linear { weight_t, bias })
     }
 
+    /// A layer holding the f32 tensor `weight_t` (`[in, out]`).
+    pub fn from_tensor(weight_t: Tensor<B, 2>, bias: Option<Tensor<B, 1>>) -> Self {
+        Linear { weight_t: WeightT::Tensor(weight_t), bias }
+    }
+
     /// `x`: `[rows, in]` -> `[rows, out]`.
     pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        self.add_bias(crate::host::matmul(x, &self.weight_t))
+        self.add_bias(crate::host::project(x, &self.weight_t))
     }
 
     /// `y (+ b)` for a product `y` computed elsewhere (e.g. fused with a delta term).
@@ -521,6 +588,11 @@ impl<B: Backend> Llama<B> {
         let norm = RmsNorm::load(w, "model.norm.weight", hidden, cfg.rms_norm_eps)?;
         let rope = Rope::new(&cfg)?;
         Ok(Llama { cfg, embed_tokens, layers, norm, lm_head_t, rope, device: w.device.clone() })
+    }
+
+    /// Whether any linear weight is bf16 on the host ([`Weights::bf16_on_host`]).
+    pub fn holds_bf16(&self) -> bool {
+        self.layers.iter().any(|b| b.projections().iter().any(|p| matches!(p.linear().weight_t, WeightT::Bf16(_))))
     }
 
     /// Token ids `[b, t]` (all rows the same length) -> hidden states `[b, t, hidden]`.

@@ -19,7 +19,7 @@ use delta_kernels::gemm::batched_delta_matmul_add;
 
 use crate::delta_linear::{DeltaLinear, Projection};
 use crate::error::ModelError;
-use crate::llama::{KvCache, Linear, Llama, RmsNorm, PROJECTIONS};
+use crate::llama::{KvCache, Linear, Llama, RmsNorm, WeightT, PROJECTIONS};
 use crate::weights::Weights;
 
 /// A fine-tune resident as a packed delta over a shared base model.
@@ -29,7 +29,7 @@ pub struct Tenant<B: Backend> {
     own_head: bool,
     /// Per block and projection slot: the delta replaced this weight whole (a dense override).
     own_dense: Vec<[bool; 7]>,
-    /// Bytes this tenant holds beyond the base (signs, scales, its own tensors in f32).
+    /// Bytes this tenant holds beyond the base (signs, scales, its own tensors).
     pub resident_bytes: usize,
 }
 
@@ -38,7 +38,10 @@ impl<B: Backend> Tenant<B> {
     /// checked against `base_ckpt` first; a delta that changes a tensor the model does not have is
     /// an error, never ignored.
     pub fn new(base: &Llama<B>, base_ckpt: &Checkpoint, delta: &DeltaArtifact) -> Result<Self, ModelError> {
-        let w = Weights::<B>::new(base_ckpt, Some(delta), base.device.clone())?.fused();
+        let mut w = Weights::<B>::new(base_ckpt, Some(delta), base.device.clone())?.fused();
+        if base.holds_bf16() {
+            w = w.bf16_on_host();
+        }
         let cfg = &base.cfg;
         let mut model = base.clone();
         let mut used = std::collections::HashSet::new();
@@ -79,8 +82,8 @@ impl<B: Backend> Tenant<B> {
                     used.insert(weight);
                     Projection::Delta(DeltaLinear::new(linear, packed)?)
                 } else if whole(&weight) {
-                    linear.weight_t = w.matrix_t(&weight, out, inp)?;
-                    bytes += out * inp * 4;
+                    linear.weight_t = w.linear_t(&weight, out, inp)?;
+                    bytes += linear.weight_t.bytes();
                     own_dense[i][k] = true;
                     used.insert(weight);
                     Projection::Dense(linear)
@@ -214,18 +217,18 @@ pub fn step_batch<B: Backend>(base: &Llama<B>, seqs: &mut [SeqStep<'_, B>]) -> R
 /// `x·W_baseᵀ` with the delta term of every row that has one (`row_delta[r]`, an index into
 /// `deltas`): one pass at decode sizes on the CPU, the CubeCL kernels on a GPU backend, else
 /// Burn's GEMM for the base and then the delta terms on the host.
-fn base_and_deltas<B: Backend>(x: &Tensor<B, 2>, wt: &Tensor<B, 2>, deltas: &[&DeltaLinear<B>], row_delta: &[Option<usize>]) -> Tensor<B, 2> {
+fn base_and_deltas<B: Backend>(x: &Tensor<B, 2>, wt: &WeightT<B>, deltas: &[&DeltaLinear<B>], row_delta: &[Option<usize>]) -> Tensor<B, 2> {
     let packed: Vec<&CompressedWeight<'static>> = deltas.iter().map(|d| &d.delta).collect();
     if let Some(y) = crate::host::few_rows(x, wt, &packed, row_delta) {
         return y;
     }
     let on_device: Vec<_> = deltas.iter().map(|d| (&d.delta, &d.device)).collect();
-    if let Some(y) = crate::cube::base_and_deltas(x, wt, &on_device, row_delta) {
+    if let Some(y) = wt.tensor().and_then(|t| crate::cube::base_and_deltas(x, t, &on_device, row_delta)) {
         return y;
     }
     let [rows, inp] = x.dims();
     let out = wt.dims()[1];
-    let y = crate::host::matmul(x.clone(), wt);
+    let y = crate::host::project(x.clone(), wt);
     let with: Vec<usize> = (0..rows).filter(|&r| row_delta[r].is_some()).collect();
     if with.is_empty() {
         return y;
@@ -256,7 +259,7 @@ fn project<B: Backend>(base: &Llama<B>, tenants: &[Option<&Tenant<B>>], spans: &
         Some((t, p)) => !t.own_dense[i][k] && matches!(p, Projection::Dense(_)),
     });
     if plain {
-        return base_linear.add_bias(crate::host::matmul(x, &base_linear.weight_t));
+        return base_linear.forward(x);
     }
     let wt = &base_linear.weight_t;
     // A delta's span of more than FEW_ROWS rows (a prefill chunk) gets what `DeltaLinear` gives it
@@ -322,7 +325,7 @@ fn project<B: Backend>(base: &Llama<B>, tenants: &[Option<&Tenant<B>>], spans: &
     };
     for (s, l) in dense {
         let (at, n) = spans[s];
-        y = y.slice_assign([at..at + n, 0..out], crate::host::matmul(x.clone().narrow(0, at, n), &l.weight_t));
+        y = y.slice_assign([at..at + n, 0..out], crate::host::project(x.clone().narrow(0, at, n), &l.weight_t));
     }
     // Biases: the tenant's own where it has one (the base's otherwise), per sequence.
     let any_bias = (0..spans.len()).any(|s| projection(s).map_or(base_linear, |(_, p)| p.linear()).bias.is_some());

@@ -2,13 +2,15 @@
 //! merged on the fly (W_base + Δ̂, rounded to the base dtype exactly as `bitdelta apply` writes it).
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
-use delta_format::{Checkpoint, DeltaArtifact, TensorView};
-use delta_kernels::convert::{to_f32_vec, transpose};
+use delta_format::{Checkpoint, DType, DeltaArtifact, TensorView};
+use delta_kernels::convert::{bf16_slice, to_f32_vec, transpose};
 
 use crate::error::ModelError;
+use crate::llama::{HostBf16, WeightT};
 
 /// How a delta's compressed weights enter the model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -23,6 +25,8 @@ pub struct Weights<'a, B: Backend> {
     pub base: &'a Checkpoint,
     pub delta: Option<&'a DeltaArtifact>,
     pub delta_use: DeltaUse,
+    /// Linear weights stored as bf16 stay bf16 on the host ([`Weights::bf16_on_host`]).
+    pub bf16_on_host: bool,
     pub device: B::Device,
 }
 
@@ -33,12 +37,22 @@ impl<'a, B: Backend> Weights<'a, B> {
         if let Some(d) = delta {
             d.metadata().base.verify(base)?;
         }
-        Ok(Weights { base, delta, delta_use: DeltaUse::Merge, device })
+        Ok(Weights { base, delta, delta_use: DeltaUse::Merge, bf16_on_host: false, device })
     }
 
     /// Keeps compressed weights packed (`DeltaLinear`) instead of merging them.
     pub fn fused(mut self) -> Self {
         self.delta_use = DeltaUse::Fused;
+        self
+    }
+
+    /// On the CPU backend, keeps the linear weights of the blocks that are stored as bf16 (a bf16
+    /// base, and a merged delta, which is rounded to the base's dtype) as bf16 on the host
+    /// ([`WeightT::Bf16`]): half the memory, and decode steps that read half the bytes, with the
+    /// f32 tensors' results bit for bit. No effect on another backend or dtype. Inference only:
+    /// calibration trains on f32 tensors.
+    pub fn bf16_on_host(mut self) -> Self {
+        self.bf16_on_host = true;
         self
     }
 
@@ -61,6 +75,15 @@ impl<'a, B: Backend> Weights<'a, B> {
 
     /// The f32 values of `name` (merged with the delta where it has this tensor) and its shape.
     fn values(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>), ModelError> {
+        self.stored(name, |view| {
+            let values = to_f32_vec(&view).ok_or_else(|| ModelError::DType { name: name.into(), dtype: view.dtype })?;
+            Ok((values, view.shape.to_vec()))
+        })
+    }
+
+    /// `f` on the stored form of `name`: merged with the delta where it has this tensor (rounded
+    /// to the base's dtype), in its dtype.
+    fn stored<R>(&self, name: &str, f: impl FnOnce(TensorView<'_>) -> Result<R, ModelError>) -> Result<R, ModelError> {
         let view = self.base.tensor(name).ok_or_else(|| ModelError::MissingTensor(name.into()))?;
         let whole = self.delta.and_then(|d| d.whole_tensor(name));
         // A whole tensor may have another shape (a vocabulary matrix with added tokens).
@@ -79,8 +102,7 @@ impl<'a, B: Backend> Weights<'a, B> {
             Some(b) => TensorView { dtype: view.dtype, shape: &shape, data: b },
             None => view,
         };
-        let values = to_f32_vec(&view).ok_or_else(|| ModelError::DType { name: name.into(), dtype: view.dtype })?;
-        Ok((values, shape))
+        f(view)
     }
 
     fn check(name: &str, found: &[usize], expected: &[usize]) -> Result<(), ModelError> {
@@ -101,6 +123,26 @@ impl<'a, B: Backend> Weights<'a, B> {
         let (v, shape) = self.values(name)?;
         Self::check(name, &shape, &[rows, cols])?;
         Ok(Tensor::from_data(TensorData::new(v, [rows, cols]), &self.device))
+    }
+
+    /// A linear layer's `[rows, cols]` weight transposed to a contiguous `[cols, rows]`: bf16 on
+    /// the host where [`Weights::bf16_on_host`] asks for it and the weight is stored as bf16,
+    /// else an f32 tensor ([`Weights::matrix_t`]).
+    pub fn linear_t(&self, name: &str, rows: usize, cols: usize) -> Result<WeightT<B>, ModelError> {
+        if !(self.bf16_on_host && crate::host::is_cpu::<B>()) {
+            return Ok(WeightT::Tensor(self.matrix_t(name, rows, cols)?));
+        }
+        let bf16 = self.stored(name, |view| {
+            Self::check(name, view.shape, &[rows, cols])?;
+            Ok(match (view.dtype, view.as_u16_bits()) {
+                (DType::BF16, Some(bits)) => Some(transpose(bf16_slice(&bits), rows, cols)),
+                _ => None,
+            })
+        })?;
+        match bf16 {
+            Some(values) => Ok(WeightT::Bf16(Arc::new(HostBf16 { values, inp: cols, out: rows }))),
+            None => Ok(WeightT::Tensor(self.matrix_t(name, rows, cols)?)),
+        }
     }
 
     /// A `[rows, cols]` weight transposed to a contiguous `[cols, rows]`.

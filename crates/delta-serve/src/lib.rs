@@ -56,7 +56,7 @@ pub fn build<B: Backend>(o: &ServeOptions, device: &B::Device) -> Result<axum::R
     let tokenizer = Tokenizer::load(&o.base).map_err(model("loading the tokenizer"))?;
     // No template: /v1/chat/completions answers 400; a broken one stops the server here.
     let template = ChatTemplate::find(&o.base).map_err(model("reading the chat template"))?.map(Arc::new);
-    let weights = Weights::<B>::new(&ckpt, None, device.clone()).map_err(model("loading the base"))?;
+    let weights = Weights::<B>::new(&ckpt, None, device.clone()).map_err(model("loading the base"))?.bf16_on_host();
     let base = Arc::new(Llama::load(cfg, &weights).map_err(model("loading the base"))?);
     ckpt.release_pages();
     let base_name = o.base_name.clone().unwrap_or_else(|| o.base.canonicalize().unwrap_or(o.base.clone()).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "base".into()));

@@ -14,7 +14,7 @@ fn densify(model: &mut Llama<B>) -> usize {
     let mut n = 0;
     let mut fix = |p: &mut Projection<B>| {
         if let Projection::Delta(d) = p {
-            *p = Projection::Dense(Linear { weight_t: d.merged_weight_t(), bias: d.base.bias.clone() });
+            *p = Projection::Dense(Linear::from_tensor(d.merged_weight_t(), d.base.bias.clone()));
             n += 1;
         }
     };

@@ -2,6 +2,7 @@
 //! links its own copy of Burn, so one instead of seven saves CI minutes of compiling and linking.
 
 mod architectures;
+mod bf16;
 mod cube;
 mod delta_linear;
 mod host;
