@@ -36,7 +36,7 @@ use burn::tensor::{ElementConversion, Tensor, TensorData};
 use delta_format::checkpoint::Checkpoint;
 use delta_format::ScaleMode;
 use delta_kernels::merge::ScaleFactors;
-use delta_models::llama::{Attention, Block, Linear, Mlp, RmsNorm};
+use delta_models::llama::{Attention, Block, Embedding, Linear, Mlp, RmsNorm};
 use delta_models::{Llama, ModelConfig, Projection, ScaledDelta, WeightT, Weights};
 use rayon::prelude::*;
 use serde::Serialize;
@@ -437,7 +437,7 @@ fn lift<B: Backend>(m: &Llama<B>) -> Llama<AB<B>> {
     };
     Llama {
         cfg: m.cfg.clone(),
-        embed_tokens: t(&m.embed_tokens),
+        embed_tokens: Embedding::Tensor(t(&m.embed_tokens.to_tensor())),
         layers: m
             .layers
             .iter()
@@ -460,7 +460,7 @@ fn lift<B: Backend>(m: &Llama<B>) -> Llama<AB<B>> {
             })
             .collect(),
         norm: norm(&m.norm),
-        lm_head_t: t(&m.lm_head_t),
+        lm_head_t: WeightT::Tensor(t(&m.lm_head_t.to_tensor())),
         rope: m.rope.clone(),
         device: m.device.clone(),
     }

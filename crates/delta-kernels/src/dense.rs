@@ -349,7 +349,7 @@ unsafe fn axpy_rows_avx512<T: DenseValue>(x: &[f32], wt: &[T], inp: usize, out: 
             for (q, v) in wv.iter_mut().enumerate() {
                 *v = T::load16(w.add(q * out + cb));
                 // The same columns of the next 4 weight rows (a cache line: 16 f32 or 32 bf16).
-                if cb * size_of::<T>() % 64 == 0 {
+                if (cb * size_of::<T>()).is_multiple_of(64) {
                     _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add((q + NI) * out + cb) as *const i8);
                 }
             }
@@ -402,7 +402,7 @@ unsafe fn axpy_rows_avx2<T: DenseValue>(x: &[f32], wt: &[T], inp: usize, out: us
             let mut wv = [_mm256_setzero_ps(); NI];
             for (q, v) in wv.iter_mut().enumerate() {
                 *v = T::load8(w.add(q * out + cb));
-                if cb * size_of::<T>() % 64 == 0 {
+                if (cb * size_of::<T>()).is_multiple_of(64) {
                     _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add((q + PREFETCH_ROWS * NI) * out + cb) as *const i8);
                 }
             }

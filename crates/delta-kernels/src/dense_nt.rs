@@ -7,20 +7,62 @@
 //! in a register), so a row's result does not depend on the rows it is computed with: batched
 //! serving gives each sequence what it would get alone, bit for bit.
 
-use crate::dense::{fma_dot, in_column_tasks, product_rows};
+use rayon::prelude::*;
+
+use crate::convert::{Bf16Bits, WeightElem};
+use crate::dense::{fma_dot, in_column_tasks, product_rows, DenseValue};
 use crate::error::KernelError;
 
 /// `Y = X · Wᵀ` (`x`: `[rows, inp]`, `w`: `[out, inp]`, `y`: `[rows, out]`). Output columns (weight
 /// rows) are split across threads and each weight row is read once for all rows of X, several
-/// weight rows and rows of X at a time so that independent sums overlap.
-pub fn dense_matmul_nt(x: &[f32], w: &[f32], inp: usize, out: usize, y: &mut [f32]) -> Result<(), KernelError> {
+/// weight rows and rows of X at a time so that independent sums overlap. The weight is f32 or
+/// bf16 ([`DenseValue`]: the products of its values widened to f32, bit for bit).
+pub fn dense_matmul_nt<T: DenseValue>(x: &[f32], w: &[T], inp: usize, out: usize, y: &mut [f32]) -> Result<(), KernelError> {
     let rows = product_rows("dense product", x, w.len(), [out, inp], inp, out, y)?;
     in_column_tasks(rows, out, y, |c0, c1, acc| dot_columns(x, w, inp, c0, c1, acc));
     Ok(())
 }
 
+/// Bytes of one widened tile of [`widened_matmul_nt`].
+const WIDENED_TILE_BYTES: usize = 4 << 20;
+
+/// `Y = X · Wᵀ` for prefill-sized X (`[rows, inp]`) on a bf16 weight kept as stored (`w`: `[out,
+/// inp]`; a tied LM head): tile by tile of weight rows, the values widened to f32 (exact; all
+/// cores), then one `matrixmultiply` GEMM per tile written straight into Y (`[rows, out]`) — the
+/// f32 weight's GEMM, bit for bit. Decode-sized X is better served by [`dense_matmul_nt`].
+pub fn widened_matmul_nt(x: &[f32], w: &[Bf16Bits], inp: usize, out: usize, y: &mut [f32]) -> Result<(), KernelError> {
+    let rows = product_rows("widened product", x, w.len(), [out, inp], inp, out, y)?;
+    y.fill(0.0);
+    if rows == 0 || out == 0 || inp == 0 {
+        return Ok(());
+    }
+    let tile = (WIDENED_TILE_BYTES / (4 * inp)).next_multiple_of(16).min(out);
+    let mut d = vec![0f32; tile * inp];
+    for c0 in (0..out).step_by(tile) {
+        let n = tile.min(out - c0);
+        d[..n * inp].par_chunks_mut(64 * inp).zip(w[c0 * inp..(c0 + n) * inp].par_chunks(64 * inp)).for_each(|(d, w)| {
+            for (v, &b) in d.iter_mut().zip(w) {
+                *v = b.to_f32();
+            }
+        });
+        // SAFETY: the pointers and strides describe x [rows, inp], the tile's transpose [inp, n]
+        // (d is [n, inp] row-major) and columns c0..c0 + n of y [rows, out] — or, in the second
+        // call, their transposes — all in bounds.
+        unsafe {
+            if n <= rows {
+                matrixmultiply::sgemm(rows, inp, n, 1.0, x.as_ptr(), inp as isize, 1, d.as_ptr(), 1, inp as isize, 0.0, y.as_mut_ptr().add(c0), out as isize, 1);
+            } else {
+                // Yᵀ = D·Xᵀ, the wider operand on the left (`matrixmultiply` splits the left
+                // operand's packing among its threads, and packs the right one on the caller's).
+                matrixmultiply::sgemm(n, inp, rows, 1.0, d.as_ptr(), inp as isize, 1, x.as_ptr(), 1, inp as isize, 0.0, y.as_mut_ptr().add(c0), 1, out as isize);
+            }
+        }
+    }
+    Ok(())
+}
+
 /// `acc[r, c - c0] = x[r] · w[c]` for c in c0..c1.
-fn dot_columns(x: &[f32], w: &[f32], inp: usize, c0: usize, c1: usize, acc: &mut [f32]) {
+fn dot_columns<T: DenseValue>(x: &[f32], w: &[T], inp: usize, c0: usize, c1: usize, acc: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
         // SAFETY: the CPU supports AVX2 and FMA (checked just above).
@@ -55,14 +97,14 @@ fn tile_order(rows: usize, c0: usize, c1: usize, mut tile: impl FnMut(usize, usi
 macro_rules! tile {
     ($tile:ident, $nr:expr, $no:expr, $args:expr) => {
         match ($nr, $no) {
-            (1, 8) => $tile::<1, 8>($args),
-            (2, 4) => $tile::<2, 4>($args),
-            (3, 2) => $tile::<3, 2>($args),
-            (4, 2) => $tile::<4, 2>($args),
-            (1, 1) => $tile::<1, 1>($args),
-            (2, 1) => $tile::<2, 1>($args),
-            (3, 1) => $tile::<3, 1>($args),
-            (4, 1) => $tile::<4, 1>($args),
+            (1, 8) => $tile::<_, 1, 8>($args),
+            (2, 4) => $tile::<_, 2, 4>($args),
+            (3, 2) => $tile::<_, 3, 2>($args),
+            (4, 2) => $tile::<_, 4, 2>($args),
+            (1, 1) => $tile::<_, 1, 1>($args),
+            (2, 1) => $tile::<_, 2, 1>($args),
+            (3, 1) => $tile::<_, 3, 1>($args),
+            (4, 1) => $tile::<_, 4, 1>($args),
             _ => unreachable!("tiles of tile_order"),
         }
     };
@@ -71,9 +113,9 @@ macro_rules! tile {
 /// Where a tile reads and writes: rows r0.. of X, weight rows c.., into the task's sums (`acc`,
 /// `[rows, width]`, columns from c0).
 #[cfg(target_arch = "x86_64")]
-struct Tile<'a> {
+struct Tile<'a, T> {
     x: &'a [f32],
-    w: &'a [f32],
+    w: &'a [T],
     inp: usize,
     r0: usize,
     c: usize,
@@ -86,7 +128,7 @@ struct Tile<'a> {
 }
 
 #[cfg(target_arch = "x86_64")]
-impl Tile<'_> {
+impl<T: DenseValue> Tile<'_, T> {
     /// The dot product of row r0 + r of X and weight row c + o, from its eight lanes' sums over
     /// the whole blocks of 8 inputs, finished as [`fma_dot`] finishes: the lanes added up by
     /// [`crate::dense::lane_sum`], then the last inputs' FMAs in order.
@@ -95,16 +137,21 @@ impl Tile<'_> {
         let (xr, wr) = (&self.x[(self.r0 + r) * self.inp..][..self.inp], &self.w[(self.c + o) * self.inp..][..self.inp]);
         let full = self.inp / 8 * 8;
         let tail = xr[full..].iter().zip(&wr[full..]);
-        self.acc[(self.r0 + r) * self.width + self.c + o - self.c0] = tail.fold(crate::dense::lane_sum(&lanes), |s, (&a, &b)| a.mul_add(b, s));
+        self.acc[(self.r0 + r) * self.width + self.c + o - self.c0] = tail.fold(crate::dense::lane_sum(&lanes), |s, (&a, &b)| a.mul_add(b.to_f32(), s));
     }
 }
 
-/// `acc[r, c - c0] = x[r] · w[c]`, one [`fma_dot`] at a time.
-fn dot_columns_portable(x: &[f32], w: &[f32], inp: usize, c0: usize, c1: usize, acc: &mut [f32]) {
+/// `acc[r, c - c0] = x[r] · w[c]`, one [`fma_dot`] at a time (each weight row widened to f32 first).
+fn dot_columns_portable<T: DenseValue>(x: &[f32], w: &[T], inp: usize, c0: usize, c1: usize, acc: &mut [f32]) {
     let width = c1 - c0;
-    for (r, sums) in acc.chunks_exact_mut(width).enumerate() {
-        for (c, s) in (c0..c1).zip(sums) {
-            *s = fma_dot(&x[r * inp..][..inp], &w[c * inp..][..inp]);
+    let rows = acc.len() / width;
+    let mut row = vec![0f32; inp];
+    for c in c0..c1 {
+        for (v, &b) in row.iter_mut().zip(&w[c * inp..][..inp]) {
+            *v = b.to_f32();
+        }
+        for r in 0..rows {
+            acc[r * width + c - c0] = fma_dot(&x[r * inp..][..inp], &row);
         }
     }
 }
@@ -114,7 +161,7 @@ fn dot_columns_portable(x: &[f32], w: &[f32], inp: usize, c0: usize, c1: usize, 
 /// whose 8 inputs stay in registers across the tile's weight rows.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn dot_columns_avx2(x: &[f32], w: &[f32], inp: usize, c0: usize, c1: usize, acc: &mut [f32]) {
+unsafe fn dot_columns_avx2<T: DenseValue>(x: &[f32], w: &[T], inp: usize, c0: usize, c1: usize, acc: &mut [f32]) {
     let width = c1 - c0;
     tile_order(acc.len() / width, c0, c1, |nr, no, r0, c, fetch| {
         // SAFETY: the CPU has AVX2 and FMA (this function's contract).
@@ -122,7 +169,7 @@ unsafe fn dot_columns_avx2(x: &[f32], w: &[f32], inp: usize, c0: usize, c1: usiz
     });
 
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn tile<const R: usize, const O: usize>(mut t: Tile<'_>) {
+    unsafe fn tile<T: DenseValue, const R: usize, const O: usize>(mut t: Tile<'_, T>) {
         use std::arch::x86_64::*;
         assert!(t.x.len() >= (t.r0 + R) * t.inp && t.w.len() >= (t.c + O) * t.inp);
         let (xp, wp) = (t.x.as_ptr(), t.w.as_ptr());
@@ -133,15 +180,16 @@ unsafe fn dot_columns_avx2(x: &[f32], w: &[f32], inp: usize, c0: usize, c1: usiz
                 *v = _mm256_loadu_ps(xp.add((t.r0 + r) * t.inp + i));
             }
             if t.fetch {
-                // The next block of 8 weight rows (contiguous), 4 lines a step: 8 inputs of 8
-                // rows are 4 lines, so it is in cache when the block is done.
+                // The next block of 8 weight rows (contiguous), as many lines a step as 8 inputs
+                // of 8 rows fill (4 of f32, 2 of bf16), so it is in cache when the block is done.
+                let per_line = 64 / size_of::<T>();
                 let next = wp.wrapping_add((t.c + 8) * t.inp + i * 8);
-                for line in 0..4 {
-                    _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(line * 16) as *const i8);
+                for line in 0..64 / per_line {
+                    _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(line * per_line) as *const i8);
                 }
             }
             for o in 0..O {
-                let wv = _mm256_loadu_ps(wp.add((t.c + o) * t.inp + i));
+                let wv = T::load8(wp.add((t.c + o) * t.inp + i));
                 for r in 0..R {
                     sums[r][o] = _mm256_fmadd_ps(xv[r], wv, sums[r][o]);
                 }
@@ -187,6 +235,62 @@ mod tests {
             dot_columns_portable(&x, &w, inp, 0, out, &mut portable);
             prop_assert!(portable == y);
         }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(60))]
+        /// A bf16 weight gives the products of its values widened to f32, bit for bit, on the
+        /// dispatched path and the portable one.
+        #[test]
+        fn bf16_dot_products_equal_the_widened_f32_ones(rows in 1usize..20, inp in 1usize..70, out in 1usize..300, seed in any::<u64>()) {
+            let x = random(rows * inp, seed);
+            let bits: Vec<Bf16Bits> = random(inp * out, seed ^ 7).into_iter().map(Bf16Bits::from_f32).collect();
+            let wide: Vec<f32> = bits.iter().map(|b| b.to_f32()).collect();
+            let (mut got, mut want) = (vec![f32::NAN; rows * out], vec![f32::NAN; rows * out]);
+            dense_matmul_nt(&x, &wide, inp, out, &mut want).unwrap();
+            dense_matmul_nt(&x, &bits, inp, out, &mut got).unwrap();
+            prop_assert!(got == want);
+            let mut portable = vec![0f32; rows * out];
+            dot_columns_portable(&x, &bits, inp, 0, out, &mut portable);
+            prop_assert!(portable == want);
+        }
+
+        /// The widened GEMM equals one GEMM on the f32 weight, bit for bit, and the f64 sums
+        /// within rounding.
+        #[test]
+        fn widened_nt_product_equals_the_f32_gemm(rows in 1usize..40, inp in 1usize..300, out in 1usize..400, seed in any::<u64>()) {
+            let x = random(rows * inp, seed);
+            let bits: Vec<Bf16Bits> = random(inp * out, seed ^ 5).into_iter().map(Bf16Bits::from_f32).collect();
+            let wide: Vec<f32> = bits.iter().map(|b| b.to_f32()).collect();
+            let mut got = vec![f32::NAN; rows * out];
+            widened_matmul_nt(&x, &bits, inp, out, &mut got).unwrap();
+            let mut want = vec![0f32; rows * out];
+            // SAFETY: x [rows, inp], the weight's transpose [inp, out] (w is [out, inp]) and y
+            // [rows, out], in bounds.
+            unsafe { matrixmultiply::sgemm(rows, inp, out, 1.0, x.as_ptr(), inp as isize, 1, wide.as_ptr(), 1, inp as isize, 0.0, want.as_mut_ptr(), out as isize, 1) };
+            prop_assert!(got == want, "widened tiles differ from the f32 GEMM");
+            for (k, &g) in got.iter().enumerate() {
+                let (r, o) = (k / out, k % out);
+                let exact = (0..inp).map(|i| x[r * inp + i] as f64 * wide[o * inp + i] as f64).sum::<f64>() as f32;
+                prop_assert!((g - exact).abs() <= 1e-4 * exact.abs().max(1.0), "y[{r}, {o}] = {g}, want {exact}");
+            }
+        }
+    }
+
+    #[test]
+    fn widened_nt_tiles_cover_a_weight_taller_than_one_tile() {
+        // 4 MiB tiles of 300 inputs hold 3,504 weight rows: 8,000 take three tiles.
+        let (rows, inp, out) = (17, 300, 8000);
+        let x = random(rows * inp, 1);
+        let bits: Vec<Bf16Bits> = random(inp * out, 2).into_iter().map(Bf16Bits::from_f32).collect();
+        let wide: Vec<f32> = bits.iter().map(|b| b.to_f32()).collect();
+        let mut got = vec![f32::NAN; rows * out];
+        widened_matmul_nt(&x, &bits, inp, out, &mut got).unwrap();
+        let mut want = vec![0f32; rows * out];
+        // SAFETY: as in the proptest above.
+        unsafe { matrixmultiply::sgemm(rows, inp, out, 1.0, x.as_ptr(), inp as isize, 1, wide.as_ptr(), 1, inp as isize, 0.0, want.as_mut_ptr(), out as isize, 1) };
+        assert!(got == want);
+        assert!(widened_matmul_nt(&x, &bits[1..], inp, out, &mut got).is_err());
     }
 
     #[test]

@@ -53,22 +53,27 @@ pub fn matmul<B: Backend>(x: Tensor<B, 2>, wt: &Tensor<B, 2>) -> Tensor<B, 2> {
 /// to f32 (`delta_kernels::dense::widened_matmul_t`) — either way the f32 tensor's result, bit for
 /// bit.
 pub fn project<B: Backend>(x: Tensor<B, 2>, wt: &WeightT<B>) -> Tensor<B, 2> {
-    match wt {
-        WeightT::Tensor(t) => matmul(x, t),
-        WeightT::Bf16(h) => few_rows(&x, wt, &[], &[])
-            .or_else(|| {
-                is_cpu::<B>().then(|| {
-                    let rows = x.dims()[0];
-                    let y = with_values(&x, |xs| {
-                        let mut y = vec![0f32; rows * h.out];
-                        delta_kernels::dense::widened_matmul_t(xs, &h.values, h.inp, h.out, &mut y).expect("shapes checked when the layer was built");
-                        y
-                    });
-                    Tensor::from_data(TensorData::new(y, [rows, h.out]), &x.device())
-                })
-            })
-            .unwrap_or_else(|| x.matmul(wt.to_tensor())),
+    if let WeightT::Tensor(t) = wt {
+        return matmul(x, t);
     }
+    let [rows, inp] = x.dims();
+    let out = wt.dims()[1];
+    let widened = |kernel: &dyn Fn(&[f32], &mut [f32])| {
+        let y = with_values(&x, |xs| {
+            let mut y = vec![0f32; rows * out];
+            kernel(xs, &mut y);
+            y
+        });
+        Tensor::from_data(TensorData::new(y, [rows, out]), &x.device())
+    };
+    few_rows(&x, wt, &[], &[])
+        .or_else(|| match wt {
+            _ if !is_cpu::<B>() => None,
+            WeightT::Bf16(h) => Some(widened(&|xs, y| delta_kernels::dense::widened_matmul_t(xs, &h.values, inp, out, y).expect("shapes checked when the layer was built"))),
+            WeightT::Bf16Transposed(h) => Some(widened(&|xs, y| delta_kernels::dense_nt::widened_matmul_nt(xs, &h.values, inp, out, y).expect("shapes checked when the model was built"))),
+            WeightT::Tensor(_) => None,
+        })
+        .unwrap_or_else(|| x.matmul(wt.to_tensor()))
 }
 
 /// `x · wt` as one GEMM on the host values in place, when `B` is the CPU backend (`None`
@@ -176,6 +181,10 @@ pub fn few_rows<B: Backend>(x: &Tensor<B, 2>, wt: &WeightT<B>, deltas: &[&Compre
         WeightT::Bf16(h) => {
             return Some(product(&|xs, y| delta_kernels::fused::dense_delta_matmul_t(xs, &h.values, inp, out, deltas, idx, y).expect("shapes checked when the layers were built")));
         }
+        WeightT::Bf16Transposed(h) if deltas.is_empty() => {
+            return Some(product(&|xs, y| delta_kernels::dense_nt::dense_matmul_nt(xs, &h.values, inp, out, y).expect("shapes checked when the model was built")));
+        }
+        WeightT::Bf16Transposed(_) => return None,
         WeightT::Tensor(t) => t,
     };
     in_place(wt, |w| {
@@ -210,6 +219,7 @@ pub fn merged<B: Backend>(x: &Tensor<B, 2>, wt: &WeightT<B>, delta: &CompressedW
     };
     match wt {
         WeightT::Bf16(h) => Some(product(&|xs, y| delta_kernels::fused::merged_matmul_t(xs, &h.values, inp, out, delta, y).expect("shapes checked when the layer was built"))),
+        WeightT::Bf16Transposed(_) => None,
         WeightT::Tensor(t) => in_place(t, |w| product(&|xs, y| delta_kernels::fused::merged_matmul_t(xs, w, inp, out, delta, y).expect("shapes checked when the layer was built"))),
     }
 }

@@ -18,22 +18,34 @@ use crate::host::HostKv;
 use crate::delta_linear::Projection;
 use crate::weights::Weights;
 
-/// A linear layer's weight, transposed (`[in, out]`, contiguous) so the product needs no transpose.
+/// A linear layer's weight, transposed (`[in, out]`) so the product needs no transpose.
 #[derive(Clone)]
 pub enum WeightT<B: Backend> {
-    /// A tensor of the backend, f32.
+    /// A tensor of the backend, f32: contiguous, or the transposed view of a tied LM head's
+    /// embedding matrix.
     Tensor(Tensor<B, 2>),
     /// On the CPU backend only ([`Weights::bf16_on_host`]): a bf16 checkpoint's values as they
-    /// are, half the bytes of f32. Every product widens them to f32 exactly and gives what the f32
-    /// tensor gives, bit for bit; a decode step, bound by reading the weights, reads half as much.
+    /// are, `[in, out]`, half the bytes of f32. Every product widens them to f32 exactly and gives
+    /// what the f32 tensor gives, bit for bit; a decode step, bound by reading the weights, reads
+    /// half as much.
     Bf16(Arc<HostBf16>),
+    /// The same for a matrix stored `[out, in]` and read transposed: a tied LM head, which is the
+    /// embedding matrix ([`Embedding::head_t`]).
+    Bf16Transposed(Arc<HostBf16>),
 }
 
-/// A bf16 weight `[inp, out]` on the host, row-major.
+/// A row-major bf16 matrix `[rows, cols]` on the host.
 pub struct HostBf16 {
     pub values: Vec<Bf16Bits>,
-    pub inp: usize,
-    pub out: usize,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl HostBf16 {
+    /// The values widened to f32, row-major.
+    fn widened(&self) -> Vec<f32> {
+        self.values.iter().map(|b| b.to_f32()).collect()
+    }
 }
 
 impl<B: Backend> WeightT<B> {
@@ -41,14 +53,15 @@ impl<B: Backend> WeightT<B> {
     pub fn dims(&self) -> [usize; 2] {
         match self {
             WeightT::Tensor(t) => t.dims(),
-            WeightT::Bf16(h) => [h.inp, h.out],
+            WeightT::Bf16(h) => [h.rows, h.cols],
+            WeightT::Bf16Transposed(h) => [h.cols, h.rows],
         }
     }
 
     pub fn device(&self) -> B::Device {
         match self {
             WeightT::Tensor(t) => t.device(),
-            WeightT::Bf16(_) => Default::default(),
+            WeightT::Bf16(_) | WeightT::Bf16Transposed(_) => Default::default(),
         }
     }
 
@@ -56,7 +69,7 @@ impl<B: Backend> WeightT<B> {
     pub fn tensor(&self) -> Option<&Tensor<B, 2>> {
         match self {
             WeightT::Tensor(t) => Some(t),
-            WeightT::Bf16(_) => None,
+            WeightT::Bf16(_) | WeightT::Bf16Transposed(_) => None,
         }
     }
 
@@ -65,17 +78,65 @@ impl<B: Backend> WeightT<B> {
     pub fn to_tensor(&self) -> Tensor<B, 2> {
         match self {
             WeightT::Tensor(t) => t.clone(),
-            WeightT::Bf16(h) => {
-                let values: Vec<f32> = h.values.iter().map(|b| b.to_f32()).collect();
-                Tensor::from_data(TensorData::new(values, [h.inp, h.out]), &Default::default())
-            }
+            WeightT::Bf16(h) => Tensor::from_data(TensorData::new(h.widened(), [h.rows, h.cols]), &Default::default()),
+            WeightT::Bf16Transposed(h) => Tensor::<B, 2>::from_data(TensorData::new(h.widened(), [h.rows, h.cols]), &Default::default()).transpose(),
         }
     }
 
     /// Bytes the weight's values take.
     pub fn bytes(&self) -> usize {
         let [inp, out] = self.dims();
-        inp * out * if matches!(self, WeightT::Bf16(_)) { 2 } else { 4 }
+        inp * out * if self.tensor().is_some() { 4 } else { 2 }
+    }
+}
+
+/// The token embedding `[vocab, hidden]`: an f32 tensor, or (on the CPU backend, as
+/// [`WeightT::Bf16`]) a bf16 checkpoint's values on the host, widened exactly as rows are looked up.
+#[derive(Clone)]
+pub enum Embedding<B: Backend> {
+    Tensor(Tensor<B, 2>),
+    Bf16(Arc<HostBf16>),
+}
+
+impl<B: Backend> Embedding<B> {
+    /// The rows of `ids` (each below the vocabulary size), `[ids.len(), hidden]`.
+    pub fn rows(&self, ids: &[u32], device: &B::Device) -> Tensor<B, 2> {
+        match self {
+            Embedding::Tensor(t) => {
+                let flat: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
+                t.clone().select(0, Tensor::<B, 1, Int>::from_data(TensorData::new(flat, [ids.len()]), device))
+            }
+            Embedding::Bf16(h) => {
+                let values: Vec<f32> = ids.iter().flat_map(|&i| h.values[i as usize * h.cols..][..h.cols].iter().map(|b| b.to_f32())).collect();
+                Tensor::from_data(TensorData::new(values, [ids.len(), h.cols]), device)
+            }
+        }
+    }
+
+    /// The embedding as an f32 tensor of the backend (bf16 values widened into a new one).
+    pub fn to_tensor(&self) -> Tensor<B, 2> {
+        match self {
+            Embedding::Tensor(t) => t.clone(),
+            Embedding::Bf16(h) => Tensor::from_data(TensorData::new(h.widened(), [h.rows, h.cols]), &Default::default()),
+        }
+    }
+
+    /// The tied LM head, `[hidden, vocab]`: a transposed view of this matrix, not a copy.
+    /// Products read it as dot products (`host::few_rows`, `delta_kernels::dense_nt`) or through
+    /// its strides.
+    pub fn head_t(&self) -> WeightT<B> {
+        match self {
+            Embedding::Tensor(t) => WeightT::Tensor(t.clone().transpose()),
+            Embedding::Bf16(h) => WeightT::Bf16Transposed(h.clone()),
+        }
+    }
+
+    /// Bytes the values take.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Embedding::Tensor(t) => t.dims().iter().product::<usize>() * 4,
+            Embedding::Bf16(h) => h.values.len() * 2,
+        }
     }
 }
 
@@ -395,11 +456,11 @@ impl<B: Backend> Block<B> {
 #[derive(Clone)]
 pub struct Llama<B: Backend> {
     pub cfg: ModelConfig,
-    pub embed_tokens: Tensor<B, 2>,
+    pub embed_tokens: Embedding<B>,
     pub layers: Vec<Block<B>>,
     pub norm: RmsNorm<B>,
     /// The LM head as `[hidden, vocab]` (when tied, a transposed view of `embed_tokens`: no copy).
-    pub lm_head_t: Tensor<B, 2>,
+    pub lm_head_t: WeightT<B>,
     pub rope: Rope,
     pub device: B::Device,
 }
@@ -577,13 +638,11 @@ impl<B: Backend> Llama<B> {
     pub fn load_first_blocks(cfg: ModelConfig, w: &Weights<'_, B>, blocks: usize) -> Result<Self, ModelError> {
         let (hidden, vocab) = (cfg.hidden_size, cfg.vocab_size);
         let layers = (0..blocks.min(cfg.num_hidden_layers)).map(|i| Block::load(w, &cfg, i)).collect::<Result<Vec<_>, _>>()?;
-        let embed_tokens = w.matrix("model.embed_tokens.weight", vocab, hidden)?;
+        let embed_tokens = w.embedding("model.embed_tokens.weight", vocab, hidden)?;
         let lm_head_t = if cfg.tie_word_embeddings && !w.has("lm_head.weight") {
-            // A view of the embedding matrix, not a copy: products read it as dot products
-            // (`host::few_rows`, `delta_kernels::dense_nt`) or through its strides.
-            embed_tokens.clone().transpose()
+            embed_tokens.head_t()
         } else {
-            w.matrix_t("lm_head.weight", vocab, hidden)?
+            w.linear_t("lm_head.weight", vocab, hidden)?
         };
         let norm = RmsNorm::load(w, "model.norm.weight", hidden, cfg.rms_norm_eps)?;
         let rope = Rope::new(&cfg)?;
@@ -605,9 +664,8 @@ impl<B: Backend> Llama<B> {
         if let Some(&bad) = ids.iter().flatten().find(|&&i| i as usize >= self.cfg.vocab_size) {
             return Err(ModelError::Input(format!("token id {bad} is outside the vocabulary of {}", self.cfg.vocab_size)));
         }
-        let flat: Vec<i64> = ids.iter().flatten().map(|&i| i as i64).collect();
-        let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(flat, [b * t]), &self.device);
-        Ok(self.embed_tokens.clone().select(0, idx).reshape([b, t, self.cfg.hidden_size]))
+        let flat: Vec<u32> = ids.iter().flatten().copied().collect();
+        Ok(self.embed_tokens.rows(&flat, &self.device).reshape([b, t, self.cfg.hidden_size]))
     }
 
     /// cos / sin tables for a forward over `t` positions starting at 0.
@@ -639,7 +697,7 @@ impl<B: Backend> Llama<B> {
     /// Final norm and LM head: `[b, t, hidden]` -> logits `[b, t, vocab]`.
     pub fn head(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [b, t, hidden] = x.dims();
-        crate::host::matmul(self.norm.forward(x).reshape([b * t, hidden]), &self.lm_head_t).reshape([b, t, self.cfg.vocab_size])
+        crate::host::project(self.norm.forward(x).reshape([b * t, hidden]), &self.lm_head_t).reshape([b, t, self.cfg.vocab_size])
     }
 
     /// Feeds `ids` (`[b, t]`) after the positions already in `cache`, extends the cache, and

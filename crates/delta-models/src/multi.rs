@@ -97,17 +97,17 @@ impl<B: Backend> Tenant<B> {
         let tied = cfg.tie_word_embeddings && !base_ckpt.contains("lm_head.weight");
         let own_embed = whole("model.embed_tokens.weight");
         if own_embed {
-            model.embed_tokens = w.matrix("model.embed_tokens.weight", vocab, hidden)?;
-            bytes += vocab * hidden * 4;
+            model.embed_tokens = w.embedding("model.embed_tokens.weight", vocab, hidden)?;
+            bytes += model.embed_tokens.bytes();
             used.insert("model.embed_tokens.weight".to_string());
         }
         let own_head = if tied { own_embed } else { whole("lm_head.weight") };
         if own_head && tied {
             // The tied head reads the embedding matrix itself (a transposed view, no copy).
-            model.lm_head_t = model.embed_tokens.clone().transpose();
+            model.lm_head_t = model.embed_tokens.head_t();
         } else if own_head {
-            model.lm_head_t = w.matrix_t("lm_head.weight", vocab, hidden)?;
-            bytes += vocab * hidden * 4;
+            model.lm_head_t = w.linear_t("lm_head.weight", vocab, hidden)?;
+            bytes += model.lm_head_t.bytes();
             used.insert("lm_head.weight".to_string());
         }
         let changed = delta.weights().map(|c| c.name.to_string()).chain(delta.whole_tensors().map(|(n, _)| n.to_string()));
@@ -201,14 +201,14 @@ pub fn step_batch<B: Backend>(base: &Llama<B>, seqs: &mut [SeqStep<'_, B>]) -> R
     let mut logits: Vec<Option<Tensor<B, 2>>> = vec![None; seqs.len()];
     if !shared.is_empty() {
         let rows = Tensor::cat(shared.iter().map(|&s| last[s].clone()).collect(), 0);
-        let y = crate::host::matmul(rows, &base.lm_head_t);
+        let y = crate::host::project(rows, &base.lm_head_t);
         for (r, &s) in shared.iter().enumerate() {
             logits[s] = Some(y.clone().narrow(0, r, 1));
         }
     }
     for (s, l) in logits.iter_mut().enumerate() {
         if l.is_none() {
-            *l = Some(crate::host::matmul(last[s].clone(), &model(s).lm_head_t));
+            *l = Some(crate::host::project(last[s].clone(), &model(s).lm_head_t));
         }
     }
     Ok(Tensor::cat(logits.into_iter().flatten().collect(), 0))

@@ -7,10 +7,10 @@ use std::sync::Arc;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use delta_format::{Checkpoint, DType, DeltaArtifact, TensorView};
-use delta_kernels::convert::{bf16_slice, to_f32_vec, transpose};
+use delta_kernels::convert::{bf16_slice, to_f32_vec, transpose, Bf16Bits};
 
 use crate::error::ModelError;
-use crate::llama::{HostBf16, WeightT};
+use crate::llama::{Embedding, HostBf16, WeightT};
 
 /// How a delta's compressed weights enter the model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -129,20 +129,36 @@ impl<'a, B: Backend> Weights<'a, B> {
     /// the host where [`Weights::bf16_on_host`] asks for it and the weight is stored as bf16,
     /// else an f32 tensor ([`Weights::matrix_t`]).
     pub fn linear_t(&self, name: &str, rows: usize, cols: usize) -> Result<WeightT<B>, ModelError> {
-        if !(self.bf16_on_host && crate::host::is_cpu::<B>()) {
-            return Ok(WeightT::Tensor(self.matrix_t(name, rows, cols)?));
-        }
-        let bf16 = self.stored(name, |view| {
-            Self::check(name, view.shape, &[rows, cols])?;
-            Ok(match (view.dtype, view.as_u16_bits()) {
-                (DType::BF16, Some(bits)) => Some(transpose(bf16_slice(&bits), rows, cols)),
-                _ => None,
-            })
-        })?;
-        match bf16 {
-            Some(values) => Ok(WeightT::Bf16(Arc::new(HostBf16 { values, inp: cols, out: rows }))),
+        match self.bf16(name, rows, cols, true)? {
+            Some(values) => Ok(WeightT::Bf16(Arc::new(HostBf16 { values, rows: cols, cols: rows }))),
             None => Ok(WeightT::Tensor(self.matrix_t(name, rows, cols)?)),
         }
+    }
+
+    /// A token embedding `[rows, cols]`: bf16 on the host where [`Weights::bf16_on_host`] asks for
+    /// it and the matrix is stored as bf16, else an f32 tensor ([`Weights::matrix`]).
+    pub fn embedding(&self, name: &str, rows: usize, cols: usize) -> Result<Embedding<B>, ModelError> {
+        match self.bf16(name, rows, cols, false)? {
+            Some(values) => Ok(Embedding::Bf16(Arc::new(HostBf16 { values, rows, cols }))),
+            None => Ok(Embedding::Tensor(self.matrix(name, rows, cols)?)),
+        }
+    }
+
+    /// The bf16 values of the `[rows, cols]` matrix `name` (`transposed`: as `[cols, rows]`), when
+    /// [`Weights::bf16_on_host`] asks for them, the backend is the CPU's and the matrix is stored
+    /// as bf16; `None` otherwise.
+    fn bf16(&self, name: &str, rows: usize, cols: usize, transposed: bool) -> Result<Option<Vec<Bf16Bits>>, ModelError> {
+        if !(self.bf16_on_host && crate::host::is_cpu::<B>()) {
+            return Ok(None);
+        }
+        self.stored(name, |view| {
+            Self::check(name, view.shape, &[rows, cols])?;
+            Ok(match (view.dtype, view.as_u16_bits()) {
+                (DType::BF16, Some(bits)) if transposed => Some(transpose(bf16_slice(&bits), rows, cols)),
+                (DType::BF16, Some(bits)) => Some(bf16_slice(&bits).to_vec()),
+                _ => None,
+            })
+        })
     }
 
     /// A `[rows, cols]` weight transposed to a contiguous `[cols, rows]`.

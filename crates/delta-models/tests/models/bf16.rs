@@ -1,12 +1,14 @@
 //! Linear weights kept as bf16 on the host (`Weights::bf16_on_host`) against the same weights as
 //! f32 tensors, on the real pair (a bf16 checkpoint): every product widens the values exactly, so
 //! the logits must agree bit for bit — the base, a merged delta and a packed one, through a
-//! prefill (more than 16 rows: the widened GEMM, the merged tiles) and decode steps (the few-row
-//! kernels), and a batched step of several deltas.
+//! prefill (more than 16 rows: the widened GEMM, the merged tiles), decode steps (the few-row
+//! kernels), a whole forward (the tied head, the bf16 embedding, on 40 rows), and a batched step
+//! of several deltas.
 
 use delta_format::{Checkpoint, DeltaArtifact, ScaleMode};
 use delta_models::multi::{step_batch, SeqStep, Tenant};
-use delta_models::{CpuBackend, KvCache, Llama, ModelConfig, Weights};
+use delta_models::llama::Embedding;
+use delta_models::{CpuBackend, KvCache, Llama, ModelConfig, WeightT, Weights};
 
 use crate::support;
 
@@ -54,10 +56,14 @@ fn bf16_weights_on_the_host_give_the_f32_logits_bit_for_bit() {
     for (what, delta, fused) in [("base", None, false), ("merged delta", Some(&artifact), false), ("packed delta", Some(&artifact), true)] {
         let (f32s, bf16s) = (load(delta, fused, false), load(delta, fused, true));
         assert!(!f32s.holds_bf16() && bf16s.holds_bf16(), "{what}: the option decides the storage");
+        assert!(matches!(bf16s.embed_tokens, Embedding::Bf16(_)) && matches!(bf16s.lm_head_t, WeightT::Bf16Transposed(_)), "{what}: a bf16 embedding and tied head");
         let (want, got) = (steps(&f32s, &ids), steps(&bf16s, &ids));
         for (k, (w, g)) in want.iter().zip(&got).enumerate() {
             assert!(w == g, "{what}, step {k}: bf16 weights give other logits than f32 ones");
         }
+        // Every position's logits: the head on 40 rows (widened tiles of the embedding).
+        let all = |m: &Llama<B>| m.forward(&[ids.clone()]).unwrap().into_data().into_vec::<f32>().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<u32>>();
+        assert!(all(&f32s) == all(&bf16s), "{what}: a whole forward differs");
     }
 
     // Tenants over a bf16 base, batched with the base: the f32 base's logits, bit for bit.
