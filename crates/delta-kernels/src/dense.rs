@@ -137,9 +137,9 @@ pub fn dense_matmul_t<T: DenseValue>(x: &[f32], wt: &[T], inp: usize, out: usize
 const WIDENED_TILE_BYTES: usize = 4 << 20;
 
 /// `Y = X · W` for prefill-sized X (`[rows, inp]`) on a bf16 weight `wt` (`[inp, out]`): tile by
-/// tile of output columns, the weight's values widened to f32 (exact; all cores), then one
-/// `matrixmultiply` GEMM per tile written straight into Y (`[rows, out]`). The GEMM sums every
-/// output in the same order whatever the tile, so Y is, bit for bit, the GEMM on the f32 weight.
+/// tile of output columns, the weight's values widened to f32 (exact; all cores), then one GEMM
+/// per tile written straight into Y (`[rows, out]`, [`gemm_columns`]). The GEMM sums every output
+/// in the same order whatever the tile, so Y is, bit for bit, the GEMM on the f32 weight.
 /// Decode-sized X is better served by [`dense_matmul_t`], which reads the bf16 values in place.
 pub fn widened_matmul_t(x: &[f32], wt: &[Bf16Bits], inp: usize, out: usize, y: &mut [f32]) -> Result<(), KernelError> {
     let rows = product_rows("widened product", x, wt.len(), [inp, out], inp, out, y)?;
@@ -159,30 +159,34 @@ pub fn widened_matmul_t(x: &[f32], wt: &[Bf16Bits], inp: usize, out: usize, y: &
                 }
             }
         });
-        // SAFETY: the pointers and strides describe x [rows, inp], the tile [inp, n] (row-major)
-        // and columns c0..c0 + n of y [rows, out] — or, in the second call, their transposes —
-        // all in bounds.
-        unsafe {
-            if n <= rows {
-                matrixmultiply::sgemm(
-                    rows, inp, n, 1.0,
-                    x.as_ptr(), inp as isize, 1,
-                    w.as_ptr(), n as isize, 1,
-                    0.0, y.as_mut_ptr().add(c0), out as isize, 1,
-                );
-            } else {
-                // Yᵀ = Wᵀ·Xᵀ: `matrixmultiply` packs its right operand on the calling thread and
-                // splits the left one's packing among its threads, so the wider operand goes left.
-                matrixmultiply::sgemm(
-                    n, inp, rows, 1.0,
-                    w.as_ptr(), 1, n as isize,
-                    x.as_ptr(), 1, inp as isize,
-                    0.0, y.as_mut_ptr().add(c0), 1, out as isize,
-                );
-            }
-        }
+        gemm_columns(x, inp, &w[..inp * n], [n as isize, 1], n, y, out, c0);
     }
     Ok(())
+}
+
+/// Columns `c0..c0 + n` of Y (`[rows, out]`) = X (`[rows, inp]`) · T, where T is `[inp, n]`
+/// read from `t` through its strides `[row, column]`: one `matrixmultiply` GEMM, multi-threaded
+/// by `matrixmultiply` itself. `matrixmultiply` packs its right operand on the calling thread and
+/// splits the left one's packing among its threads, so when T is wider than X is tall the GEMM
+/// runs as Yᵀ = Tᵀ·Xᵀ; every output is summed in the same order either way.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_columns(x: &[f32], inp: usize, t: &[f32], [rs, cs]: [isize; 2], n: usize, y: &mut [f32], out: usize, c0: usize) {
+    let rows = x.len() / inp.max(1);
+    if rows == 0 || inp == 0 || n == 0 {
+        return;
+    }
+    let last = (inp - 1) as isize * rs + (n - 1) as isize * cs;
+    assert!(x.len() == rows * inp && rs >= 0 && cs >= 0 && (last as usize) < t.len() && c0 + n <= out && y.len() >= rows * out, "gemm_columns: operands out of bounds");
+    // SAFETY: checked just above: x is [rows, inp] row-major, T's last element (the largest
+    // offset, strides being non-negative) lies in t, and columns c0..c0 + n of the [rows, out]
+    // row-major y exist; the second call addresses the same elements as their transposes.
+    unsafe {
+        if n <= rows {
+            matrixmultiply::sgemm(rows, inp, n, 1.0, x.as_ptr(), inp as isize, 1, t.as_ptr(), rs, cs, 0.0, y.as_mut_ptr().add(c0), out as isize, 1);
+        } else {
+            matrixmultiply::sgemm(n, inp, rows, 1.0, t.as_ptr(), cs, rs, x.as_ptr(), 1, inp as isize, 0.0, y.as_mut_ptr().add(c0), 1, out as isize);
+        }
+    }
 }
 
 /// Splits the output columns of `y` (`[rows, out]`) into tasks run in parallel: `sums(c0, c1,

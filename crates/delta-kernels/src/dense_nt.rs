@@ -10,7 +10,7 @@
 use rayon::prelude::*;
 
 use crate::convert::{Bf16Bits, WeightElem};
-use crate::dense::{fma_dot, in_column_tasks, product_rows, DenseValue};
+use crate::dense::{fma_dot, gemm_columns, in_column_tasks, product_rows, DenseValue};
 use crate::error::KernelError;
 
 /// `Y = X · Wᵀ` (`x`: `[rows, inp]`, `w`: `[out, inp]`, `y`: `[rows, out]`). Output columns (weight
@@ -28,7 +28,7 @@ const WIDENED_TILE_BYTES: usize = 4 << 20;
 
 /// `Y = X · Wᵀ` for prefill-sized X (`[rows, inp]`) on a bf16 weight kept as stored (`w`: `[out,
 /// inp]`; a tied LM head): tile by tile of weight rows, the values widened to f32 (exact; all
-/// cores), then one `matrixmultiply` GEMM per tile written straight into Y (`[rows, out]`) — the
+/// cores), then one GEMM per tile written straight into Y (`[rows, out]`, `gemm_columns`) — the
 /// f32 weight's GEMM, bit for bit. Decode-sized X is better served by [`dense_matmul_nt`].
 pub fn widened_matmul_nt(x: &[f32], w: &[Bf16Bits], inp: usize, out: usize, y: &mut [f32]) -> Result<(), KernelError> {
     let rows = product_rows("widened product", x, w.len(), [out, inp], inp, out, y)?;
@@ -45,18 +45,8 @@ pub fn widened_matmul_nt(x: &[f32], w: &[Bf16Bits], inp: usize, out: usize, y: &
                 *v = b.to_f32();
             }
         });
-        // SAFETY: the pointers and strides describe x [rows, inp], the tile's transpose [inp, n]
-        // (d is [n, inp] row-major) and columns c0..c0 + n of y [rows, out] — or, in the second
-        // call, their transposes — all in bounds.
-        unsafe {
-            if n <= rows {
-                matrixmultiply::sgemm(rows, inp, n, 1.0, x.as_ptr(), inp as isize, 1, d.as_ptr(), 1, inp as isize, 0.0, y.as_mut_ptr().add(c0), out as isize, 1);
-            } else {
-                // Yᵀ = D·Xᵀ, the wider operand on the left (`matrixmultiply` splits the left
-                // operand's packing among its threads, and packs the right one on the caller's).
-                matrixmultiply::sgemm(n, inp, rows, 1.0, d.as_ptr(), inp as isize, 1, x.as_ptr(), 1, inp as isize, 0.0, y.as_mut_ptr().add(c0), 1, out as isize);
-            }
-        }
+        // The tile's transpose [inp, n]: d is [n, inp] row-major.
+        gemm_columns(x, inp, &d[..n * inp], [1, inp as isize], n, y, out, c0);
     }
     Ok(())
 }

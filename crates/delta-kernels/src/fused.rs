@@ -17,7 +17,7 @@ use std::borrow::Borrow;
 use delta_format::CompressedWeight;
 use rayon::prelude::*;
 
-use crate::dense::{axpy_columns, dense_matmul_t, place_columns, product_rows, DenseValue, MAX_ACC_FLOATS};
+use crate::dense::{axpy_columns, dense_matmul_t, gemm_columns, place_columns, product_rows, DenseValue, MAX_ACC_FLOATS};
 use crate::error::KernelError;
 use crate::gemm::{batched_delta_matmul_add, signed_dot, TILE_MIN_ROWS};
 use crate::merge::{with_sign, ScaleFactors};
@@ -124,11 +124,11 @@ pub fn merged_matmul_t<T: DenseValue>(x: &[f32], wt: &[T], inp: usize, out: usiz
         return Ok(());
     }
     let tile = (MERGED_TILE_BYTES / (4 * inp)).next_multiple_of(LANES);
-    merged_tiles(x, wt, rows, w, y, tile)
+    merged_tiles(x, wt, w, y, tile)
 }
 
 /// [`merged_matmul_t`] with `tile` output columns per tile (a multiple of [`LANES`]).
-fn merged_tiles<T: DenseValue>(x: &[f32], wt: &[T], rows: usize, w: &CompressedWeight<'_>, y: &mut [f32], tile: usize) -> Result<(), KernelError> {
+fn merged_tiles<T: DenseValue>(x: &[f32], wt: &[T], w: &CompressedWeight<'_>, y: &mut [f32], tile: usize) -> Result<(), KernelError> {
     let (out, inp) = (w.rows(), w.cols());
     let f = ScaleFactors::new(&w.name, w.mode, &w.scales, out, inp)?;
     let tile = tile.min(out);
@@ -136,28 +136,8 @@ fn merged_tiles<T: DenseValue>(x: &[f32], wt: &[T], rows: usize, w: &CompressedW
     for i0 in (0..out).step_by(tile) {
         let n = tile.min(out - i0);
         d[..n * inp].par_chunks_mut(LANES * inp).enumerate().for_each(|(c, rows_of_d)| merge_rows(w, &f, wt, i0 + c * LANES, rows_of_d));
-        // SAFETY: the pointers and strides describe x [rows, inp], the tile's transpose [inp, n]
-        // (d is [n, inp] row-major) and columns i0..i0 + n of y [rows, out] — or, in the second
-        // call, their transposes — all in bounds.
-        unsafe {
-            if n <= rows {
-                matrixmultiply::sgemm(
-                    rows, inp, n, 1.0,
-                    x.as_ptr(), inp as isize, 1,
-                    d.as_ptr(), 1, inp as isize,
-                    0.0, y.as_mut_ptr().add(i0), out as isize, 1,
-                );
-            } else {
-                // Yᵀ = D·Xᵀ, the wider operand on the left, whose packing `matrixmultiply`
-                // splits among its threads (it packs the right one on the calling thread).
-                matrixmultiply::sgemm(
-                    n, inp, rows, 1.0,
-                    d.as_ptr(), inp as isize, 1,
-                    x.as_ptr(), 1, inp as isize,
-                    0.0, y.as_mut_ptr().add(i0), 1, out as isize,
-                );
-            }
-        }
+        // The tile's transpose [inp, n]: d is [n, inp] row-major.
+        gemm_columns(x, inp, &d[..n * inp], [1, inp as isize], n, y, out, i0);
     }
     Ok(())
 }
@@ -338,7 +318,7 @@ mod tests {
             merged_matmul_t(&x, &wt, inp, out, &w, &mut y).unwrap();
             // Several tiles give the same values as one.
             let mut tiled = vec![f32::NAN; rows * out];
-            merged_tiles(&x, &wt, rows, &w, &mut tiled, out.div_ceil(tiles).next_multiple_of(LANES)).unwrap();
+            merged_tiles(&x, &wt, &w, &mut tiled, out.div_ceil(tiles).next_multiple_of(LANES)).unwrap();
             prop_assert!(tiled == y, "{tiles} tiles");
             let f = ScaleFactors::new(&w.name, w.mode, &w.scales, out, inp).unwrap();
             for r in 0..rows {
