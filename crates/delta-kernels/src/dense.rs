@@ -133,7 +133,8 @@ pub fn dense_matmul_t<T: DenseValue>(x: &[f32], wt: &[T], inp: usize, out: usize
     Ok(())
 }
 
-/// Bytes of one widened tile of [`widened_matmul_t`] (a whole SmolLM2 projection fits in one).
+/// Bytes of one widened tile of [`widened_matmul_t`] and [`crate::dense_nt::widened_matmul_nt`]
+/// (a whole SmolLM2 projection fits in one).
 const WIDENED_TILE_BYTES: usize = 4 << 20;
 
 /// `Y = X · W` for prefill-sized X (`[rows, inp]`) on a bf16 weight `wt` (`[inp, out]`): tile by
@@ -142,26 +143,37 @@ const WIDENED_TILE_BYTES: usize = 4 << 20;
 /// in the same order whatever the tile, so Y is, bit for bit, the GEMM on the f32 weight.
 /// Decode-sized X is better served by [`dense_matmul_t`], which reads the bf16 values in place.
 pub fn widened_matmul_t(x: &[f32], wt: &[Bf16Bits], inp: usize, out: usize, y: &mut [f32]) -> Result<(), KernelError> {
-    let rows = product_rows("widened product", x, wt.len(), [inp, out], inp, out, y)?;
-    y.fill(0.0);
-    if rows == 0 || out == 0 || inp == 0 {
-        return Ok(());
-    }
-    let tile = (WIDENED_TILE_BYTES / (4 * inp)).next_multiple_of(16).min(out);
-    let mut w = vec![0f32; inp * tile];
-    for c0 in (0..out).step_by(tile) {
-        let n = tile.min(out - c0);
-        w[..inp * n].par_chunks_mut(64 * n).enumerate().for_each(|(b, part)| {
+    product_rows("widened product", x, wt.len(), [inp, out], inp, out, y)?;
+    // A tile is [inp, n], row-major: row j holds W[j, c0..c0 + n].
+    widened_tiles(x, inp, out, y, |n| [n as isize, 1], |c0, n, tile| {
+        tile.par_chunks_mut(64 * n).enumerate().for_each(|(b, part)| {
             for (k, row) in part.chunks_exact_mut(n).enumerate() {
                 let j = b * 64 + k;
                 for (v, &b) in row.iter_mut().zip(&wt[j * out + c0..j * out + c0 + n]) {
                     *v = b.to_f32();
                 }
             }
-        });
-        gemm_columns(x, inp, &w[..inp * n], [n as isize, 1], n, y, out, c0);
-    }
+        })
+    });
     Ok(())
+}
+
+/// The widened products' loop, their shapes checked: Y = 0, then for every tile of up to
+/// [`WIDENED_TILE_BYTES`] of f32 output columns c0..c0 + n, `widen(c0, n, tile)` fills `tile`
+/// (`inp · n` values, read as `[inp, n]` through `strides(n)`) and [`gemm_columns`] adds X · tile
+/// into those columns of Y.
+pub(crate) fn widened_tiles(x: &[f32], inp: usize, out: usize, y: &mut [f32], strides: impl Fn(usize) -> [isize; 2], widen: impl Fn(usize, usize, &mut [f32])) {
+    y.fill(0.0);
+    if x.is_empty() || out == 0 || inp == 0 {
+        return;
+    }
+    let tile = (WIDENED_TILE_BYTES / (4 * inp)).next_multiple_of(16).min(out);
+    let mut t = vec![0f32; inp * tile];
+    for c0 in (0..out).step_by(tile) {
+        let n = tile.min(out - c0);
+        widen(c0, n, &mut t[..inp * n]);
+        gemm_columns(x, inp, &t[..inp * n], strides(n), n, y, out, c0);
+    }
 }
 
 /// Columns `c0..c0 + n` of Y (`[rows, out]`) = X (`[rows, inp]`) · T, where T is `[inp, n]`

@@ -10,7 +10,7 @@
 use rayon::prelude::*;
 
 use crate::convert::{Bf16Bits, WeightElem};
-use crate::dense::{fma_dot, gemm_columns, in_column_tasks, product_rows, DenseValue};
+use crate::dense::{fma_dot, in_column_tasks, product_rows, widened_tiles, DenseValue};
 use crate::error::KernelError;
 
 /// `Y = X · Wᵀ` (`x`: `[rows, inp]`, `w`: `[out, inp]`, `y`: `[rows, out]`). Output columns (weight
@@ -23,31 +23,21 @@ pub fn dense_matmul_nt<T: DenseValue>(x: &[f32], w: &[T], inp: usize, out: usize
     Ok(())
 }
 
-/// Bytes of one widened tile of [`widened_matmul_nt`].
-const WIDENED_TILE_BYTES: usize = 4 << 20;
-
 /// `Y = X · Wᵀ` for prefill-sized X (`[rows, inp]`) on a bf16 weight kept as stored (`w`: `[out,
 /// inp]`; a tied LM head): tile by tile of weight rows, the values widened to f32 (exact; all
-/// cores), then one GEMM per tile written straight into Y (`[rows, out]`, `gemm_columns`) — the
-/// f32 weight's GEMM, bit for bit. Decode-sized X is better served by [`dense_matmul_nt`].
+/// cores), then one GEMM per tile written straight into Y (`[rows, out]`,
+/// `dense::widened_tiles`) — the f32 weight's GEMM, bit for bit. Decode-sized X is better served
+/// by [`dense_matmul_nt`].
 pub fn widened_matmul_nt(x: &[f32], w: &[Bf16Bits], inp: usize, out: usize, y: &mut [f32]) -> Result<(), KernelError> {
-    let rows = product_rows("widened product", x, w.len(), [out, inp], inp, out, y)?;
-    y.fill(0.0);
-    if rows == 0 || out == 0 || inp == 0 {
-        return Ok(());
-    }
-    let tile = (WIDENED_TILE_BYTES / (4 * inp)).next_multiple_of(16).min(out);
-    let mut d = vec![0f32; tile * inp];
-    for c0 in (0..out).step_by(tile) {
-        let n = tile.min(out - c0);
-        d[..n * inp].par_chunks_mut(64 * inp).zip(w[c0 * inp..(c0 + n) * inp].par_chunks(64 * inp)).for_each(|(d, w)| {
-            for (v, &b) in d.iter_mut().zip(w) {
+    product_rows("widened product", x, w.len(), [out, inp], inp, out, y)?;
+    // A tile holds weight rows c0..c0 + n as they are stored ([n, inp]), read as its transpose.
+    widened_tiles(x, inp, out, y, |_| [1, inp as isize], |c0, n, tile| {
+        tile.par_chunks_mut(64 * inp).zip(w[c0 * inp..(c0 + n) * inp].par_chunks(64 * inp)).for_each(|(t, w)| {
+            for (v, &b) in t.iter_mut().zip(w) {
                 *v = b.to_f32();
             }
-        });
-        // The tile's transpose [inp, n]: d is [n, inp] row-major.
-        gemm_columns(x, inp, &d[..n * inp], [1, inp as isize], n, y, out, c0);
-    }
+        })
+    });
     Ok(())
 }
 
