@@ -48,10 +48,11 @@ pub fn matmul<B: Backend>(x: Tensor<B, 2>, wt: &Tensor<B, 2>) -> Tensor<B, 2> {
         .unwrap_or_else(|| x.matmul(wt.clone()))
 }
 
-/// `x · wt` for a linear layer's weight: [`matmul`] for a tensor; for bf16 values on the host, up
-/// to [`FEW_ROWS`] rows read them in place ([`few_rows`]), more go through a GEMM on tiles widened
-/// to f32 (`delta_kernels::dense::widened_matmul_t`) — either way the f32 tensor's result, bit for
-/// bit.
+/// `x · wt` for a linear layer's weight: [`matmul`] for a tensor; for bf16 values on the host
+/// (`[in, out]`, or a tied head's embedding read transposed), up to [`FEW_ROWS`] rows read them in
+/// place ([`few_rows`]), more go through a GEMM on tiles widened to f32
+/// (`delta_kernels::dense::widened_matmul_t`, `delta_kernels::dense_nt::widened_matmul_nt`) —
+/// either way the f32 tensor's result, bit for bit.
 pub fn project<B: Backend>(x: Tensor<B, 2>, wt: &WeightT<B>) -> Tensor<B, 2> {
     if let WeightT::Tensor(t) = wt {
         return matmul(x, t);
