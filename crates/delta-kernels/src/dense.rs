@@ -434,8 +434,36 @@ unsafe fn axpy_rows_avx2<T: DenseValue>(x: &[f32], wt: &[T], inp: usize, out: us
     }
 }
 
+/// What the bf16 tests of the dense products share.
+#[cfg(test)]
+pub(crate) mod bf16_tests {
+    use crate::convert::{Bf16Bits, WeightElem};
+    use crate::test_support::random;
+
+    /// `n` random bf16 weight values and the same values widened to f32.
+    pub fn bf16_weight(n: usize, seed: u64) -> (Vec<Bf16Bits>, Vec<f32>) {
+        let bits: Vec<Bf16Bits> = random(n, seed).into_iter().map(Bf16Bits::from_f32).collect();
+        let wide = bits.iter().map(|b| b.to_f32()).collect();
+        (bits, wide)
+    }
+
+    /// The reference for the widened products: X (`[rows, inp]`) · W, W `[inp, out]` read from
+    /// `w` through its strides `[row, column]`, in one `matrixmultiply` GEMM as written.
+    pub fn reference_gemm(x: &[f32], inp: usize, w: &[f32], [rs, cs]: [isize; 2], out: usize) -> Vec<f32> {
+        let rows = x.len() / inp;
+        assert!(x.len() == rows * inp && w.len() == inp * out && rs >= 0 && cs >= 0);
+        assert!(inp == 0 || out == 0 || (inp - 1) * (rs as usize) + (out - 1) * (cs as usize) < w.len());
+        let mut y = vec![0f32; rows * out];
+        // SAFETY: x is [rows, inp] row-major, W's elements lie in w (checked above), y is a fresh
+        // [rows, out] row-major buffer.
+        unsafe { matrixmultiply::sgemm(rows, inp, out, 1.0, x.as_ptr(), inp as isize, 1, w.as_ptr(), rs, cs, 0.0, y.as_mut_ptr(), out as isize, 1) };
+        y
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::bf16_tests::{bf16_weight, reference_gemm};
     use super::*;
     use crate::test_support::random;
     use proptest::prelude::*;
@@ -487,13 +515,6 @@ mod tests {
     }
 
 
-    /// A bf16 weight's values and the same values widened to f32.
-    fn bf16_weight(n: usize, seed: u64) -> (Vec<Bf16Bits>, Vec<f32>) {
-        let bits: Vec<Bf16Bits> = random(n, seed).into_iter().map(Bf16Bits::from_f32).collect();
-        let wide = bits.iter().map(|b| b.to_f32()).collect();
-        (bits, wide)
-    }
-
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(60))]
         /// A bf16 weight gives, on every kernel the CPU has, the product of its values widened to
@@ -532,9 +553,7 @@ mod tests {
             let (bits, wide) = bf16_weight(inp * out, seed ^ 5);
             let mut got = vec![f32::NAN; rows * out];
             widened_matmul_t(&x, &bits, inp, out, &mut got).unwrap();
-            let mut want = vec![0f32; rows * out];
-            // SAFETY: x [rows, inp], the weight [inp, out] and y [rows, out], row-major, in bounds.
-            unsafe { matrixmultiply::sgemm(rows, inp, out, 1.0, x.as_ptr(), inp as isize, 1, wide.as_ptr(), out as isize, 1, 0.0, want.as_mut_ptr(), out as isize, 1) };
+            let want = reference_gemm(&x, inp, &wide, [out as isize, 1], out);
             prop_assert!(got == want, "widened tiles differ from the f32 GEMM");
             let exact: Vec<f32> = (0..rows * out)
                 .map(|k| (0..inp).map(|i| x[k / out * inp + i] as f64 * wide[i * out + k % out] as f64).sum::<f64>() as f32)
@@ -551,9 +570,7 @@ mod tests {
         let (bits, wide) = bf16_weight(inp * out, 2);
         let mut got = vec![f32::NAN; rows * out];
         widened_matmul_t(&x, &bits, inp, out, &mut got).unwrap();
-        let mut want = vec![0f32; rows * out];
-        // SAFETY: x [rows, inp], the weight [inp, out] and y [rows, out], row-major, in bounds.
-        unsafe { matrixmultiply::sgemm(rows, inp, out, 1.0, x.as_ptr(), inp as isize, 1, wide.as_ptr(), out as isize, 1, 0.0, want.as_mut_ptr(), out as isize, 1) };
+        let want = reference_gemm(&x, inp, &wide, [out as isize, 1], out);
         assert!(got == want);
         assert!(widened_matmul_t(&x, &bits[1..], inp, out, &mut got).is_err());
     }

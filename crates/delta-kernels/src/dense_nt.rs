@@ -188,6 +188,7 @@ unsafe fn dot_columns_avx2<T: DenseValue>(x: &[f32], w: &[T], inp: usize, c0: us
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dense::bf16_tests::{bf16_weight, reference_gemm};
     use crate::test_support::random;
     use proptest::prelude::*;
 
@@ -224,8 +225,7 @@ mod tests {
         #[test]
         fn bf16_dot_products_equal_the_widened_f32_ones(rows in 1usize..20, inp in 1usize..70, out in 1usize..300, seed in any::<u64>()) {
             let x = random(rows * inp, seed);
-            let bits: Vec<Bf16Bits> = random(inp * out, seed ^ 7).into_iter().map(Bf16Bits::from_f32).collect();
-            let wide: Vec<f32> = bits.iter().map(|b| b.to_f32()).collect();
+            let (bits, wide) = bf16_weight(inp * out, seed ^ 7);
             let (mut got, mut want) = (vec![f32::NAN; rows * out], vec![f32::NAN; rows * out]);
             dense_matmul_nt(&x, &wide, inp, out, &mut want).unwrap();
             dense_matmul_nt(&x, &bits, inp, out, &mut got).unwrap();
@@ -240,14 +240,11 @@ mod tests {
         #[test]
         fn widened_nt_product_equals_the_f32_gemm(rows in 1usize..40, inp in 1usize..300, out in 1usize..400, seed in any::<u64>()) {
             let x = random(rows * inp, seed);
-            let bits: Vec<Bf16Bits> = random(inp * out, seed ^ 5).into_iter().map(Bf16Bits::from_f32).collect();
-            let wide: Vec<f32> = bits.iter().map(|b| b.to_f32()).collect();
+            let (bits, wide) = bf16_weight(inp * out, seed ^ 5);
             let mut got = vec![f32::NAN; rows * out];
             widened_matmul_nt(&x, &bits, inp, out, &mut got).unwrap();
-            let mut want = vec![0f32; rows * out];
-            // SAFETY: x [rows, inp], the weight's transpose [inp, out] (w is [out, inp]) and y
-            // [rows, out], in bounds.
-            unsafe { matrixmultiply::sgemm(rows, inp, out, 1.0, x.as_ptr(), inp as isize, 1, wide.as_ptr(), 1, inp as isize, 0.0, want.as_mut_ptr(), out as isize, 1) };
+            // The weight's transpose [inp, out]: w is [out, inp].
+            let want = reference_gemm(&x, inp, &wide, [1, inp as isize], out);
             prop_assert!(got == want, "widened tiles differ from the f32 GEMM");
             for (k, &g) in got.iter().enumerate() {
                 let (r, o) = (k / out, k % out);
@@ -262,13 +259,10 @@ mod tests {
         // 4 MiB tiles of 300 inputs hold 3,504 weight rows: 8,000 take three tiles.
         let (rows, inp, out) = (17, 300, 8000);
         let x = random(rows * inp, 1);
-        let bits: Vec<Bf16Bits> = random(inp * out, 2).into_iter().map(Bf16Bits::from_f32).collect();
-        let wide: Vec<f32> = bits.iter().map(|b| b.to_f32()).collect();
+        let (bits, wide) = bf16_weight(inp * out, 2);
         let mut got = vec![f32::NAN; rows * out];
         widened_matmul_nt(&x, &bits, inp, out, &mut got).unwrap();
-        let mut want = vec![0f32; rows * out];
-        // SAFETY: as in the proptest above.
-        unsafe { matrixmultiply::sgemm(rows, inp, out, 1.0, x.as_ptr(), inp as isize, 1, wide.as_ptr(), 1, inp as isize, 0.0, want.as_mut_ptr(), out as isize, 1) };
+        let want = reference_gemm(&x, inp, &wide, [1, inp as isize], out);
         assert!(got == want);
         assert!(widened_matmul_nt(&x, &bits[1..], inp, out, &mut got).is_err());
     }

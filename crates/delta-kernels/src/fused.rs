@@ -364,12 +364,10 @@ mod tests {
             rows in 1usize..40, out in 16usize..200, inp in 1usize..150, n in 1usize..3, seed in any::<u64>(),
             mode in prop::sample::select(ScaleMode::ALL.to_vec()),
         ) {
-            use crate::convert::{Bf16Bits, WeightElem};
             let deltas: Vec<_> = (0..n).map(|d| weight(out, inp, mode, seed.wrapping_add(d as u64 * 1000))).collect();
             let idx: Vec<Option<usize>> = (0..rows).map(|r| (r % (n + 1) < n).then_some(r % (n + 1))).collect();
             let x = random(rows * inp, seed ^ 11);
-            let bits: Vec<Bf16Bits> = random(inp * out, seed ^ 13).into_iter().map(Bf16Bits::from_f32).collect();
-            let wide: Vec<f32> = bits.iter().map(|b| b.to_f32()).collect();
+            let (bits, wide) = crate::dense::bf16_tests::bf16_weight(inp * out, seed ^ 13);
             let (mut got, mut want) = (vec![f32::NAN; rows * out], vec![f32::NAN; rows * out]);
             dense_delta_matmul_t(&x, &bits, inp, out, &deltas, &idx, &mut got).unwrap();
             dense_delta_matmul_t(&x, &wide, inp, out, &deltas, &idx, &mut want).unwrap();

@@ -57,21 +57,13 @@ pub fn project<B: Backend>(x: Tensor<B, 2>, wt: &WeightT<B>) -> Tensor<B, 2> {
     if let WeightT::Tensor(t) = wt {
         return matmul(x, t);
     }
-    let [rows, inp] = x.dims();
+    let inp = x.dims()[1];
     let out = wt.dims()[1];
-    let widened = |kernel: &dyn Fn(&[f32], &mut [f32])| {
-        let y = with_values(&x, |xs| {
-            let mut y = vec![0f32; rows * out];
-            kernel(xs, &mut y);
-            y
-        });
-        Tensor::from_data(TensorData::new(y, [rows, out]), &x.device())
-    };
     few_rows(&x, wt, &[], &[])
         .or_else(|| match wt {
             _ if !is_cpu::<B>() => None,
-            WeightT::Bf16(h) => Some(widened(&|xs, y| delta_kernels::dense::widened_matmul_t(xs, &h.values, inp, out, y).expect("shapes checked when the layer was built"))),
-            WeightT::Bf16Transposed(h) => Some(widened(&|xs, y| delta_kernels::dense_nt::widened_matmul_nt(xs, &h.values, inp, out, y).expect("shapes checked when the model was built"))),
+            WeightT::Bf16(h) => Some(host_product(&x, out, |xs, y| delta_kernels::dense::widened_matmul_t(xs, &h.values, inp, out, y).expect("shapes checked when the layer was built"))),
+            WeightT::Bf16Transposed(h) => Some(host_product(&x, out, |xs, y| delta_kernels::dense_nt::widened_matmul_nt(xs, &h.values, inp, out, y).expect("shapes checked when the model was built"))),
             WeightT::Tensor(_) => None,
         })
         .unwrap_or_else(|| x.matmul(wt.to_tensor()))
@@ -170,30 +162,22 @@ pub fn few_rows<B: Backend>(x: &Tensor<B, 2>, wt: &WeightT<B>, deltas: &[&Compre
     }
     let none = vec![None; if idx.is_empty() { rows } else { 0 }];
     let idx = if idx.is_empty() { &none } else { idx };
-    let product = |kernel: &dyn Fn(&[f32], &mut [f32])| {
-        let y = with_values(x, |xs| {
-            let mut y = vec![0f32; rows * out];
-            kernel(xs, &mut y);
-            y
-        });
-        Tensor::from_data(TensorData::new(y, [rows, out]), &x.device())
-    };
     let wt = match wt {
         WeightT::Bf16(h) => {
-            return Some(product(&|xs, y| delta_kernels::fused::dense_delta_matmul_t(xs, &h.values, inp, out, deltas, idx, y).expect("shapes checked when the layers were built")));
+            return Some(host_product(x, out, |xs, y| delta_kernels::fused::dense_delta_matmul_t(xs, &h.values, inp, out, deltas, idx, y).expect("shapes checked when the layers were built")));
         }
         WeightT::Bf16Transposed(h) if deltas.is_empty() => {
-            return Some(product(&|xs, y| delta_kernels::dense_nt::dense_matmul_nt(xs, &h.values, inp, out, y).expect("shapes checked when the model was built")));
+            return Some(host_product(x, out, |xs, y| delta_kernels::dense_nt::dense_matmul_nt(xs, &h.values, inp, out, y).expect("shapes checked when the model was built")));
         }
         WeightT::Bf16Transposed(_) => return None,
         WeightT::Tensor(t) => t,
     };
     in_place(wt, |w| {
-        product(&|xs, y| delta_kernels::fused::dense_delta_matmul_t(xs, w, inp, out, deltas, idx, y).expect("shapes checked when the layers were built"))
+        host_product(x, out, |xs, y| delta_kernels::fused::dense_delta_matmul_t(xs, w, inp, out, deltas, idx, y).expect("shapes checked when the layers were built"))
     })
     .or_else(|| {
         if deltas.is_empty() {
-            in_place_transposed(wt, |w| product(&|xs, y| delta_kernels::dense_nt::dense_matmul_nt(xs, w, inp, out, y).expect("shapes checked when the model was built")))
+            in_place_transposed(wt, |w| host_product(x, out, |xs, y| delta_kernels::dense_nt::dense_matmul_nt(xs, w, inp, out, y).expect("shapes checked when the model was built")))
         } else {
             None
         }
@@ -205,24 +189,28 @@ pub fn few_rows<B: Backend>(x: &Tensor<B, 2>, wt: &WeightT<B>, deltas: &[&Compre
 /// bf16 on the host or a contiguous f32 tensor — a prefill's delta layer in one GEMM. `None`
 /// otherwise.
 pub fn merged<B: Backend>(x: &Tensor<B, 2>, wt: &WeightT<B>, delta: &CompressedWeight<'_>) -> Option<Tensor<B, 2>> {
-    let [rows, inp] = x.dims();
+    let inp = x.dims()[1];
     let out = wt.dims()[1];
     if !is_cpu::<B>() {
         return None;
     }
-    let product = |kernel: &dyn Fn(&[f32], &mut [f32])| {
-        let y = with_values(x, |xs| {
-            let mut y = vec![0f32; rows * out];
-            kernel(xs, &mut y);
-            y
-        });
-        Tensor::from_data(TensorData::new(y, [rows, out]), &x.device())
-    };
     match wt {
-        WeightT::Bf16(h) => Some(product(&|xs, y| delta_kernels::fused::merged_matmul_t(xs, &h.values, inp, out, delta, y).expect("shapes checked when the layer was built"))),
+        WeightT::Bf16(h) => Some(host_product(x, out, |xs, y| delta_kernels::fused::merged_matmul_t(xs, &h.values, inp, out, delta, y).expect("shapes checked when the layer was built"))),
         WeightT::Bf16Transposed(_) => None,
-        WeightT::Tensor(t) => in_place(t, |w| product(&|xs, y| delta_kernels::fused::merged_matmul_t(xs, w, inp, out, delta, y).expect("shapes checked when the layer was built"))),
+        WeightT::Tensor(t) => in_place(t, |w| host_product(x, out, |xs, y| delta_kernels::fused::merged_matmul_t(xs, w, inp, out, delta, y).expect("shapes checked when the layer was built"))),
     }
+}
+
+/// `kernel(x's values, y)` on the host into a fresh `[rows, out]` tensor on `x`'s device (`y`
+/// comes in zeroed).
+fn host_product<B: Backend>(x: &Tensor<B, 2>, out: usize, kernel: impl FnOnce(&[f32], &mut [f32])) -> Tensor<B, 2> {
+    let rows = x.dims()[0];
+    let y = with_values(x, |xs| {
+        let mut y = vec![0f32; rows * out];
+        kernel(xs, &mut y);
+        y
+    });
+    Tensor::from_data(TensorData::new(y, [rows, out]), &x.device())
 }
 
 /// Runs `f` on the row-major f32 values of `t`: in place for a contiguous tensor of the CPU
