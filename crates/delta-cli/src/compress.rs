@@ -144,22 +144,6 @@ pub struct Args {
     json: bool,
 }
 
-/// Calibration allocates and frees large tensors (activations, logits, gradients; up to 25 MB
-/// each on the pair) over and over. With glibc's defaults each large one is a fresh `mmap` whose
-/// pages the kernel zeroes and maps again: 31.6 M page faults and 148 s of system time in a
-/// default compress on the pair. Served from the heap, with up to 1 GiB of freed memory kept for
-/// reuse: 1.5 M faults and 117 s (BENCHMARKS.md), peak RSS still under 2 GB. Process-wide, so
-/// only this batch command sets it.
-fn keep_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets allocator parameters, under glibc's own locks; a refused value
-    // (return 0) leaves glibc's default in place.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
-    }
-}
-
 pub fn run(a: Args) -> Result<()> {
     let started = Instant::now();
     if !(a.adamw_lr.is_finite() && a.adamw_lr > 0.0) {
@@ -225,7 +209,6 @@ pub fn run(a: Args) -> Result<()> {
     let mut fits = Vec::new();
     let mut distilled: Option<DistillReport> = None;
     if let Some(text) = &calib_text {
-        keep_freed_memory();
         let tok = delta_models::Tokenizer::load(&a.finetuned)?;
         let ids = tok.encode(text, false)?;
         let (n, len) = (a.calib_samples as usize, a.calib_len as usize);
