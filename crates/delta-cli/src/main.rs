@@ -56,7 +56,9 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => return usage_error(e),
     };
-    keep_freed_memory();
+    if !matches!(cli.command, Command::Serve(_)) {
+        keep_freed_memory();
+    }
     let result = match cli.command {
         Command::Compress(a) => compress::run(a),
         Command::Apply(a) => apply::run(a),
@@ -77,13 +79,14 @@ fn main() -> ExitCode {
     }
 }
 
-/// Every command allocates and frees large buffers over and over: activations, logits and
+/// The batch commands allocate and free large buffers over and over: activations, logits and
 /// widened weight tiles of a few to a few hundred MB. With glibc's defaults each large one is a
 /// fresh `mmap` whose pages the kernel zeroes and maps again. Served from the heap, with up to
 /// 1 GiB of freed memory kept for reuse, a default `compress` on the pair went from 31.6 M page
 /// faults and 148 s of system time to 1.5 M and 117 s (peak RSS still under 2 GB), and `eval
 /// ppl` from 7.1–7.9 s of system time to 1.5–1.8 s and 16–21% less wall time (peak RSS
-/// unchanged, as in `serve`; BENCHMARKS.md).
+/// unchanged; BENCHMARKS.md). `serve` keeps glibc's defaults: a long-running server should give
+/// back what a burst of long prompts took, and it measured no faster with these settings.
 fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets allocator parameters, under glibc's own locks; a refused value
