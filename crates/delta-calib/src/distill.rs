@@ -12,13 +12,13 @@
 //! The student holds each `W` whole, at the current multipliers, and moves it after every Adam
 //! step (`delta_models::ScaledDelta`): a sample then costs three products per layer — the
 //! forward one, the input's gradient, and `x·Δ̂₀ᵀ` for the multipliers' gradients — instead of
-//! four for the base and the delta apart. Only `W` and Δ̂₀ are kept, so memory is as before.
+//! four for the base and the delta apart. Δ̂₀ stays packed (its signs and stage-1 scales: 1/32
+//! of a dense f32 copy), so a trained weight costs one f32 matrix, `W`.
 //!
 //! The teacher is needed only for its logits: they are computed once for every sample, before
 //! training, into an unnamed scratch file ([`DistillOptions::scratch_dir`]; 4 bytes per logit,
 //! ≈ 25 MB per 128-token sample of SmolLM2), and the teacher's projection weights are freed one by
-//! one as the student's replacements (`W` and Δ̂₀) are built — one model's weights in memory,
-//! not two.
+//! one as the student's replacements (`W`) are built — one model's weights in memory, not two.
 //! The student shares every tensor the compression does not touch (embeddings, norms, biases,
 //! head) with the teacher.
 //!
@@ -28,17 +28,17 @@
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use burn::backend::Autodiff;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{ElementConversion, Tensor, TensorData};
 use delta_format::checkpoint::Checkpoint;
-use delta_format::ScaleMode;
+use delta_format::{CompressedWeight, ScaleMode};
 use delta_kernels::merge::ScaleFactors;
 use delta_models::llama::{Attention, Block, Embedding, Linear, Mlp, RmsNorm};
 use delta_models::{Llama, ModelConfig, Projection, ScaledDelta, WeightT, Weights};
-use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::compress::{CompressError, Compressed};
@@ -104,9 +104,11 @@ struct Trainable<B: Backend> {
     name: String,
     mode: ScaleMode,
     /// The weight at the current multipliers, `W_base + Δ̂₀ ⊙ (θ_r·θ_cᵀ)` (as `Wᵀ`, moved after
-    /// every update), with the fine-tune's bias; and `Δ̂₀ᵀ` (`[in, out]`).
+    /// every update), with the fine-tune's bias; Δ̂₀, packed; and Δ̂₀ᵀ written out where column
+    /// multipliers need it for their gradient.
     merged: Linear<AB<B>>,
-    delta_t: Tensor<AB<B>, 2>,
+    delta: Arc<CompressedWeight<'static>>,
+    delta_t: Option<Tensor<AB<B>, 2>>,
     /// Row multipliers θ_r (`[1, out]`) and column multipliers θ_c (`[1, in]`), where the mode has them.
     rows: Option<Adam>,
     cols: Option<Adam>,
@@ -144,10 +146,10 @@ impl<B: Backend> Trainable<B> {
     /// The layer with the current multipliers, and those: tracked for gradients when `grad`;
     /// without them (the merged weight alone, one product) when not.
     fn layer(&self, grad: bool) -> (Projection<AB<B>>, Thetas<B>) {
-        let device = self.delta_t.device();
+        let device = self.merged.weight_t.device();
         let r = self.rows.as_ref().filter(|_| grad).map(|a| a.tracked::<B>(&device));
         let c = self.cols.as_ref().filter(|_| grad).map(|a| a.tracked::<B>(&device));
-        let layer = ScaledDelta { merged: self.merged.clone(), delta_t: self.delta_t.clone(), rows: r.clone(), cols: c.clone() };
+        let layer = ScaledDelta { merged: self.merged.clone(), delta: self.delta.clone(), delta_t: self.delta_t.clone(), rows: r.clone(), cols: c.clone() };
         (Projection::Scaled(layer), (r, c))
     }
 
@@ -161,7 +163,9 @@ impl<B: Backend> Trainable<B> {
             }
         }
         let after = (theta(&self.rows), theta(&self.cols));
-        let moved = ScaledDelta::<B>::moved(self.merged.weight_t.to_tensor().inner(), &self.delta_t.clone().inner(), (&before.0, &before.1), (&after.0, &after.1));
+        // Δ̂₀ᵀ written out for this update alone where the layer does not keep it.
+        let delta_t = self.delta_t.as_ref().map_or_else(|| delta_models::delta_t::<B>(&self.delta, &self.merged.weight_t.device()), |t| t.clone().inner());
+        let moved = ScaledDelta::<B>::moved(self.merged.weight_t.to_tensor().inner(), &delta_t, (&before.0, &before.1), (&after.0, &after.1));
         self.merged.weight_t = WeightT::Tensor(Tensor::from_inner(moved));
     }
 
@@ -224,20 +228,21 @@ pub fn distill<B: Backend>(
         let Some(proj) = projection_mut(&mut student, &w.name) else {
             return Err(CompressError::Calibration(format!("{}: not a projection of the model", w.name)));
         };
-        let f = ScaleFactors::new(&w.name, w.mode, &w.scales, out, inp)?;
-        let mut d = vec![0f32; inp * out];
-        d.par_chunks_mut(out).enumerate().for_each(|(j, row)| row.iter_mut().enumerate().for_each(|(i, v)| *v = f.delta_hat(&w.signs, i, j)));
-        let delta_t = Tensor::<B, 2>::from_data(TensorData::new(d, [inp, out]), device);
-        // All multipliers start at 1: the merged weight is W_base + Δ̂₀.
+        // The scales fit the mode: checked here, where it can be an error, not a panic later.
+        ScaleFactors::new(&w.name, w.mode, &w.scales, out, inp)?;
+        let delta = Arc::new(w.clone());
+        // All multipliers start at 1: the merged weight is W_base + Δ̂₀. Δ̂₀ᵀ is kept written out
+        // only where column multipliers need it for their gradient.
+        let delta_t = delta_models::delta_t::<B>(&delta, device);
         let merged = Linear::from_tensor(Tensor::from_inner(base_weights.matrix_t(&w.name, out, inp)? + delta_t.clone()), proj.linear().bias.clone());
-        let delta_t = Tensor::from_inner(delta_t);
         let (rows, cols) = match w.mode {
             ScaleMode::Scalar => (Some(Adam::ones(1)), None),
             ScaleMode::PerOutput => (Some(Adam::ones(out)), None),
             ScaleMode::PerInput => (None, Some(Adam::ones(inp))),
             ScaleMode::TwoSided => (Some(Adam::ones(out)), Some(Adam::ones(inp))),
         };
-        let tr = Trainable { name: w.name.to_string(), mode: w.mode, merged, delta_t, rows, cols };
+        let delta_t = cols.is_some().then(|| Tensor::from_inner(delta_t));
+        let tr = Trainable { name: w.name.to_string(), mode: w.mode, merged, delta, delta_t, rows, cols };
         *proj = tr.layer(false).0;
         trainables.push(tr);
     }
@@ -430,7 +435,8 @@ fn lift<B: Backend>(m: &Llama<B>) -> Llama<AB<B>> {
         Projection::Delta(d) => Projection::Dense(Linear::from_tensor(t(&d.merged_weight_t()), d.base.bias.as_ref().map(t))),
         Projection::Scaled(d) => Projection::Scaled(ScaledDelta {
             merged: linear(&d.merged),
-            delta_t: t(&d.delta_t),
+            delta: d.delta.clone(),
+            delta_t: d.delta_t.as_ref().map(t),
             rows: d.rows.as_ref().map(t),
             cols: d.cols.as_ref().map(t),
         }),

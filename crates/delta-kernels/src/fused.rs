@@ -142,6 +142,52 @@ fn merged_tiles<T: DenseValue>(x: &[f32], wt: &[T], w: &CompressedWeight<'_>, y:
     Ok(())
 }
 
+/// `Y = X · Δ̂ᵀ` for prefill-sized X (`[rows, inp]`, Y `[rows, out]`): the delta term alone, as
+/// [`merged_matmul_t`] computes the merged product — tile by tile of output columns, Δ̂ built in
+/// f32 from the signs (exact: each value `±(r[i]·c[j])`, as [`ScaleFactors::delta_hat`]; all
+/// cores), then one GEMM per tile written straight into Y. So the product is the dense Δ̂'s GEMM
+/// without the dense Δ̂: what end-to-end calibration needs for its multipliers' gradients
+/// (`delta_models::ScaledDelta`), where the packed signs take 1/32 of the memory. Decode-sized X
+/// is better served by [`crate::gemm::delta_matmul_add`].
+pub fn delta_matmul_t(x: &[f32], w: &CompressedWeight<'_>, y: &mut [f32]) -> Result<(), KernelError> {
+    let (out, inp) = (w.rows(), w.cols());
+    let rows = product_rows("delta product", x, inp * out, [inp, out], inp, out, y)?;
+    y.fill(0.0);
+    if rows == 0 || out == 0 || inp == 0 {
+        return Ok(());
+    }
+    delta_tiles(x, w, y, (MERGED_TILE_BYTES / (4 * inp)).next_multiple_of(LANES))
+}
+
+/// [`delta_matmul_t`] with `tile` output columns per tile (a multiple of [`LANES`]).
+fn delta_tiles(x: &[f32], w: &CompressedWeight<'_>, y: &mut [f32], tile: usize) -> Result<(), KernelError> {
+    let (out, inp) = (w.rows(), w.cols());
+    let f = ScaleFactors::new(&w.name, w.mode, &w.scales, out, inp)?;
+    let tile = tile.min(out);
+    let mut d = vec![0f32; tile * inp];
+    for i0 in (0..out).step_by(tile) {
+        let n = tile.min(out - i0);
+        d[..n * inp].par_chunks_mut(LANES * inp).enumerate().for_each(|(c, rows_of_d)| delta_rows(w, &f, i0 + c * LANES, rows_of_d));
+        // The tile's transpose [inp, n]: d is [n, inp] row-major.
+        gemm_columns(x, inp, &d[..n * inp], [1, inp as isize], n, y, out, i0);
+    }
+    Ok(())
+}
+
+/// Rows `i0..` of Δ̂ written out (as many as `d`, `[_, inp]`, holds; `f` the factors of `w`'s
+/// scales): each value `±(r[i]·c[j])`, [`ScaleFactors::delta_hat`] bit for bit, the sign applied
+/// by flipping the sign bit (no branch, so the loop vectorises).
+pub fn delta_rows(w: &CompressedWeight<'_>, f: &ScaleFactors<'_>, i0: usize, d: &mut [f32]) {
+    for (k, dr) in d.chunks_exact_mut(w.cols().max(1)).enumerate() {
+        let (r, words) = (f.rows[i0 + k], w.signs.row(i0 + k));
+        for ((d32, c32), &word) in dr.chunks_mut(32).zip(f.cols.chunks(32)).zip(words) {
+            for (b, (dv, &c)) in d32.iter_mut().zip(c32).enumerate() {
+                *dv = with_sign(r * c, word, b);
+            }
+        }
+    }
+}
+
 /// Rows `i0..` of the merged weight `W_base + Δ̂` (as many as `d`, `[_, inp]`, holds — at most
 /// 16): each value `W_base[i, j] + S[i, j]·(r[i]·c[j])`, the sign applied by flipping the sign
 /// bit. On AVX-512 a full 16 rows take 16 × 16 blocks: 16 base rows (16 contiguous values each)
@@ -328,6 +374,31 @@ mod tests {
                     prop_assert!((got - want).abs() <= 1e-4 * want.abs().max(1.0), "row {r}, output {i}: {got} vs {want}");
                 }
             }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(60))]
+        /// The delta term alone is the dense Δ̂'s GEMM, bit for bit: Δ̂ᵀ written out element by
+        /// element (`delta_hat`) and multiplied by the same `matrixmultiply` GEMM; in one tile or
+        /// several.
+        #[test]
+        fn delta_product_equals_the_dense_delta_gemm(
+            rows in 1usize..40, out in 1usize..200, inp in 1usize..150, tiles in 1usize..6, seed in any::<u64>(),
+            mode in prop::sample::select(ScaleMode::ALL.to_vec()),
+        ) {
+            let w = weight(out, inp, mode, seed);
+            let x = random(rows * inp, seed ^ 11);
+            let f = ScaleFactors::new(&w.name, w.mode, &w.scales, out, inp).unwrap();
+            let dt: Vec<f32> = (0..inp * out).map(|k| f.delta_hat(&w.signs, k % out, k / out)).collect();
+            let want = crate::dense::bf16_tests::reference_gemm(&x, inp, &dt, [out as isize, 1], out);
+            let mut y = vec![f32::NAN; rows * out];
+            delta_matmul_t(&x, &w, &mut y).unwrap();
+            prop_assert!(y == want);
+            let mut tiled = vec![f32::NAN; rows * out];
+            delta_tiles(&x, &w, &mut tiled, out.div_ceil(tiles).next_multiple_of(LANES)).unwrap();
+            prop_assert!(tiled == want, "{tiles} tiles");
+            prop_assert!(delta_matmul_t(&x[1..], &w, &mut y).is_err());
         }
     }
 

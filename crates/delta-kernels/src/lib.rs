@@ -11,7 +11,8 @@
 //!   vectorising dot product.
 //! - [`dense_nt`]: `Y = X·Wᵀ` for a weight kept as stored (`[out, in]`): a tied LM head reading
 //!   the embedding matrix in place.
-//! - [`fused`]: a decode step's whole projection, base product and delta terms, in one pass.
+//! - [`fused`]: a decode step's whole projection, base product and delta terms, in one pass;
+//!   prefill-sized products on the merged weight, or on Δ̂ alone, built a tile at a time.
 //! - [`convert`]: bf16 / f16 / f32 conversions (round to nearest even).
 //!
 //! - [`cube`] (feature `cube`, with `wgpu` or `cuda`): the batched delta product as a CubeCL

@@ -6,11 +6,14 @@
 //! `cuda` features) the same split runs as CubeCL kernels on device buffers ([`crate::cube`]). On
 //! any other backend the activations make a round trip to host memory for the delta term.
 
+use std::sync::Arc;
+
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use delta_format::CompressedWeight;
 use delta_kernels::gemm::delta_matmul_add;
 use delta_kernels::merge::ScaleFactors;
+use rayon::prelude::*;
 
 use crate::cube::DeviceDelta;
 use crate::error::ModelError;
@@ -60,15 +63,7 @@ impl<B: Backend> DeltaLinear<B> {
 
     /// The merged weight as a dense `Wᵀ` (`[in, out]`), in f32 and unrounded: `W_base + Δ̂`.
     pub fn merged_weight_t(&self) -> Tensor<B, 2> {
-        let [inp, out] = self.base.weight_t.dims();
-        let f = ScaleFactors::new(&self.delta.name, self.delta.mode, &self.delta.scales, out, inp).expect("validated artifact");
-        let mut dt = vec![0f32; inp * out];
-        for i in 0..out {
-            for j in 0..inp {
-                dt[j * out + i] = f.delta_hat(&self.delta.signs, i, j);
-            }
-        }
-        self.base.weight_t.to_tensor() + Tensor::from_data(TensorData::new(dt, [inp, out]), &self.base.weight_t.device())
+        self.base.weight_t.to_tensor() + delta_t(&self.delta, &self.base.weight_t.device())
     }
 }
 
@@ -83,12 +78,21 @@ impl<B: Backend> DeltaLinear<B> {
 /// weight. So a training sample costs three products per layer without column multipliers — the
 /// forward product, `x`'s gradient and `P` — where the base and the delta taken apart cost four.
 /// Whoever changes the multipliers moves `merged` with them ([`ScaledDelta::moved`]).
+///
+/// Δ̂₀ is kept packed (its signs and the scales the multipliers start from, 1/32 of a dense f32
+/// Δ̂₀). Without column multipliers `P` is a constant, computed on the host from the signs
+/// (`delta_kernels::fused::delta_matmul_t`: the dense Δ̂₀'s GEMM, bit for bit). With them, `c`'s
+/// gradient flows through a product with Δ̂₀ᵀ written out (by the function [`delta_t`]), which
+/// the field `delta_t` keeps.
 #[derive(Clone)]
 pub struct ScaledDelta<B: Backend> {
     /// `W(θ)ᵀ` (`[in, out]`) at the current multipliers, and the layer's bias.
     pub merged: Linear<B>,
-    /// Δ̂₀ᵀ, `[in, out]`.
-    pub delta_t: Tensor<B, 2>,
+    /// Δ̂₀ (`[out, in]` signs and its scales), packed.
+    pub delta: Arc<CompressedWeight<'static>>,
+    /// Δ̂₀ᵀ written out, where column multipliers need it for their gradient (built for each
+    /// forward pass when absent).
+    pub delta_t: Option<Tensor<B, 2>>,
     pub rows: Option<Tensor<B, 2>>,
     pub cols: Option<Tensor<B, 2>>,
 }
@@ -100,13 +104,15 @@ impl<B: Backend> ScaledDelta<B> {
             return y;
         }
         let x = x.detach();
-        let p = crate::host::matmul(
-            match &self.cols {
-                Some(c) => x * c.clone(),
-                None => x,
-            },
-            &self.delta_t,
-        );
+        let p = match &self.cols {
+            Some(c) => crate::host::matmul(x.clone() * c.clone(), &self.delta_t.clone().unwrap_or_else(|| delta_t(&self.delta, &x.device()))),
+            None => {
+                let [rows, _] = x.dims();
+                let mut p = vec![0f32; rows * self.delta.rows()];
+                crate::host::with_values(&x, |xs| delta_kernels::fused::delta_matmul_t(xs, &self.delta, &mut p).expect("Δ̂₀ has the merged weight's shape"));
+                Tensor::<B, 2>::from_data(TensorData::new(p, [rows, self.delta.rows()]), &x.device())
+            }
+        };
         let carrier = match &self.rows {
             Some(r) => p.clone() * r.clone() - p.detach() * r.clone().detach(),
             None => p.clone() - p.detach(),
@@ -133,6 +139,25 @@ impl<B: Backend> ScaledDelta<B> {
             (true, true) => merged_t,
         }
     }
+}
+
+/// Δ̂ᵀ (`[in, out]`) in f32, on `device`: Δ̂ written out from its signs and scales as `[out, in]`
+/// rows (`delta_kernels::fused::delta_rows`, all cores), seen transposed (no copy).
+pub fn delta_t<B: Backend>(delta: &CompressedWeight<'_>, device: &B::Device) -> Tensor<B, 2> {
+    let (out, inp) = (delta.rows(), delta.cols());
+    let f = ScaleFactors::new(&delta.name, delta.mode, &delta.scales, out, inp).expect("a validated delta");
+    let mut d = vec![0f32; inp * out];
+    d.par_chunks_mut(32 * out.max(1)).enumerate().for_each(|(jb, block)| {
+        let words: Vec<u32> = (0..out).map(|i| delta.signs.row(i)[jb]).collect();
+        for (jj, row) in block.chunks_exact_mut(out).enumerate() {
+            let c = f.cols[jb * 32 + jj];
+            for ((v, &r), &w) in row.iter_mut().zip(f.rows.iter()).zip(&words) {
+                let x: f32 = r * c;
+                *v = f32::from_bits(x.to_bits() ^ ((!w >> jj) & 1) << 31);
+            }
+        }
+    });
+    Tensor::<B, 2>::from_data(TensorData::new(d, [inp, out]), device)
 }
 
 /// A projection inside the model: dense, base + packed delta, or base + scaled dense delta.
@@ -181,6 +206,11 @@ mod tests {
     use burn::backend::Autodiff;
     use burn::tensor::{Tensor, TensorData};
 
+    use std::sync::Arc;
+
+    use delta_format::{CompressedWeight, ScaleMode, SignMask};
+    use delta_kernels::merge::ScaleFactors;
+
     use super::ScaledDelta;
     use crate::llama::Linear;
     use crate::CpuBackend;
@@ -220,10 +250,17 @@ mod tests {
     #[test]
     fn moved_weight_output_and_gradients_match_the_weight_written_out() {
         let (rows, inp, out) = (3, 5, 6);
-        let (wb, d, x, g) = (values(out * inp, 1), values(out * inp, 2), values(rows * inp, 3), values(rows * out, 4));
+        let (wb, x, g) = (values(out * inp, 1), values(rows * inp, 3), values(rows * out, 4));
+        // Δ̂₀ with two-sided scales, so that its values differ along both axes.
+        let delta = {
+            let signs = SignMask::from_deltas(out, inp, &values(out * inp, 2).iter().map(|&v| v as f32).collect::<Vec<f32>>());
+            let scales: Vec<f32> = values(out + inp, 7).iter().map(|v| (0.5 + 0.4 * v) as f32).collect();
+            Arc::new(CompressedWeight { name: "w".into(), mode: ScaleMode::TwoSided, signs, scales: scales.into() })
+        };
+        let f = ScaleFactors::new("w", ScaleMode::TwoSided, &delta.scales, out, inp).unwrap();
+        let d: Vec<f64> = (0..out * inp).map(|k| f.delta_hat(&delta.signs, k / inp, k % inp) as f64).collect();
         let transpose = |m: &[f64]| -> Vec<f64> { (0..inp * out).map(|k| m[(k % out) * inp + k / out]).collect() };
         let merged0 = tensor(&(0..out * inp).map(|k| wb[k] + d[k]).collect::<Vec<_>>(), [out, inp]).transpose();
-        let delta_t = tensor(&transpose(&d), [inp, out]);
         let r_full: Vec<f64> = values(out, 5).iter().map(|v| 1.0 + 0.3 * v).collect();
         let c_full: Vec<f64> = values(inp, 6).iter().map(|v| 1.0 + 0.3 * v).collect();
         for (name, r, c) in [
@@ -233,7 +270,7 @@ mod tests {
             ("two-sided", r_full.clone(), c_full.clone()),
         ] {
             let ones = |v: &[f64]| vec![1.0; v.len()];
-            let merged = ScaledDelta::<CpuBackend>::moved(merged0.clone(), &delta_t, (&ones(&r), &ones(&c)), (&r, &c));
+            let merged = ScaledDelta::<CpuBackend>::moved(merged0.clone(), &super::delta_t(&delta, &Default::default()), (&ones(&r), &ones(&c)), (&r, &c));
             let ri = |i: usize| if r.is_empty() { 1.0 } else if r.len() == 1 { r[0] } else { r[i] };
             let cj = |j: usize| if c.is_empty() { 1.0 } else { c[j] };
             let w: Vec<f64> = (0..out * inp).map(|k| wb[k] + d[k] * ri(k / inp) * cj(k % inp)).collect();
@@ -243,7 +280,7 @@ mod tests {
             let param = |v: &[f64]| (!v.is_empty()).then(|| Tensor::<AD, 2>::from_inner(tensor(v, [1, v.len()])).require_grad());
             let (rt, ct) = (param(&r), param(&c));
             let xt = Tensor::<AD, 2>::from_inner(tensor(&x, [rows, inp])).require_grad();
-            let layer = ScaledDelta::<AD> { merged: Linear::from_tensor(Tensor::from_inner(merged), None), delta_t: Tensor::from_inner(delta_t.clone()), rows: rt.clone(), cols: ct.clone() };
+            let layer = ScaledDelta::<AD> { merged: Linear::from_tensor(Tensor::from_inner(merged), None), delta: delta.clone(), delta_t: ct.as_ref().map(|_| Tensor::from_inner(super::delta_t(&delta, &device))), rows: rt.clone(), cols: ct.clone() };
             let y = layer.forward(xt.clone());
             let loss = (y.clone() * Tensor::<AD, 2>::from_data(TensorData::new(g.iter().map(|&v| v as f32).collect::<Vec<f32>>(), [rows, out]), &device)).sum();
             let grads = loss.backward();

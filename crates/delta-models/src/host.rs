@@ -227,8 +227,12 @@ pub fn with_values<B: Backend, R>(t: &Tensor<B, 2>, f: impl FnOnce(&[f32]) -> R)
 
 /// `f` on the values of `t` without a copy, when `t` is a contiguous f32 tensor of the CPU backend.
 fn in_place<B: Backend, R>(t: &Tensor<B, 2>, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
-    let cpu = (t as &dyn Any).downcast_ref::<Tensor<CpuBackend, 2>>()?;
-    let NdArrayTensor::F32(storage) = cpu.clone().into_primitive().tensor() else { return None };
+    let any = t as &dyn Any;
+    let cpu = match any.downcast_ref::<Tensor<CpuBackend, 2>>() {
+        Some(cpu) => cpu.clone(),
+        None => any.downcast_ref::<Tensor<AutodiffCpu, 2>>()?.clone().inner(),
+    };
+    let NdArrayTensor::F32(storage) = cpu.into_primitive().tensor() else { return None };
     let view = storage.view();
     view.as_slice().map(f)
 }

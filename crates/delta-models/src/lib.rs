@@ -30,7 +30,7 @@ pub mod tokenizer;
 pub mod weights;
 
 pub use config::ModelConfig;
-pub use delta_linear::{DeltaLinear, Projection, ScaledDelta};
+pub use delta_linear::{delta_t, DeltaLinear, Projection, ScaledDelta};
 pub use error::ModelError;
 pub use files::ModelFiles;
 pub use llama::{KvCache, Linear, Llama, WeightT};
