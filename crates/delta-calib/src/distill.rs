@@ -13,7 +13,8 @@
 //! step (`delta_models::ScaledDelta`): a sample then costs three products per layer — the
 //! forward one, the input's gradient, and `x·Δ̂₀ᵀ` for the multipliers' gradients — instead of
 //! four for the base and the delta apart. Δ̂₀ stays packed (its signs and stage-1 scales: 1/32
-//! of a dense f32 copy), so a trained weight costs one f32 matrix, `W`.
+//! of a dense f32 copy), so a trained weight costs one f32 matrix, `W` — two where column
+//! multipliers need Δ̂₀ᵀ written out for their gradient.
 //!
 //! The teacher is needed only for its logits: they are computed once for every sample, before
 //! training, into an unnamed scratch file ([`DistillOptions::scratch_dir`]; 4 bytes per logit,
