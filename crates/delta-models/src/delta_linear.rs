@@ -141,8 +141,9 @@ impl<B: Backend> ScaledDelta<B> {
     }
 }
 
-/// Δ̂ᵀ (`[in, out]`) in f32, on `device`: Δ̂ written out from its signs and scales as `[out, in]`
-/// rows (`delta_kernels::fused::delta_rows`, all cores), seen transposed (no copy).
+/// Δ̂ᵀ (`[in, out]`, contiguous) written out in f32 on `device`, all cores: each value
+/// `±(r[i]·c[j])` — `ScaleFactors::delta_hat` bit for bit — the sign bit flipped where Δ < 0,
+/// 32 inputs at a time (one sign word per output row).
 pub fn delta_t<B: Backend>(delta: &CompressedWeight<'_>, device: &B::Device) -> Tensor<B, 2> {
     let (out, inp) = (delta.rows(), delta.cols());
     let f = ScaleFactors::new(&delta.name, delta.mode, &delta.scales, out, inp).expect("a validated delta");
