@@ -177,7 +177,7 @@ fn delta_tiles(x: &[f32], w: &CompressedWeight<'_>, y: &mut [f32], tile: usize) 
 /// Rows `i0..` of Δ̂ written out (as many as `d`, `[_, inp]`, holds; `f` the factors of `w`'s
 /// scales): each value `±(r[i]·c[j])`, [`ScaleFactors::delta_hat`] bit for bit, the sign applied
 /// by flipping the sign bit (no branch, so the loop vectorises).
-pub fn delta_rows(w: &CompressedWeight<'_>, f: &ScaleFactors<'_>, i0: usize, d: &mut [f32]) {
+fn delta_rows(w: &CompressedWeight<'_>, f: &ScaleFactors<'_>, i0: usize, d: &mut [f32]) {
     for (k, dr) in d.chunks_exact_mut(w.cols().max(1)).enumerate() {
         let (r, words) = (f.rows[i0 + k], w.signs.row(i0 + k));
         for ((d32, c32), &word) in dr.chunks_mut(32).zip(f.cols.chunks(32)).zip(words) {

@@ -106,12 +106,7 @@ impl<B: Backend> ScaledDelta<B> {
         let x = x.detach();
         let p = match &self.cols {
             Some(c) => crate::host::matmul(x.clone() * c.clone(), &self.delta_t.clone().unwrap_or_else(|| delta_t(&self.delta, &x.device()))),
-            None => {
-                let [rows, _] = x.dims();
-                let mut p = vec![0f32; rows * self.delta.rows()];
-                crate::host::with_values(&x, |xs| delta_kernels::fused::delta_matmul_t(xs, &self.delta, &mut p).expect("Δ̂₀ has the merged weight's shape"));
-                Tensor::<B, 2>::from_data(TensorData::new(p, [rows, self.delta.rows()]), &x.device())
-            }
+            None => crate::host::host_product(&x, self.delta.rows(), |xs, p| delta_kernels::fused::delta_matmul_t(xs, &self.delta, p).expect("Δ̂₀ has the merged weight's shape")),
         };
         let carrier = match &self.rows {
             Some(r) => p.clone() * r.clone() - p.detach() * r.clone().detach(),

@@ -203,7 +203,7 @@ pub fn merged<B: Backend>(x: &Tensor<B, 2>, wt: &WeightT<B>, delta: &CompressedW
 
 /// `kernel(x's values, y)` on the host into a fresh `[rows, out]` tensor on `x`'s device (`y`
 /// comes in zeroed).
-fn host_product<B: Backend>(x: &Tensor<B, 2>, out: usize, kernel: impl FnOnce(&[f32], &mut [f32])) -> Tensor<B, 2> {
+pub(crate) fn host_product<B: Backend>(x: &Tensor<B, 2>, out: usize, kernel: impl FnOnce(&[f32], &mut [f32])) -> Tensor<B, 2> {
     let rows = x.dims()[0];
     let y = with_values(x, |xs| {
         let mut y = vec![0f32; rows * out];
