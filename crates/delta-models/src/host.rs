@@ -214,7 +214,7 @@ pub(crate) fn host_product<B: Backend>(x: &Tensor<B, 2>, out: usize, kernel: imp
 }
 
 /// Runs `f` on the row-major f32 values of `t`: in place for a contiguous tensor of the CPU
-/// backend, else on a copy (Burn's `to_data`, which on NdArray walks a non-contiguous tensor
+/// backend, with or without autodiff, else on a copy (Burn's `to_data`, which on NdArray walks a non-contiguous tensor
 /// element by element).
 pub fn with_values<B: Backend, R>(t: &Tensor<B, 2>, f: impl FnOnce(&[f32]) -> R) -> R {
     let mut f = Some(f);
@@ -225,7 +225,8 @@ pub fn with_values<B: Backend, R>(t: &Tensor<B, 2>, f: impl FnOnce(&[f32]) -> R)
     (f.take().expect("not called yet"))(&values)
 }
 
-/// `f` on the values of `t` without a copy, when `t` is a contiguous f32 tensor of the CPU backend.
+/// `f` on the values of `t` without a copy, when `t` is a contiguous f32 tensor of the CPU backend
+/// or of `Autodiff` over it (its inner values).
 fn in_place<B: Backend, R>(t: &Tensor<B, 2>, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
     let any = t as &dyn Any;
     let cpu = match any.downcast_ref::<Tensor<CpuBackend, 2>>() {
