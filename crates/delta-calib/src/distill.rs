@@ -106,7 +106,7 @@ struct Trainable<B: Backend> {
     mode: ScaleMode,
     /// The weight at the current multipliers, `W_base + Δ̂₀ ⊙ (θ_r·θ_cᵀ)` (as `Wᵀ`, moved after
     /// every update), with the fine-tune's bias; Δ̂₀, packed; and Δ̂₀ᵀ written out where column
-    /// multipliers need it for their gradient.
+    /// multipliers need it for their gradient (not on the CPU).
     merged: Linear<AB<B>>,
     delta: Arc<CompressedWeight<'static>>,
     delta_t: Option<Tensor<AB<B>, 2>>,
@@ -164,9 +164,7 @@ impl<B: Backend> Trainable<B> {
             }
         }
         let after = (theta(&self.rows), theta(&self.cols));
-        // Δ̂₀ᵀ written out for this update alone where the layer does not keep it.
-        let delta_t = self.delta_t.as_ref().map_or_else(|| delta_models::delta_t::<B>(&self.delta, &self.merged.weight_t.device()), |t| t.clone().inner());
-        let moved = ScaledDelta::<B>::moved(self.merged.weight_t.to_tensor().inner(), &delta_t, (&before.0, &before.1), (&after.0, &after.1));
+        let moved = ScaledDelta::<B>::moved(self.merged.weight_t.to_tensor().inner(), &self.delta, (&before.0, &before.1), (&after.0, &after.1));
         self.merged.weight_t = WeightT::Tensor(Tensor::from_inner(moved));
     }
 
@@ -233,7 +231,8 @@ pub fn distill<B: Backend>(
         ScaleFactors::new(&w.name, w.mode, &w.scales, out, inp)?;
         let delta = Arc::new(w.clone());
         // All multipliers start at 1: the merged weight is W_base + Δ̂₀. Δ̂₀ᵀ is kept written out
-        // only where column multipliers need it for their gradient.
+        // only where column multipliers need it for their gradient: on a backend other than the
+        // CPU, which computes that gradient from the signs.
         let delta_t = delta_models::delta_t::<B>(&delta, device);
         let merged = Linear::from_tensor(Tensor::from_inner(base_weights.matrix_t(&w.name, out, inp)? + delta_t.clone()), proj.linear().bias.clone());
         let (rows, cols) = match w.mode {
@@ -242,7 +241,7 @@ pub fn distill<B: Backend>(
             ScaleMode::PerInput => (None, Some(Adam::ones(inp))),
             ScaleMode::TwoSided => (Some(Adam::ones(out)), Some(Adam::ones(inp))),
         };
-        let delta_t = cols.is_some().then(|| Tensor::from_inner(delta_t));
+        let delta_t = (cols.is_some() && !delta_models::host::is_cpu::<B>()).then(|| Tensor::from_inner(delta_t));
         let tr = Trainable { name: w.name.to_string(), mode: w.mode, merged, delta, delta_t, rows, cols };
         *proj = tr.layer(false).0;
         trainables.push(tr);

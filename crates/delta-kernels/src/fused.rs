@@ -167,20 +167,51 @@ fn delta_tiles(x: &[f32], w: &CompressedWeight<'_>, y: &mut [f32], tile: usize) 
     let mut d = vec![0f32; tile * inp];
     for i0 in (0..out).step_by(tile) {
         let n = tile.min(out - i0);
-        d[..n * inp].par_chunks_mut(LANES * inp).enumerate().for_each(|(c, rows_of_d)| delta_rows(w, &f, i0 + c * LANES, rows_of_d));
+        d[..n * inp].par_chunks_mut(LANES * inp).enumerate().for_each(|(c, rows_of_d)| delta_rows(w, &f, i0 + c * LANES, [0, inp], rows_of_d));
         // The tile's transpose [inp, n]: d is [n, inp] row-major.
         gemm_columns(x, inp, &d[..n * inp], [1, inp as isize], n, y, out, i0);
     }
     Ok(())
 }
 
-/// Rows `i0..` of Δ̂ written out (as many as `d`, `[_, inp]`, holds; `f` the factors of `w`'s
-/// scales): each value `±(r[i]·c[j])`, [`ScaleFactors::delta_hat`] bit for bit, the sign applied
-/// by flipping the sign bit (no branch, so the loop vectorises).
-fn delta_rows(w: &CompressedWeight<'_>, f: &ScaleFactors<'_>, i0: usize, d: &mut [f32]) {
-    for (k, dr) in d.chunks_exact_mut(w.cols().max(1)).enumerate() {
-        let (r, words) = (f.rows[i0 + k], w.signs.row(i0 + k));
-        for ((d32, c32), &word) in dr.chunks_mut(32).zip(f.cols.chunks(32)).zip(words) {
+/// `Y = X · Δ̂` for prefill-sized X (`[rows, out]`, Y `[rows, inp]`): the product with Δ̂ as
+/// stored, which is what a product with Δ̂ᵀ passes back to its input in a backward pass
+/// (end-to-end calibration's column multipliers, `delta_models::host`). Tile by tile of Δ̂'s
+/// columns, Δ̂ is built in f32 from the signs (all cores), then one GEMM per tile writes those
+/// columns of Y: the dense Δ̂'s GEMM, bit for bit, without the dense Δ̂.
+pub fn delta_matmul(x: &[f32], w: &CompressedWeight<'_>, y: &mut [f32]) -> Result<(), KernelError> {
+    let (out, inp) = (w.rows(), w.cols());
+    let rows = product_rows("delta product (Δ̂ as stored)", x, out * inp, [out, inp], out, inp, y)?;
+    y.fill(0.0);
+    if rows == 0 || out == 0 || inp == 0 {
+        return Ok(());
+    }
+    delta_column_tiles(x, w, y, (MERGED_TILE_BYTES / (4 * out)).next_multiple_of(32))
+}
+
+/// [`delta_matmul`] with `tile` columns of Δ̂ per tile (a multiple of 32, the inputs of a sign word).
+fn delta_column_tiles(x: &[f32], w: &CompressedWeight<'_>, y: &mut [f32], tile: usize) -> Result<(), KernelError> {
+    let (out, inp) = (w.rows(), w.cols());
+    let f = ScaleFactors::new(&w.name, w.mode, &w.scales, out, inp)?;
+    let tile = tile.min(inp);
+    let mut d = vec![0f32; out * tile];
+    for j0 in (0..inp).step_by(tile) {
+        let n = tile.min(inp - j0);
+        d[..out * n].par_chunks_mut(LANES * n).enumerate().for_each(|(c, rows_of_d)| delta_rows(w, &f, c * LANES, [j0, n], rows_of_d));
+        // The tile is Δ̂[:, j0..j0 + n], [out, n] row-major.
+        gemm_columns(x, out, &d[..out * n], [n as isize, 1], n, y, inp, j0);
+    }
+    Ok(())
+}
+
+/// Rows `i0..` of Δ̂, columns `j0..j0 + n` (`j0` a multiple of 32), written out (as many rows as
+/// `d`, `[_, n]`, holds; `f` the factors of `w`'s scales): each value `±(r[i]·c[j])`,
+/// [`ScaleFactors::delta_hat`] bit for bit, the sign applied by flipping the sign bit (no
+/// branch, so the loop vectorises).
+fn delta_rows(w: &CompressedWeight<'_>, f: &ScaleFactors<'_>, i0: usize, [j0, n]: [usize; 2], d: &mut [f32]) {
+    for (k, dr) in d.chunks_exact_mut(n.max(1)).enumerate() {
+        let (r, words) = (f.rows[i0 + k], &w.signs.row(i0 + k)[j0 / 32..]);
+        for ((d32, c32), &word) in dr.chunks_mut(32).zip(f.cols[j0..j0 + n].chunks(32)).zip(words) {
             for (b, (dv, &c)) in d32.iter_mut().zip(c32).enumerate() {
                 *dv = with_sign(r * c, word, b);
             }
@@ -381,7 +412,7 @@ mod tests {
         #![proptest_config(ProptestConfig::with_cases(60))]
         /// The delta term alone is the dense Δ̂'s GEMM, bit for bit: Δ̂ᵀ written out element by
         /// element (`delta_hat`) and multiplied by the same `matrixmultiply` GEMM; in one tile or
-        /// several.
+        /// several; and so is the product with Δ̂ as stored.
         #[test]
         fn delta_product_equals_the_dense_delta_gemm(
             rows in 1usize..40, out in 1usize..200, inp in 1usize..150, tiles in 1usize..6, seed in any::<u64>(),
@@ -399,6 +430,18 @@ mod tests {
             delta_tiles(&x, &w, &mut tiled, out.div_ceil(tiles).next_multiple_of(LANES)).unwrap();
             prop_assert!(tiled == want, "{tiles} tiles");
             prop_assert!(delta_matmul_t(&x[1..], &w, &mut y).is_err());
+
+            // And with Δ̂ as stored: G · Δ̂, tiles of Δ̂'s columns.
+            let g = random(rows * out, seed ^ 17);
+            let d: Vec<f32> = (0..out * inp).map(|k| f.delta_hat(&w.signs, k / inp, k % inp)).collect();
+            let want = crate::dense::bf16_tests::reference_gemm(&g, out, &d, [inp as isize, 1], inp);
+            let mut h = vec![f32::NAN; rows * inp];
+            delta_matmul(&g, &w, &mut h).unwrap();
+            prop_assert!(h == want, "Δ̂ as stored");
+            let mut tiled = vec![f32::NAN; rows * inp];
+            delta_column_tiles(&g, &w, &mut tiled, inp.div_ceil(tiles).next_multiple_of(32)).unwrap();
+            prop_assert!(tiled == want, "Δ̂ as stored, {tiles} tiles");
+            prop_assert!(delta_matmul(&g[1..], &w, &mut h).is_err());
         }
     }
 

@@ -109,6 +109,23 @@ pub(crate) fn with_sign(v: f32, word: u32, b: usize) -> f32 {
     f32::from_bits(v.to_bits() ^ ((!word >> b) & 1) << 31)
 }
 
+/// Rows `j0..` of Δ̂ᵀ (`[in, out]`, row-major; as many as `d` holds, at most 32, with `j0` a
+/// multiple of 32 — the inputs of one sign word per output), `f` the factors of `w`'s scales:
+/// each value `±(r[i]·c[j])`, [`ScaleFactors::delta_hat`] bit for bit, the sign applied by
+/// flipping the sign bit. What a transposed consumer of the delta (end-to-end calibration's
+/// `[in, out]` weights) writes a block at a time.
+pub fn delta_t_rows(w: &CompressedWeight<'_>, f: &ScaleFactors<'_>, j0: usize, d: &mut [f32]) {
+    let out = w.rows();
+    assert!(j0.is_multiple_of(32) && d.len().is_multiple_of(out.max(1)) && d.len() / out.max(1) <= 32 && j0 + d.len() / out.max(1) <= w.cols(), "delta_t_rows: rows {j0}.. out of the delta's [{}, {}]", out, w.cols());
+    let words: Vec<u32> = (0..out).map(|i| w.signs.row(i)[j0 / 32]).collect();
+    for (b, row) in d.chunks_exact_mut(out.max(1)).enumerate() {
+        let c = f.cols[j0 + b];
+        for ((v, &r), &word) in row.iter_mut().zip(f.rows.iter()).zip(&words) {
+            *v = with_sign(r * c, word, b);
+        }
+    }
+}
+
 /// One row: out[j] = round(base[j] + S[j]·(r·c[j])), the sign applied by flipping the IEEE sign
 /// bit of the product (exact), with no branch in the loop so that it vectorises.
 #[inline(always)]
@@ -215,6 +232,17 @@ mod tests {
                 }
                 let portable: Vec<u8> = out.iter().flat_map(|x| x.to_le_bytes()).collect();
                 prop_assert!(portable == slow, "portable path, {mode} {rows}x{cols}");
+            }
+
+            // Δ̂ᵀ written 32 inputs at a time is the definition's Δ̂, transposed, bit for bit.
+            let fac = ScaleFactors::new("w", mode, &scales, rows, cols).unwrap();
+            let mut dt = vec![f32::NAN; cols * rows];
+            for (k, block) in dt.chunks_mut(32 * rows).enumerate() {
+                delta_t_rows(&w, &fac, 32 * k, block);
+            }
+            for (k, v) in dt.iter().enumerate() {
+                let (j, i) = (k / rows, k % rows);
+                prop_assert!(v.to_bits() == fac.delta_hat(&w.signs, i, j).to_bits(), "Δ̂ᵀ[{j}, {i}], {mode} {rows}x{cols}");
             }
 
             // The closed-form error agrees with direct summation. It is ‖Δ‖² − 2⟨Δ, Δ̂⟩ + ‖Δ̂‖²,

@@ -81,17 +81,18 @@ impl<B: Backend> DeltaLinear<B> {
 ///
 /// Δ̂₀ is kept packed (its signs and the scales the multipliers start from, 1/32 of a dense f32
 /// Δ̂₀). Without column multipliers `P` is a constant, computed on the host from the signs
-/// (`delta_kernels::fused::delta_matmul_t`: the dense Δ̂₀'s GEMM, bit for bit). With them, `c`'s
-/// gradient flows through a product with Δ̂₀ᵀ written out (by the function [`delta_t`]), which
-/// the field `delta_t` keeps.
+/// (`delta_kernels::fused::delta_matmul_t`: the dense Δ̂₀'s GEMM, bit for bit). With them, on
+/// the CPU backend `P` and `c`'s gradient are both products from the signs
+/// ([`crate::host::column_delta_product`]); on other backends `c`'s gradient flows through a
+/// product with Δ̂₀ᵀ written out (by the function [`delta_t`]), which the field `delta_t` keeps.
 #[derive(Clone)]
 pub struct ScaledDelta<B: Backend> {
     /// `W(θ)ᵀ` (`[in, out]`) at the current multipliers, and the layer's bias.
     pub merged: Linear<B>,
     /// Δ̂₀ (`[out, in]` signs and its scales), packed.
     pub delta: Arc<CompressedWeight<'static>>,
-    /// Δ̂₀ᵀ written out, where column multipliers need it for their gradient (built for each
-    /// forward pass when absent).
+    /// Δ̂₀ᵀ written out, where column multipliers need it for their gradient on a backend other
+    /// than the CPU (built for each forward pass when absent there; unused on the CPU).
     pub delta_t: Option<Tensor<B, 2>>,
     pub rows: Option<Tensor<B, 2>>,
     pub cols: Option<Tensor<B, 2>>,
@@ -105,7 +106,8 @@ impl<B: Backend> ScaledDelta<B> {
         }
         let x = x.detach();
         let p = match &self.cols {
-            Some(c) => crate::host::matmul(x.clone() * c.clone(), &self.delta_t.clone().unwrap_or_else(|| delta_t(&self.delta, &x.device()))),
+            Some(c) => crate::host::column_delta_product(&x, c, &self.delta)
+                .unwrap_or_else(|| crate::host::matmul(x.clone() * c.clone(), &self.delta_t.clone().unwrap_or_else(|| delta_t(&self.delta, &x.device())))),
             None => crate::host::host_product(&x, self.delta.rows(), |xs, p| delta_kernels::fused::delta_matmul_t(xs, &self.delta, p).expect("Δ̂₀ has the merged weight's shape")),
         };
         let carrier = match &self.rows {
@@ -117,42 +119,118 @@ impl<B: Backend> ScaledDelta<B> {
 
     /// `W(θ')ᵀ` from `W(θ)ᵀ`: `merged_t + Δ̂₀ᵀ ⊙ (c'ⱼ·r'ᵢ − cⱼ·rᵢ)`, the multipliers given as
     /// `(rows, cols)` before and after (empty: none; one row value: a scalar). The differences of
-    /// one-sided multipliers are taken in f64 before they are rounded.
-    pub fn moved(merged_t: Tensor<B, 2>, delta_t: &Tensor<B, 2>, before: (&[f64], &[f64]), after: (&[f64], &[f64])) -> Tensor<B, 2> {
-        let device = delta_t.device();
-        let row = |v: Vec<f64>| Tensor::<B, 2>::from_data(TensorData::new(v.iter().map(|&x| x as f32).collect::<Vec<f32>>(), [1, v.len()]), &device);
-        let col = |v: Vec<f64>| Tensor::<B, 2>::from_data(TensorData::new(v.iter().map(|&x| x as f32).collect::<Vec<f32>>(), [v.len(), 1]), &device);
-        let diff = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(a, b)| a - b).collect::<Vec<f64>>();
-        let ((r0, c0), (r1, c1)) = (before, after);
+    /// one-sided multipliers are taken in f64 before they are rounded. On the CPU backend, one
+    /// pass over the host values, Δ̂₀ᵀ built 32 inputs at a time from the signs; elsewhere Δ̂₀ᵀ
+    /// is written out whole and the same arithmetic runs as tensor operations. Both give the
+    /// same bits.
+    pub fn moved(merged_t: Tensor<B, 2>, delta: &CompressedWeight<'_>, before: (&[f64], &[f64]), after: (&[f64], &[f64])) -> Tensor<B, 2> {
+        let step = Move::new(before, after);
+        if let Move::None = step {
+            return merged_t;
+        }
+        if crate::host::is_cpu::<B>() {
+            let out = delta.rows();
+            let f = ScaleFactors::new(&delta.name, delta.mode, &delta.scales, out, delta.cols()).expect("a validated delta");
+            let moved = crate::host::with_values(&merged_t, |m| {
+                let mut moved = vec![0f32; m.len()];
+                moved.par_chunks_mut(32 * out.max(1)).zip(m.par_chunks(32 * out.max(1))).enumerate().for_each(|(jb, (new, old))| {
+                    let mut d = vec![0f32; new.len()];
+                    delta_kernels::merge::delta_t_rows(delta, &f, 32 * jb, &mut d);
+                    for (b, ((new, old), d)) in new.chunks_exact_mut(out).zip(old.chunks_exact(out)).zip(d.chunks_exact(out)).enumerate() {
+                        step.row(32 * jb + b, new, old, d);
+                    }
+                });
+                moved
+            });
+            return Tensor::from_data(TensorData::new(moved, merged_t.dims()), &merged_t.device());
+        }
+        let delta_t = delta_t(delta, &merged_t.device());
+        step.on_tensors(merged_t, &delta_t)
+    }
+}
+
+/// The change of one [`ScaledDelta`]'s multipliers, as the f32 factors its move multiplies Δ̂₀ᵀ by.
+enum Move {
+    None,
+    /// `W += Δ̂₀ ⊙ (r' − r)` (one value: a scalar's).
+    Rows(Vec<f32>),
+    /// `W += Δ̂₀ ⊙ (c' − c)`.
+    Cols(Vec<f32>),
+    /// `W += Δ̂₀ ⊙ (r'·c'ᵀ) − Δ̂₀ ⊙ (r·cᵀ)`, as `(r, c)` before and after.
+    Both { before: (Vec<f32>, Vec<f32>), after: (Vec<f32>, Vec<f32>) },
+}
+
+impl Move {
+    fn new((r0, c0): (&[f64], &[f64]), (r1, c1): (&[f64], &[f64])) -> Self {
+        let f32s = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
+        let diff = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(a, b)| (a - b) as f32).collect::<Vec<f32>>();
         match (r1.is_empty(), c1.is_empty()) {
-            (false, true) => merged_t + delta_t.clone() * row(diff(r1, r0)),
-            (true, false) => merged_t + delta_t.clone() * col(diff(c1, c0)),
-            (false, false) => {
-                let term = |r: &[f64], c: &[f64]| delta_t.clone() * col(c.to_vec()) * row(r.to_vec());
+            (false, true) => Move::Rows(diff(r1, r0)),
+            (true, false) => Move::Cols(diff(c1, c0)),
+            (false, false) => Move::Both { before: (f32s(r0), f32s(c0)), after: (f32s(r1), f32s(c1)) },
+            (true, true) => Move::None,
+        }
+    }
+
+    /// Row `j` of the moved `Wᵀ` (`new`, `[out]`) from the old row and Δ̂₀ᵀ's row `d`. Each case
+    /// is one loop over the row without a branch, so that it vectorises.
+    fn row(&self, j: usize, new: &mut [f32], old: &[f32], d: &[f32]) {
+        match self {
+            Move::None => new.copy_from_slice(old),
+            Move::Rows(dr) if dr.len() == 1 => {
+                for ((n, &o), &d) in new.iter_mut().zip(old).zip(d) {
+                    *n = o + d * dr[0];
+                }
+            }
+            Move::Rows(dr) => {
+                for (((n, &o), &d), &dr) in new.iter_mut().zip(old).zip(d).zip(dr) {
+                    *n = o + d * dr;
+                }
+            }
+            Move::Cols(dc) => {
+                for ((n, &o), &d) in new.iter_mut().zip(old).zip(d) {
+                    *n = o + d * dc[j];
+                }
+            }
+            Move::Both { before: (r0, c0), after: (r1, c1) } => {
+                let (r0, r1) = (full(r0, new.len()), full(r1, new.len()));
+                for ((((n, &o), &d), &r0), &r1) in new.iter_mut().zip(old).zip(d).zip(r0.iter()).zip(r1.iter()) {
+                    *n = (o + (d * c1[j]) * r1) - (d * c0[j]) * r0;
+                }
+            }
+        }
+    }
+
+    /// The same move as tensor operations on any backend, Δ̂₀ᵀ written out.
+    fn on_tensors<B: Backend>(&self, merged_t: Tensor<B, 2>, delta_t: &Tensor<B, 2>) -> Tensor<B, 2> {
+        let device = delta_t.device();
+        let row = |v: &[f32]| Tensor::<B, 2>::from_data(TensorData::new(v.to_vec(), [1, v.len()]), &device);
+        let col = |v: &[f32]| Tensor::<B, 2>::from_data(TensorData::new(v.to_vec(), [v.len(), 1]), &device);
+        match self {
+            Move::None => merged_t,
+            Move::Rows(dr) => merged_t + delta_t.clone() * row(dr),
+            Move::Cols(dc) => merged_t + delta_t.clone() * col(dc),
+            Move::Both { before: (r0, c0), after: (r1, c1) } => {
+                let term = |r: &[f32], c: &[f32]| delta_t.clone() * col(c) * row(r);
                 merged_t + term(r1, c1) - term(r0, c0)
             }
-            (true, true) => merged_t,
         }
     }
 }
 
-/// Δ̂ᵀ (`[in, out]`, contiguous) written out in f32 on `device`, all cores: each value
-/// `±(r[i]·c[j])` — `ScaleFactors::delta_hat` bit for bit — the sign bit flipped where Δ < 0,
-/// 32 inputs at a time (one sign word per output row).
+/// `v` as `n` values: itself, or its one value repeated.
+fn full(v: &[f32], n: usize) -> std::borrow::Cow<'_, [f32]> {
+    if v.len() == 1 { vec![v[0]; n].into() } else { v.into() }
+}
+
+/// Δ̂ᵀ (`[in, out]`, contiguous) written out in f32 on `device`, all cores, 32 inputs (one sign
+/// word per output row) at a time: `delta_kernels::merge::delta_t_rows`, [`ScaleFactors::delta_hat`]
+/// bit for bit.
 pub fn delta_t<B: Backend>(delta: &CompressedWeight<'_>, device: &B::Device) -> Tensor<B, 2> {
     let (out, inp) = (delta.rows(), delta.cols());
     let f = ScaleFactors::new(&delta.name, delta.mode, &delta.scales, out, inp).expect("a validated delta");
     let mut d = vec![0f32; inp * out];
-    d.par_chunks_mut(32 * out.max(1)).enumerate().for_each(|(jb, block)| {
-        let words: Vec<u32> = (0..out).map(|i| delta.signs.row(i)[jb]).collect();
-        for (jj, row) in block.chunks_exact_mut(out).enumerate() {
-            let c = f.cols[jb * 32 + jj];
-            for ((v, &r), &w) in row.iter_mut().zip(f.rows.iter()).zip(&words) {
-                let x: f32 = r * c;
-                *v = f32::from_bits(x.to_bits() ^ ((!w >> jj) & 1) << 31);
-            }
-        }
-    });
+    d.par_chunks_mut(32 * out.max(1)).enumerate().for_each(|(jb, block)| delta_kernels::merge::delta_t_rows(delta, &f, 32 * jb, block));
     Tensor::<B, 2>::from_data(TensorData::new(d, [inp, out]), device)
 }
 
@@ -245,9 +323,9 @@ mod tests {
     /// written out and differentiated by hand in f64 (for L = Σ y ⊙ G).
     #[test]
     fn moved_weight_output_and_gradients_match_the_weight_written_out() {
-        let (rows, inp, out) = (3, 5, 6);
+        let (rows, inp, out) = (3, 37, 6);
         let (wb, x, g) = (values(out * inp, 1), values(rows * inp, 3), values(rows * out, 4));
-        // Δ̂₀ with two-sided scales, so that its values differ along both axes.
+        // Δ̂₀ with two-sided scales, so that its values differ along both axes; two sign words a row.
         let delta = {
             let signs = SignMask::from_deltas(out, inp, &values(out * inp, 2).iter().map(|&v| v as f32).collect::<Vec<f32>>());
             let scales: Vec<f32> = values(out + inp, 7).iter().map(|v| (0.5 + 0.4 * v) as f32).collect();
@@ -266,7 +344,11 @@ mod tests {
             ("two-sided", r_full.clone(), c_full.clone()),
         ] {
             let ones = |v: &[f64]| vec![1.0; v.len()];
-            let merged = ScaledDelta::<CpuBackend>::moved(merged0.clone(), &super::delta_t(&delta, &Default::default()), (&ones(&r), &ones(&c)), (&r, &c));
+            let merged = ScaledDelta::<CpuBackend>::moved(merged0.clone(), &delta, (&ones(&r), &ones(&c)), (&r, &c));
+            // Other backends' tensor operations give the host pass's bits.
+            let on_tensors = super::Move::new((&ones(&r), &ones(&c)), (&r, &c)).on_tensors(merged0.clone(), &super::delta_t(&delta, &Default::default()));
+            let bits = |t: Tensor<CpuBackend, 2>| vec(t).iter().map(|v| v.to_bits()).collect::<Vec<u64>>();
+            assert_eq!(bits(on_tensors), bits(merged.clone()), "{name}: the move as tensor operations");
             let ri = |i: usize| if r.is_empty() { 1.0 } else if r.len() == 1 { r[0] } else { r[i] };
             let cj = |j: usize| if c.is_empty() { 1.0 } else { c[j] };
             let w: Vec<f64> = (0..out * inp).map(|k| wb[k] + d[k] * ri(k / inp) * cj(k % inp)).collect();
@@ -276,7 +358,7 @@ mod tests {
             let param = |v: &[f64]| (!v.is_empty()).then(|| Tensor::<AD, 2>::from_inner(tensor(v, [1, v.len()])).require_grad());
             let (rt, ct) = (param(&r), param(&c));
             let xt = Tensor::<AD, 2>::from_inner(tensor(&x, [rows, inp])).require_grad();
-            let layer = ScaledDelta::<AD> { merged: Linear::from_tensor(Tensor::from_inner(merged), None), delta: delta.clone(), delta_t: ct.as_ref().map(|_| Tensor::from_inner(super::delta_t(&delta, &device))), rows: rt.clone(), cols: ct.clone() };
+            let layer = ScaledDelta::<AD> { merged: Linear::from_tensor(Tensor::from_inner(merged), None), delta: delta.clone(), delta_t: None, rows: rt.clone(), cols: ct.clone() };
             let y = layer.forward(xt.clone());
             let loss = (y.clone() * Tensor::<AD, 2>::from_data(TensorData::new(g.iter().map(|&v| v as f32).collect::<Vec<f32>>(), [rows, out]), &device)).sum();
             let grads = loss.backward();

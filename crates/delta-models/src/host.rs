@@ -5,15 +5,17 @@
 //! delta terms in the same pass (`delta_kernels::fused::dense_delta_matmul_t`); larger products
 //! are one GEMM on both operands in place ([`product`]; Burn's copies them first), and so are a
 //! constant weight's products and their input gradients under autodiff ([`frozen_product`],
-//! stage 2 of calibration). Every other backend goes through Burn. The element-wise work between
-//! the products — RMSNorm ([`rms_norm`]), `silu(gate) ⊙ up` ([`silu_mul`]) and a packed batch's
-//! RoPE and attention ([`attend_packed`]) — runs on the host too, in parallel over rows or
-//! segments, in one pass each instead of Burn's one single-threaded pass and fresh tensor per
-//! operation (measured: most of a packed forward's non-GEMM time). Also the host-side arithmetic
-//! on logits ([`logsumexp`]) that scoring and perplexity do row by row instead of through softmax
-//! tensors.
+//! stage 2 of calibration), and so is stage 2's product with column multipliers on a packed
+//! delta, gradient included ([`column_delta_product`]). Every other backend goes through Burn.
+//! The element-wise work between the products — RMSNorm ([`rms_norm`]), `silu(gate) ⊙ up`
+//! ([`silu_mul`]) and a packed batch's RoPE and attention ([`attend_packed`]) — runs on the host
+//! too, in parallel over rows or segments, in one pass each instead of Burn's one
+//! single-threaded pass and fresh tensor per operation (measured: most of a packed forward's
+//! non-GEMM time). Also the host-side arithmetic on logits ([`logsumexp`]) that scoring and
+//! perplexity do row by row instead of through softmax tensors.
 
 use std::any::{Any, TypeId};
+use std::sync::Arc;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
@@ -112,6 +114,57 @@ impl Backward<CpuBackend, 1> for FrozenProduct {
         let wt = ops.state;
         unary::<CpuBackend, _>(ops.parents, ops.node, grads, |g| {
             gemm(&g, &wt, true).unwrap_or_else(|| CpuBackend::float_matmul(g, CpuBackend::float_transpose(wt.clone())))
+        });
+    }
+}
+
+/// `P = (x̄ ⊙ c)·Δ̂ᵀ` for column multipliers `c` (`[1, in]`, tracked for its gradient) and a
+/// constant `x̄` (`[rows, in]`) under autodiff on the CPU backend (`None` for any other backend):
+/// the product from Δ̂'s packed signs ([`delta_kernels::fused::delta_matmul_t`]), and in the
+/// backward pass `c`'s gradient `Σ_rows x̄ ⊙ (G·Δ̂)`, the product with Δ̂ as stored also from the
+/// signs ([`delta_kernels::fused::delta_matmul`]). So Δ̂ᵀ is never written out whole: what
+/// end-to-end calibration's per-input and two-sided layers train ([`crate::ScaledDelta`]).
+pub fn column_delta_product<B: Backend>(x: &Tensor<B, 2>, c: &Tensor<B, 2>, delta: &Arc<CompressedWeight<'static>>) -> Option<Tensor<B, 2>> {
+    let x = (x as &dyn Any).downcast_ref::<Tensor<AutodiffCpu, 2>>()?.clone().inner();
+    let c = (c as &dyn Any).downcast_ref::<Tensor<AutodiffCpu, 2>>()?.clone().into_primitive().tensor();
+    let [rows, inp] = x.dims();
+    let cs = Tensor::<CpuBackend, 2>::from_primitive(TensorPrimitive::Float(c.primitive.clone()));
+    let xc = with_values(&x, |xs| with_values(&cs, |cs| xs.chunks_exact(inp.max(1)).flat_map(|row| row.iter().zip(cs).map(|(x, c)| x * c)).collect::<Vec<f32>>()));
+    let xc = Tensor::<CpuBackend, 2>::from_data(TensorData::new(xc, [rows, inp]), &Default::default());
+    let p = host_product(&xc, delta.rows(), |xs, p| delta_kernels::fused::delta_matmul_t(xs, delta, p).expect("Δ̂ has the layer's shape")).into_primitive().tensor();
+    let p = match ColumnDeltaProduct.prepare::<NoCheckpointing>([c.node.clone()]).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => prep.finish((x.into_primitive().tensor(), delta.clone()), p),
+        OpsKind::UnTracked(prep) => prep.finish(p),
+    };
+    crate::same_backend(Tensor::<AutodiffCpu, 2>::from_primitive(TensorPrimitive::Float(p)))
+}
+
+/// The backward step of [`column_delta_product`]; its state is `x̄` and Δ̂.
+#[derive(Debug)]
+struct ColumnDeltaProduct;
+
+impl Backward<CpuBackend, 1> for ColumnDeltaProduct {
+    type State = (NdArrayTensor, Arc<CompressedWeight<'static>>);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (x, delta) = ops.state;
+        unary::<CpuBackend, _>(ops.parents, ops.node, grads, |g| {
+            let x = Tensor::<CpuBackend, 2>::from_primitive(TensorPrimitive::Float(x));
+            let g = Tensor::<CpuBackend, 2>::from_primitive(TensorPrimitive::Float(g));
+            let inp = x.dims()[1];
+            let h = host_product(&g, inp, |gs, h| delta_kernels::fused::delta_matmul(gs, &delta, h).expect("the gradient has the product's shape"));
+            // Σ over rows of x̄ ⊙ H, a row at a time.
+            let mut dc = vec![0f32; inp];
+            with_values(&x, |xs| {
+                with_values(&h, |hs| {
+                    for (xr, hr) in xs.chunks_exact(inp.max(1)).zip(hs.chunks_exact(inp.max(1))) {
+                        for ((d, &x), &h) in dc.iter_mut().zip(xr).zip(hr) {
+                            *d += x * h;
+                        }
+                    }
+                })
+            });
+            Tensor::<CpuBackend, 2>::from_data(TensorData::new(dc, [1, inp]), &Default::default()).into_primitive().tensor()
         });
     }
 }
