@@ -113,10 +113,14 @@ pub(crate) fn with_sign(v: f32, word: u32, b: usize) -> f32 {
 /// multiple of 32 — the inputs of one sign word per output), `f` the factors of `w`'s scales:
 /// each value `±(r[i]·c[j])`, [`ScaleFactors::delta_hat`] bit for bit, the sign applied by
 /// flipping the sign bit. What a transposed consumer of the delta (end-to-end calibration's
-/// `[in, out]` weights) writes a block at a time.
-pub fn delta_t_rows(w: &CompressedWeight<'_>, f: &ScaleFactors<'_>, j0: usize, d: &mut [f32]) {
+/// `[in, out]` weights) writes a block at a time. An error for rows that are not such a block,
+/// or factors of another shape.
+pub fn delta_t_rows(w: &CompressedWeight<'_>, f: &ScaleFactors<'_>, j0: usize, d: &mut [f32]) -> Result<(), KernelError> {
     let out = w.rows();
-    assert!(j0.is_multiple_of(32) && d.len().is_multiple_of(out.max(1)) && d.len() / out.max(1) <= 32 && j0 + d.len() / out.max(1) <= w.cols(), "delta_t_rows: rows {j0}.. out of the delta's [{}, {}]", out, w.cols());
+    let n = d.len() / out.max(1);
+    if !j0.is_multiple_of(32) || n * out != d.len() || n > 32 || j0 + n > w.cols() || (f.rows.len(), f.cols.len()) != (out, w.cols()) {
+        return Err(KernelError::Batch(format!("Δ̂ᵀ rows of `{}` [{out}, {}]: {} values from row {j0}, factors for [{}, {}]: not one sign word's rows", w.name, w.cols(), d.len(), f.rows.len(), f.cols.len())));
+    }
     let words: Vec<u32> = (0..out).map(|i| w.signs.row(i)[j0 / 32]).collect();
     for (b, row) in d.chunks_exact_mut(out.max(1)).enumerate() {
         let c = f.cols[j0 + b];
@@ -124,6 +128,7 @@ pub fn delta_t_rows(w: &CompressedWeight<'_>, f: &ScaleFactors<'_>, j0: usize, d
             *v = with_sign(r * c, word, b);
         }
     }
+    Ok(())
 }
 
 /// One row: out[j] = round(base[j] + S[j]·(r·c[j])), the sign applied by flipping the IEEE sign
@@ -238,8 +243,10 @@ mod tests {
             let fac = ScaleFactors::new("w", mode, &scales, rows, cols).unwrap();
             let mut dt = vec![f32::NAN; cols * rows];
             for (k, block) in dt.chunks_mut(32 * rows).enumerate() {
-                delta_t_rows(&w, &fac, 32 * k, block);
+                delta_t_rows(&w, &fac, 32 * k, block).unwrap();
             }
+            prop_assert!(delta_t_rows(&w, &fac, 1, &mut dt[..rows]).is_err(), "a row not at a sign word's start");
+            prop_assert!(delta_t_rows(&w, &fac, 0, &mut vec![0.0; 33 * rows]).is_err(), "33 rows");
             for (k, v) in dt.iter().enumerate() {
                 let (j, i) = (k / rows, k % rows);
                 prop_assert!(v.to_bits() == fac.delta_hat(&w.signs, i, j).to_bits(), "Δ̂ᵀ[{j}, {i}], {mode} {rows}x{cols}");

@@ -135,7 +135,7 @@ impl<B: Backend> ScaledDelta<B> {
                 let mut moved = vec![0f32; m.len()];
                 moved.par_chunks_mut(32 * out.max(1)).zip(m.par_chunks(32 * out.max(1))).enumerate().for_each(|(jb, (new, old))| {
                     let mut d = vec![0f32; new.len()];
-                    delta_kernels::merge::delta_t_rows(delta, &f, 32 * jb, &mut d);
+                    delta_kernels::merge::delta_t_rows(delta, &f, 32 * jb, &mut d).expect("blocks of 32 rows of the delta's own shape");
                     for (b, ((new, old), d)) in new.chunks_exact_mut(out).zip(old.chunks_exact(out)).zip(d.chunks_exact(out)).enumerate() {
                         step.row(32 * jb + b, new, old, d);
                     }
@@ -230,7 +230,7 @@ pub fn delta_t<B: Backend>(delta: &CompressedWeight<'_>, device: &B::Device) -> 
     let (out, inp) = (delta.rows(), delta.cols());
     let f = ScaleFactors::new(&delta.name, delta.mode, &delta.scales, out, inp).expect("a validated delta");
     let mut d = vec![0f32; inp * out];
-    d.par_chunks_mut(32 * out.max(1)).enumerate().for_each(|(jb, block)| delta_kernels::merge::delta_t_rows(delta, &f, 32 * jb, block));
+    d.par_chunks_mut(32 * out.max(1)).enumerate().for_each(|(jb, block)| delta_kernels::merge::delta_t_rows(delta, &f, 32 * jb, block).expect("blocks of 32 rows of the delta's own shape"));
     Tensor::<B, 2>::from_data(TensorData::new(d, [inp, out]), device)
 }
 
