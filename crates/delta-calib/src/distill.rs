@@ -231,8 +231,8 @@ pub fn distill<B: Backend>(
         ScaleFactors::new(&w.name, w.mode, &w.scales, out, inp)?;
         let delta = Arc::new(w.clone());
         // All multipliers start at 1: the merged weight is W_base + Δ̂₀. Δ̂₀ᵀ is kept written out
-        // only where column multipliers need it for their gradient: on a backend other than the
-        // CPU, which computes that gradient from the signs.
+        // only where column multipliers need it for their gradient on a backend other than the
+        // CPU (the CPU computes that gradient from the signs).
         let delta_t = delta_models::delta_t::<B>(&delta, device);
         let merged = Linear::from_tensor(Tensor::from_inner(base_weights.matrix_t(&w.name, out, inp)? + delta_t.clone()), proj.linear().bias.clone());
         let (rows, cols) = match w.mode {
