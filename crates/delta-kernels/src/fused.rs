@@ -129,13 +129,21 @@ pub fn merged_matmul_t<T: DenseValue>(x: &[f32], wt: &[T], inp: usize, out: usiz
 
 /// [`merged_matmul_t`] with `tile` output columns per tile (a multiple of [`LANES`]).
 fn merged_tiles<T: DenseValue>(x: &[f32], wt: &[T], w: &CompressedWeight<'_>, y: &mut [f32], tile: usize) -> Result<(), KernelError> {
+    row_tiles(x, w, y, tile, |f, i0, d| merge_rows(w, f, wt, i0, d))
+}
+
+/// The loop of [`merged_matmul_t`] and [`delta_matmul_t`]: for every tile of `tile` output
+/// columns (a multiple of [`LANES`]), `rows(f, i0, d)` writes rows `i0..` of the tile's matrix
+/// (`[_, inp]`, at most [`LANES`] rows a call, all cores; `f` the factors of `w`'s scales), and
+/// one GEMM writes X times the tile's transpose into those columns of Y.
+fn row_tiles(x: &[f32], w: &CompressedWeight<'_>, y: &mut [f32], tile: usize, rows: impl Fn(&ScaleFactors<'_>, usize, &mut [f32]) + Sync) -> Result<(), KernelError> {
     let (out, inp) = (w.rows(), w.cols());
     let f = ScaleFactors::new(&w.name, w.mode, &w.scales, out, inp)?;
     let tile = tile.min(out);
     let mut d = vec![0f32; tile * inp];
     for i0 in (0..out).step_by(tile) {
         let n = tile.min(out - i0);
-        d[..n * inp].par_chunks_mut(LANES * inp).enumerate().for_each(|(c, rows_of_d)| merge_rows(w, &f, wt, i0 + c * LANES, rows_of_d));
+        d[..n * inp].par_chunks_mut(LANES * inp).enumerate().for_each(|(c, rows_of_d)| rows(&f, i0 + c * LANES, rows_of_d));
         // The tile's transpose [inp, n]: d is [n, inp] row-major.
         gemm_columns(x, inp, &d[..n * inp], [1, inp as isize], n, y, out, i0);
     }
@@ -161,17 +169,7 @@ pub fn delta_matmul_t(x: &[f32], w: &CompressedWeight<'_>, y: &mut [f32]) -> Res
 
 /// [`delta_matmul_t`] with `tile` output columns per tile (a multiple of [`LANES`]).
 fn delta_tiles(x: &[f32], w: &CompressedWeight<'_>, y: &mut [f32], tile: usize) -> Result<(), KernelError> {
-    let (out, inp) = (w.rows(), w.cols());
-    let f = ScaleFactors::new(&w.name, w.mode, &w.scales, out, inp)?;
-    let tile = tile.min(out);
-    let mut d = vec![0f32; tile * inp];
-    for i0 in (0..out).step_by(tile) {
-        let n = tile.min(out - i0);
-        d[..n * inp].par_chunks_mut(LANES * inp).enumerate().for_each(|(c, rows_of_d)| delta_rows(w, &f, i0 + c * LANES, [0, inp], rows_of_d));
-        // The tile's transpose [inp, n]: d is [n, inp] row-major.
-        gemm_columns(x, inp, &d[..n * inp], [1, inp as isize], n, y, out, i0);
-    }
-    Ok(())
+    row_tiles(x, w, y, tile, |f, i0, d| delta_rows(w, f, i0, [0, w.cols()], d))
 }
 
 /// `Y = X · Δ̂` for prefill-sized X (`[rows, out]`, Y `[rows, inp]`): the product with Δ̂ as

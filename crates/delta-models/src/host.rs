@@ -126,10 +126,9 @@ impl Backward<CpuBackend, 1> for FrozenProduct {
 /// end-to-end calibration's per-input and two-sided layers train ([`crate::ScaledDelta`]).
 pub fn column_delta_product<B: Backend>(x: &Tensor<B, 2>, c: &Tensor<B, 2>, delta: &Arc<CompressedWeight<'static>>) -> Option<Tensor<B, 2>> {
     let x = (x as &dyn Any).downcast_ref::<Tensor<AutodiffCpu, 2>>()?.clone().inner();
-    let c = (c as &dyn Any).downcast_ref::<Tensor<AutodiffCpu, 2>>()?.clone().into_primitive().tensor();
     let [rows, inp] = x.dims();
-    let cs = Tensor::<CpuBackend, 2>::from_primitive(TensorPrimitive::Float(c.primitive.clone()));
-    let xc = with_values(&x, |xs| with_values(&cs, |cs| xs.chunks_exact(inp.max(1)).flat_map(|row| row.iter().zip(cs).map(|(x, c)| x * c)).collect::<Vec<f32>>()));
+    let xc = with_values(&x, |xs| with_values(c, |cs| xs.chunks_exact(inp.max(1)).flat_map(|row| row.iter().zip(cs).map(|(x, c)| x * c)).collect::<Vec<f32>>()));
+    let c = (c as &dyn Any).downcast_ref::<Tensor<AutodiffCpu, 2>>()?.clone().into_primitive().tensor();
     let xc = Tensor::<CpuBackend, 2>::from_data(TensorData::new(xc, [rows, inp]), &Default::default());
     let p = host_product(&xc, delta.rows(), |xs, p| delta_kernels::fused::delta_matmul_t(xs, delta, p).expect("Δ̂ has the layer's shape")).into_primitive().tensor();
     let p = match ColumnDeltaProduct.prepare::<NoCheckpointing>([c.node.clone()]).compute_bound().stateful() {
@@ -267,8 +266,8 @@ pub(crate) fn host_product<B: Backend>(x: &Tensor<B, 2>, out: usize, kernel: imp
 }
 
 /// Runs `f` on the row-major f32 values of `t`: in place for a contiguous tensor of the CPU
-/// backend, with or without autodiff, else on a copy (Burn's `to_data`, which on NdArray walks a non-contiguous tensor
-/// element by element).
+/// backend, with or without autodiff, else on a copy (Burn's `to_data`, which on NdArray walks a
+/// non-contiguous tensor element by element).
 pub fn with_values<B: Backend, R>(t: &Tensor<B, 2>, f: impl FnOnce(&[f32]) -> R) -> R {
     let mut f = Some(f);
     if let Some(r) = in_place(t, |v| (f.take().expect("called once"))(v)) {
