@@ -11,8 +11,10 @@
 //! ([`silu_mul`]) and a packed batch's RoPE and attention ([`attend_packed`]) — runs on the host
 //! too, in parallel over rows or segments, in one pass each instead of Burn's one
 //! single-threaded pass and fresh tensor per operation (measured: most of a packed forward's
-//! non-GEMM time). Also the host-side arithmetic on logits ([`logsumexp`]) that scoring and
-//! perplexity do row by row instead of through softmax tensors.
+//! non-GEMM time). RMSNorm and SiLU do so under autodiff as well, each with its own backward
+//! step, and so does stage 2's loss on logits ([`mean_squared_error`]). Also the host-side
+//! arithmetic on logits ([`logsumexp`]) that scoring and perplexity do row by row instead of
+//! through softmax tensors.
 
 use std::any::{Any, TypeId};
 use std::sync::Arc;
@@ -168,6 +170,56 @@ impl Backward<CpuBackend, 1> for ColumnDeltaProduct {
     }
 }
 
+/// `mean((s − t)²)` over all elements of a student's `s` (tracked) and a constant target `t` of
+/// the same shape, under autodiff on the CPU backend (`None` for any other backend): end-to-end
+/// calibration's loss on logits. Forward, one parallel pass (each row's sum in f64, the rows'
+/// sums in order, so the value does not depend on the threads); backward, `∂/∂s = 2(s − t)/n`.
+/// Burn's is a chain of single-threaded passes over the logits (difference, square, mean and
+/// their backward steps), each into a fresh tensor, and its mean sums in f32, which over a
+/// sample's 6.3 million logits drops the smallest terms (it read the held-out loss 0.3% low).
+pub fn mean_squared_error<B: Backend>(s: &Tensor<burn::backend::Autodiff<B>, 2>, t: &Tensor<B, 2>) -> Option<Tensor<burn::backend::Autodiff<B>, 1>> {
+    let s = (s as &dyn Any).downcast_ref::<Tensor<AutodiffCpu, 2>>()?;
+    let t = (t as &dyn Any).downcast_ref::<Tensor<CpuBackend, 2>>()?;
+    let [rows, width] = s.dims();
+    if t.dims() != [rows, width] || rows * width == 0 {
+        return None;
+    }
+    let mut d = with_values(s, |s| s.to_vec());
+    let sums: Vec<f64> = with_values(t, |t| {
+        d.par_chunks_mut(width).zip(t.par_chunks(width)).with_min_len(8).map(|(d, t)| d.iter_mut().zip(t).map(|(d, t)| {
+            *d -= t;
+            *d as f64 * *d as f64
+        }).sum::<f64>()).collect()
+    });
+    let n = rows * width;
+    let value = (sums.iter().sum::<f64>() / n as f64) as f32;
+    let value = Tensor::<CpuBackend, 1>::from_data(TensorData::new(vec![value], [1]), &Default::default()).into_primitive().tensor();
+    let s = s.clone().into_primitive().tensor();
+    let value = match SquaredError.prepare::<NoCheckpointing>([s.node.clone()]).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => prep.finish((d, [rows, width]), value),
+        OpsKind::UnTracked(prep) => prep.finish(value),
+    };
+    crate::same_backend(Tensor::<AutodiffCpu, 1>::from_primitive(TensorPrimitive::Float(value)))
+}
+
+/// The backward step of [`mean_squared_error`]; its state is `s − t` and its shape.
+#[derive(Debug)]
+struct SquaredError;
+
+impl Backward<CpuBackend, 1> for SquaredError {
+    type State = (Vec<f32>, [usize; 2]);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (mut d, [rows, width]) = ops.state;
+        unary::<CpuBackend, _>(ops.parents, ops.node, grads, |g| {
+            let g = Tensor::<CpuBackend, 1>::from_primitive(TensorPrimitive::Float(g)).into_scalar();
+            let k = 2.0 * g / (rows * width) as f32;
+            d.par_chunks_mut(width).with_min_len(8).for_each(|row| row.iter_mut().for_each(|v| *v *= k));
+            Tensor::<CpuBackend, 2>::from_data(TensorData::new(d, [rows, width]), &Default::default()).into_primitive().tensor()
+        });
+    }
+}
+
 /// `a · b` (`b_t`: `a · bᵀ`) for 2-d f32 tensors of the CPU backend, one `matrixmultiply` GEMM
 /// reading both through their strides (transposed or not, no copy). `None` for another dtype, a
 /// negative stride, an empty or mismatched shape.
@@ -304,6 +356,11 @@ pub fn is_cpu<B: Backend>() -> bool {
     TypeId::of::<B>() == TypeId::of::<CpuBackend>()
 }
 
+/// Whether `B` is the CPU backend under autodiff, as stage 2 of calibration trains on it.
+pub fn is_autodiff_cpu<B: Backend>() -> bool {
+    TypeId::of::<B>() == TypeId::of::<AutodiffCpu>()
+}
+
 /// Attention over a packed batch ([`crate::llama::Packed`]) on the host, when `B` is the CPU
 /// backend (`None` otherwise): q `[t, heads·d]`, k and v `[t, kv_heads·d]` as the projections
 /// return them (q/k norms applied), rotated here with the RoPE tables `cos` / `sin` (`[t, d]`);
@@ -402,42 +459,180 @@ pub fn attend_cached<B: Backend>(q: &Tensor<B, 2>, k: &Tensor<B, 2>, v: &Tensor<
     Some(Tensor::from_data(TensorData::new(context, [rows, width]), &device))
 }
 
-/// `silu(gate) ⊙ up` (`silu(x) = x / (1 + e^−x)`), on the host in parallel over rows when `B` is
-/// the CPU backend, through Burn otherwise.
+/// `silu(gate) ⊙ up` (`silu(x) = x / (1 + e^−x)`): on the host in parallel over rows when `B` is
+/// the CPU backend, with or without autodiff (then with its own backward step, [`SiluProduct`]);
+/// through Burn otherwise. Under autodiff Burn's SiLU is a dozen single-threaded passes forward
+/// and more backward (its sigmoid is `exp(−log(1 + e^−x))`, recomputed in the backward step).
 pub fn silu_mul<B: Backend>(gate: Tensor<B, 2>, up: Tensor<B, 2>) -> Tensor<B, 2> {
+    if let Some(y) = tracked_silu_mul(&gate, &up) {
+        return y;
+    }
     if !is_cpu::<B>() {
         return burn::tensor::activation::silu(gate) * up;
     }
     let [rows, width] = gate.dims();
-    let mut out = with_values(&gate, |g| g.to_vec());
-    with_values(&up, |u| {
-        each_row(&mut out, width, |r, g| {
-            for (g, &u) in g.iter_mut().zip(&u[r * width..(r + 1) * width]) {
-                *g = *g / (1.0 + (-*g).exp()) * u;
-            }
-        })
+    let y = with_values(&gate, |g| with_values(&up, |u| silu_product(g, u, width)));
+    Tensor::from_data(TensorData::new(y, [rows, width]), &gate.device())
+}
+
+/// `silu(g) ⊙ u` of two row-major `[rows, width]` value slices.
+fn silu_product(g: &[f32], u: &[f32], width: usize) -> Vec<f32> {
+    let mut out = g.to_vec();
+    each_row(&mut out, width, |r, g| {
+        for (g, &u) in g.iter_mut().zip(&u[r * width..(r + 1) * width]) {
+            *g = *g / (1.0 + (-*g).exp()) * u;
+        }
     });
-    Tensor::from_data(TensorData::new(out, [rows, width]), &gate.device())
+    out
+}
+
+/// [`silu_mul`] under autodiff on the CPU backend (`None` for any other backend): the product on
+/// the host, and a backward step that computes both inputs' gradients in one parallel pass.
+fn tracked_silu_mul<B: Backend>(gate: &Tensor<B, 2>, up: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
+    let gate = (gate as &dyn Any).downcast_ref::<Tensor<AutodiffCpu, 2>>()?;
+    let up = (up as &dyn Any).downcast_ref::<Tensor<AutodiffCpu, 2>>()?;
+    let [rows, width] = gate.dims();
+    let y = with_values(gate, |g| with_values(up, |u| silu_product(g, u, width)));
+    let y = Tensor::<CpuBackend, 2>::from_data(TensorData::new(y, [rows, width]), &Default::default()).into_primitive().tensor();
+    let (g, u) = (gate.clone().into_primitive().tensor(), up.clone().into_primitive().tensor());
+    let y = match SiluProduct.prepare::<NoCheckpointing>([g.node.clone(), u.node.clone()]).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => prep.finish((g.primitive, u.primitive), y),
+        OpsKind::UnTracked(prep) => prep.finish(y),
+    };
+    crate::same_backend(Tensor::<AutodiffCpu, 2>::from_primitive(TensorPrimitive::Float(y)))
+}
+
+/// The backward step of [`silu_mul`] under autodiff; its state is `gate` and `up`. With
+/// `s = σ(g)`: `∂/∂g = G·u·s·(1 + g·(1 − s))`, `∂/∂u = G·silu(g)`.
+#[derive(Debug)]
+struct SiluProduct;
+
+impl Backward<CpuBackend, 2> for SiluProduct {
+    type State = (NdArrayTensor, NdArrayTensor);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let cpu = |t| Tensor::<CpuBackend, 2>::from_primitive(TensorPrimitive::Float(t));
+        let (g, u) = (cpu(ops.state.0), cpu(ops.state.1));
+        let grad = cpu(grads.consume::<CpuBackend>(&ops.node));
+        let [rows, width] = g.dims();
+        let (mut dg, mut du) = (vec![0f32; rows * width], vec![0f32; rows * width]);
+        with_values(&grad, |d| {
+            with_values(&g, |g| {
+                with_values(&u, |u| {
+                    dg.par_chunks_mut(width.max(1)).zip(du.par_chunks_mut(width.max(1))).enumerate().with_min_len(8).for_each(|(r, (dg, du))| {
+                        let row = r * width..(r + 1) * width;
+                        for ((((dg, du), &d), &g), &u) in dg.iter_mut().zip(du).zip(&d[row.clone()]).zip(&g[row.clone()]).zip(&u[row]) {
+                            let e = (-g).exp();
+                            let s = 1.0 / (1.0 + e);
+                            *du = d * (g / (1.0 + e));
+                            *dg = d * u * s * (1.0 + g * (1.0 - s));
+                        }
+                    })
+                })
+            })
+        });
+        let [gate, up] = ops.parents;
+        for (parent, values) in [(gate, dg), (up, du)] {
+            if let Some(node) = parent {
+                let t = Tensor::<CpuBackend, 2>::from_data(TensorData::new(values, [rows, width]), &Default::default());
+                grads.register::<CpuBackend>(node.id, t.into_primitive().tensor());
+            }
+        }
+    }
 }
 
 /// `x / sqrt(mean(x²) + eps)` over the last dimension of a `[rows, width]` tensor, times `weight`
-/// (`[width]`) when given — on the host in parallel over rows for the CPU backend, `None` otherwise.
+/// (`[width]`) when given — on the host in parallel over rows for the CPU backend, with or without
+/// autodiff (then with its own backward step, [`RmsNormStep`], `weight` a constant); `None`
+/// otherwise.
 pub fn rms_norm<B: Backend>(x: &Tensor<B, 2>, weight: Option<&Tensor<B, 1>>, eps: f64) -> Option<Tensor<B, 2>> {
+    if let Some(y) = tracked_rms_norm(x, weight, eps) {
+        return Some(y);
+    }
     if !is_cpu::<B>() {
         return None;
     }
     let [rows, width] = x.dims();
     let weight = weight.map(|w| w.to_data().convert::<f32>().into_vec::<f32>().expect("f32 tensor"));
-    let mut out = with_values(x, |x| x.to_vec());
+    let out = with_values(x, |x| normalised(x, width, weight.as_deref(), eps));
+    Some(Tensor::from_data(TensorData::new(out, [rows, width]), &x.device()))
+}
+
+/// The rows (`width` values each) of `x` over their root mean square, times `weight` when given.
+fn normalised(x: &[f32], width: usize, weight: Option<&[f32]>, eps: f64) -> Vec<f32> {
+    let mut out = x.to_vec();
     each_row(&mut out, width, |_, row| {
-        let mean = row.iter().map(|v| v * v).sum::<f32>() / width as f32;
-        let norm = (mean + eps as f32).sqrt();
-        match &weight {
+        let norm = root_mean_square(row, eps);
+        match weight {
             Some(w) => row.iter_mut().zip(w).for_each(|(v, w)| *v = *v / norm * w),
             None => row.iter_mut().for_each(|v| *v /= norm),
         }
     });
-    Some(Tensor::from_data(TensorData::new(out, [rows, width]), &x.device()))
+    out
+}
+
+/// `sqrt(mean(row²) + eps)`.
+fn root_mean_square(row: &[f32], eps: f64) -> f32 {
+    let mean = row.iter().map(|v| v * v).sum::<f32>() / row.len() as f32;
+    (mean + eps as f32).sqrt()
+}
+
+/// [`rms_norm`] under autodiff on the CPU backend with a constant (untracked) weight; `None` for
+/// any other backend or a tracked weight.
+fn tracked_rms_norm<B: Backend>(x: &Tensor<B, 2>, weight: Option<&Tensor<B, 1>>, eps: f64) -> Option<Tensor<B, 2>> {
+    let x = (x as &dyn Any).downcast_ref::<Tensor<AutodiffCpu, 2>>()?;
+    let weight = match weight {
+        Some(w) => {
+            let w = (w as &dyn Any).downcast_ref::<Tensor<AutodiffCpu, 1>>()?.clone().into_primitive().tensor();
+            if w.is_tracked() {
+                return None;
+            }
+            Some(Tensor::<CpuBackend, 1>::from_primitive(TensorPrimitive::Float(w.primitive)).into_data().convert::<f32>().into_vec::<f32>().expect("f32 tensor"))
+        }
+        None => None,
+    };
+    let [rows, width] = x.dims();
+    let y = with_values(x, |xs| normalised(xs, width, weight.as_deref(), eps));
+    let y = Tensor::<CpuBackend, 2>::from_data(TensorData::new(y, [rows, width]), &Default::default()).into_primitive().tensor();
+    let x = x.clone().into_primitive().tensor();
+    let y = match RmsNormStep.prepare::<NoCheckpointing>([x.node.clone()]).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => prep.finish((x.primitive, weight, eps), y),
+        OpsKind::UnTracked(prep) => prep.finish(y),
+    };
+    crate::same_backend(Tensor::<AutodiffCpu, 2>::from_primitive(TensorPrimitive::Float(y)))
+}
+
+/// The backward step of [`rms_norm`] under autodiff; its state is `x`, the weight and `eps`. Per
+/// row, with `r = sqrt(mean(x²) + eps)`, `a = G ⊙ w` and `n` the width:
+/// `∂/∂x = a / r − x · (a·x) / (n·r³)`.
+#[derive(Debug)]
+struct RmsNormStep;
+
+impl Backward<CpuBackend, 1> for RmsNormStep {
+    type State = (NdArrayTensor, Option<Vec<f32>>, f64);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (x, weight, eps) = ops.state;
+        unary::<CpuBackend, _>(ops.parents, ops.node, grads, |g| {
+            let cpu = |t| Tensor::<CpuBackend, 2>::from_primitive(TensorPrimitive::Float(t));
+            let (x, g) = (cpu(x), cpu(g));
+            let [rows, width] = x.dims();
+            let mut dx = with_values(&g, |g| g.to_vec());
+            with_values(&x, |xs| {
+                each_row(&mut dx, width, |r, a| {
+                    let x = &xs[r * width..(r + 1) * width];
+                    if let Some(w) = &weight {
+                        a.iter_mut().zip(w).for_each(|(a, w)| *a *= w);
+                    }
+                    let norm = root_mean_square(x, eps);
+                    let dot = a.iter().zip(x).map(|(a, x)| a * x).sum::<f32>();
+                    let k = dot / (width as f32 * norm * norm * norm);
+                    a.iter_mut().zip(x).for_each(|(a, x)| *a = *a / norm - x * k);
+                })
+            });
+            Tensor::<CpuBackend, 2>::from_data(TensorData::new(dx, [rows, width]), &Default::default()).into_primitive().tensor()
+        });
+    }
 }
 
 /// `f(r, row r)` over the rows of `values`, in parallel when there is enough work to pay for
@@ -505,6 +700,91 @@ mod tests {
         let u = values(rows * width, 3);
         let want: Vec<f64> = x.iter().zip(&u).map(|(&g, &u)| g as f64 / (1.0 + (-g as f64).exp()) * u as f64).collect();
         close(&silu_mul(tensor(&x, [rows, width]), tensor(&u, [rows, width])), &want);
+    }
+
+    /// Under autodiff `silu_mul` gives the product and both inputs' gradients of `Σ y ⊙ w` (`w`
+    /// fixed) by hand in f64: `∂/∂g = w·u·σ(g)·(1 + g·(1 − σ(g)))`, `∂/∂u = w·silu(g)`; with `up`
+    /// untracked only `gate` gets a gradient.
+    #[test]
+    fn silu_mul_under_autodiff_has_the_gradients_by_hand() {
+        type AD = burn::backend::Autodiff<CpuBackend>;
+        let (rows, width) = (37, 53);
+        let (g, u, w) = (values(rows * width, 7), values(rows * width, 8), values(rows * width, 9));
+        let ad = |v: &[f32]| Tensor::<AD, 2>::from_data(TensorData::new(v.to_vec(), [rows, width]), &Default::default());
+        let each = |f: &dyn Fn(f64, f64, f64) -> f64| -> Vec<f64> { (0..g.len()).map(|n| f(g[n] as f64, u[n] as f64, w[n] as f64)).collect() };
+        let sigma = |g: f64| 1.0 / (1.0 + (-g).exp());
+        let want_y = each(&|g, u, _| g * sigma(g) * u);
+        let want_dg = each(&|g, u, w| w * u * sigma(g) * (1.0 + g * (1.0 - sigma(g))));
+        let want_du = each(&|g, _, w| w * g * sigma(g));
+        let near = |what: &str, got: Tensor<CpuBackend, 2>, want: &[f64]| {
+            for (n, (g, w)) in got.into_data().into_vec::<f32>().unwrap().iter().zip(want).enumerate() {
+                assert!((*g as f64 - w).abs() <= 1e-5 * w.abs().max(1.0), "{what} at {n}: {g} against {w}");
+            }
+        };
+        for up_tracked in [true, false] {
+            let gate = ad(&g).require_grad();
+            let up = if up_tracked { ad(&u).require_grad() } else { ad(&u) };
+            let y = silu_mul(gate.clone(), up.clone());
+            near("y", y.clone().inner(), &want_y);
+            let grads = (y * ad(&w)).sum().backward();
+            near("the gate's gradient", gate.grad(&grads).expect("gate is tracked"), &want_dg);
+            match up.grad(&grads) {
+                Some(du) => near("up's gradient", du, &want_du),
+                None => assert!(!up_tracked, "no gradient for a tracked up"),
+            }
+        }
+    }
+
+    /// Under autodiff `rms_norm` gives the norm and `x`'s gradient of `Σ y ⊙ c` (`c` fixed) by
+    /// hand in f64, with and without a weight: per row, with `r = sqrt(mean(x²) + eps)` and
+    /// `a = c ⊙ w`, `∂/∂x = a / r − x · (a·x) / (n·r³)`.
+    #[test]
+    fn rms_norm_under_autodiff_has_the_gradient_by_hand() {
+        type AD = burn::backend::Autodiff<CpuBackend>;
+        let (rows, width, eps) = (37, 53, 1e-5);
+        let (x, w, c) = (values(rows * width, 10), values(width, 11), values(rows * width, 12));
+        let ad = |v: &[f32]| Tensor::<AD, 2>::from_data(TensorData::new(v.to_vec(), [rows, width]), &Default::default());
+        let weight = Tensor::<AD, 1>::from_data(TensorData::new(w.clone(), [width]), &Default::default());
+        for weighted in [true, false] {
+            let w_at = |j: usize| if weighted { w[j] as f64 } else { 1.0 };
+            let (mut want_y, mut want_dx) = (Vec::new(), Vec::new());
+            for (xr, cr) in x.chunks(width).zip(c.chunks(width)) {
+                let r = (xr.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / width as f64 + eps).sqrt();
+                let a: Vec<f64> = (0..width).map(|j| cr[j] as f64 * w_at(j)).collect();
+                let dot: f64 = (0..width).map(|j| a[j] * xr[j] as f64).sum();
+                want_y.extend((0..width).map(|j| xr[j] as f64 / r * w_at(j)));
+                want_dx.extend((0..width).map(|j| a[j] / r - xr[j] as f64 * dot / (width as f64 * r * r * r)));
+            }
+            let input = ad(&x).require_grad();
+            let y = rms_norm(&input, weighted.then_some(&weight), eps).expect("the CPU backend under autodiff");
+            close(&y.clone().inner(), &want_y);
+            let grads = (y * ad(&c)).sum().backward();
+            let got = input.grad(&grads).expect("x is tracked").into_data().into_vec::<f32>().unwrap();
+            for (n, (g, want)) in got.iter().zip(&want_dx).enumerate() {
+                assert!((*g as f64 - want).abs() <= 1e-5 * want.abs().max(1.0), "weighted {weighted}: gradient {n}, {g} against {want}");
+            }
+        }
+    }
+
+    /// Under autodiff `mean_squared_error` gives `mean((s − t)²)` and `s`'s gradient of a quarter
+    /// of it, `(s − t)/(2n)`, by hand in f64.
+    #[test]
+    fn mean_squared_error_under_autodiff_has_the_gradient_by_hand() {
+        type AD = burn::backend::Autodiff<CpuBackend>;
+        let (rows, width) = (37, 53);
+        let (s, t) = (values(rows * width, 13), values(rows * width, 14));
+        let n = (rows * width) as f64;
+        let want = s.iter().zip(&t).map(|(&s, &t)| (s as f64 - t as f64).powi(2)).sum::<f64>() / n;
+        let student = Tensor::<AD, 2>::from_data(TensorData::new(s.clone(), [rows, width]), &Default::default()).require_grad();
+        let loss = mean_squared_error(&student, &tensor(&t, [rows, width])).expect("the CPU backend under autodiff");
+        let got = loss.clone().into_scalar() as f64;
+        assert!((got - want).abs() <= 1e-6 * want, "{got} against {want}");
+        let grads = loss.div_scalar(4.0).backward();
+        let want: Vec<f64> = s.iter().zip(&t).map(|(&s, &t)| (s as f64 - t as f64) / (2.0 * n)).collect();
+        let got = student.grad(&grads).expect("s is tracked").into_data().into_vec::<f32>().unwrap();
+        for (n, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!((*g as f64 - w).abs() <= 1e-6 * w.abs(), "gradient {n}: {g} against {w}");
+        }
     }
 
     /// A segment's attention (4 query heads on 2 kv heads of width 20 or 64, a causal mask with

@@ -42,6 +42,6 @@ pub type CpuBackend = burn::backend::NdArray<f32>;
 
 /// `t` as a tensor of backend `B`, when its backend `A` is `B` (`None` otherwise): how the CPU
 /// and GPU fast paths ([`host`], [`cube`]) hand back a result computed on their concrete backend.
-pub(crate) fn same_backend<A: burn::tensor::backend::Backend, B: burn::tensor::backend::Backend>(t: burn::tensor::Tensor<A, 2>) -> Option<burn::tensor::Tensor<B, 2>> {
-    (Box::new(t) as Box<dyn std::any::Any>).downcast::<burn::tensor::Tensor<B, 2>>().ok().map(|t| *t)
+pub(crate) fn same_backend<A: burn::tensor::backend::Backend, B: burn::tensor::backend::Backend, const D: usize>(t: burn::tensor::Tensor<A, D>) -> Option<burn::tensor::Tensor<B, D>> {
+    (Box::new(t) as Box<dyn std::any::Any>).downcast::<burn::tensor::Tensor<B, D>>().ok().map(|t| *t)
 }

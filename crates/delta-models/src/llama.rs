@@ -205,10 +205,10 @@ impl<B: Backend> RmsNorm<B> {
         x / var.add_scalar(self.eps).sqrt()
     }
 
-    /// On the CPU backend, the norm (times `weight` when given) on the host, row by row
-    /// ([`crate::host::rms_norm`]); `None` on any other.
+    /// On the CPU backend, with or without autodiff, the norm (times `weight` when given) on the
+    /// host, row by row ([`crate::host::rms_norm`]); `None` on any other.
     fn on_host<const D: usize>(&self, x: &Tensor<B, D>, weight: Option<&Tensor<B, 1>>) -> Option<Tensor<B, D>> {
-        if !crate::host::is_cpu::<B>() {
+        if !crate::host::is_cpu::<B>() && !crate::host::is_autodiff_cpu::<B>() {
             return None;
         }
         let dims = x.dims();
