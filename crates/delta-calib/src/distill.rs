@@ -98,6 +98,8 @@ pub struct DistillReport {
     pub train_losses: Vec<f64>,
     /// Wall time of the whole stage (loading, scoring and training).
     pub seconds: f64,
+    /// Of which the teacher's pass over every sample, its logits written to the scratch file.
+    pub teacher_seconds: f64,
 }
 
 /// One compressed weight's trainable multipliers and the tensors they scale.
@@ -215,7 +217,9 @@ pub fn distill<B: Backend>(
     }
     let cfg = ModelConfig::load(finetuned.dir())?;
     let teacher = Llama::<B>::load(cfg.clone(), &Weights::<B>::new(finetuned, None, device.clone())?)?;
+    let teacher_started = std::time::Instant::now();
     let targets = TeacherLogits::compute(&teacher, samples, opts, &mut |done| progress(DistillProgress::Teacher { done, total: n }))?;
+    let teacher_seconds = teacher_started.elapsed().as_secs_f64();
     // The student starts as the teacher (sharing its tensors); each projection it trains replaces
     // the teacher's weight as soon as it is built, so that weight is freed before the next.
     let mut student = lift(&teacher);
@@ -327,6 +331,7 @@ pub fn distill<B: Backend>(
         heldout_after,
         train_losses,
         seconds: started.elapsed().as_secs_f64(),
+        teacher_seconds,
     })
 }
 
