@@ -11,10 +11,10 @@
 //! ([`silu_mul`]) and a packed batch's RoPE and attention ([`attend_packed`]) — runs on the host
 //! too, in parallel over rows or segments, in one pass each instead of Burn's one
 //! single-threaded pass and fresh tensor per operation (measured: most of a packed forward's
-//! non-GEMM time). RMSNorm and SiLU do so under autodiff as well, each with its own backward
-//! step, and so does stage 2's loss on logits ([`mean_squared_error`]). Also the host-side
-//! arithmetic on logits ([`logsumexp`]) that scoring and perplexity do row by row instead of
-//! through softmax tensors.
+//! non-GEMM time). RMSNorm, SiLU and attention ([`attend_tracked`]) do so under autodiff as
+//! well, each with its own backward step, and so does stage 2's loss on logits
+//! ([`mean_squared_error`]). Also the host-side arithmetic on logits ([`logsumexp`]) that
+//! scoring and perplexity do row by row instead of through softmax tensors.
 
 use std::any::{Any, TypeId};
 use std::sync::Arc;
@@ -37,6 +37,7 @@ pub use kv::HostKv;
 
 mod attention;
 mod kv;
+mod tracked_attention;
 
 /// Up to this many rows the in-place product beats the packing GEMM (it reads the weight once for
 /// all rows either way; beyond this a blocked GEMM, [`product`], wins on arithmetic).
@@ -414,6 +415,50 @@ fn rotate(x: &[f32], n: usize, d: usize, cos: &[f32], sin: &[f32]) -> Vec<f32> {
         }
     });
     out
+}
+
+/// Attention of `b` sequences without a KV cache under autodiff on the CPU backend, as stage 2
+/// of calibration trains through it (`None` for any other backend): q `[b·t, heads·d]`, k and v
+/// `[b·t, kv_heads·d]` as the projections return them (q/k norms applied), rotated here with the
+/// positions' RoPE tables `cos` / `sin` (`[t, d]`); every query sees the keys `mask` shows
+/// (additive, `[t, t]`). One custom op: per sequence and head two GEMMs and a softmax forward,
+/// four GEMMs backward (`host/tracked_attention.rs`). Returns the context `[b·t, heads·d]`.
+#[allow(clippy::too_many_arguments)]
+pub fn attend_tracked<B: Backend>(q: &Tensor<B, 2>, k: &Tensor<B, 2>, v: &Tensor<B, 2>, b: usize, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>, heads: usize, kv_heads: usize, mask: &[f32]) -> Option<Tensor<B, 2>> {
+    let tracked = |x: &Tensor<B, 2>| (x as &dyn Any).downcast_ref::<Tensor<AutodiffCpu, 2>>().cloned();
+    let (q, k, v) = (tracked(q)?, tracked(k)?, tracked(v)?);
+    let [rows, width] = q.dims();
+    let sizes = tracked_attention::Sizes { b, t: rows / b, heads, kv_heads, d: width / heads };
+    let (cos, sin) = (with_values(cos, |c| c.to_vec()), with_values(sin, |s| s.to_vec()));
+    let (context, saved) = with_values(&q, |qs| with_values(&k, |ks| with_values(&v, |vs| tracked_attention::forward(qs, ks, vs, &cos, &sin, mask, sizes))));
+    let context = Tensor::<CpuBackend, 2>::from_data(TensorData::new(context, [rows, width]), &Default::default()).into_primitive().tensor();
+    let (q, k, v) = (q.into_primitive().tensor(), k.into_primitive().tensor(), v.into_primitive().tensor());
+    let context = match AttentionStep.prepare::<NoCheckpointing>([q.node.clone(), k.node.clone(), v.node.clone()]).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => prep.finish(saved, context),
+        OpsKind::UnTracked(prep) => prep.finish(context),
+    };
+    crate::same_backend(Tensor::<AutodiffCpu, 2>::from_primitive(TensorPrimitive::Float(context)))
+}
+
+/// The backward step of [`attend_tracked`]; its state is what the forward pass kept.
+#[derive(Debug)]
+struct AttentionStep;
+
+impl Backward<CpuBackend, 3> for AttentionStep {
+    type State = tracked_attention::Saved;
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = Tensor::<CpuBackend, 2>::from_primitive(TensorPrimitive::Float(grads.consume::<CpuBackend>(&ops.node)));
+        let (dq, dk, dv) = with_values(&grad, |g| tracked_attention::backward(&ops.state, g));
+        let s = ops.state.sizes;
+        let rows = s.b * s.t;
+        for (parent, (values, width)) in ops.parents.into_iter().zip([(dq, s.heads * s.d), (dk, s.kv_heads * s.d), (dv, s.kv_heads * s.d)]) {
+            if let Some(node) = parent {
+                let t = Tensor::<CpuBackend, 2>::from_data(TensorData::new(values, [rows, width]), &Default::default());
+                grads.register::<CpuBackend>(node.id, t.into_primitive().tensor());
+            }
+        }
+    }
 }
 
 /// Queries per task of [`attend_cached`] (a prefill's rows of one sequence split into tasks).

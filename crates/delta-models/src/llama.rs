@@ -489,7 +489,8 @@ impl<B: Backend> Attention<B> {
     /// (q/k norm, RoPE, cache, causal softmax). The new positions follow those already in `cache`
     /// (cos / sin are the tables of the new positions); with a cache, the new keys and values are
     /// appended to it. On the CPU backend it runs on the host ([`crate::host::attend_cached`]),
-    /// with a cache or without. Calibration calls it with its own projections.
+    /// with a cache or without; under autodiff on the CPU backend, without a cache, as one custom
+    /// op ([`crate::host::attend_tracked`]). Calibration calls it with its own projections.
     #[allow(clippy::too_many_arguments)]
     pub fn attend(&self, q: Tensor<B, 2>, k: Tensor<B, 2>, v: Tensor<B, 2>, b: usize, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>, cache: Option<&mut LayerKv<B>>) -> Tensor<B, 2> {
         let (h, d) = (self.heads, self.head_dim);
@@ -506,6 +507,12 @@ impl<B: Backend> Attention<B> {
             let mask = attention_mask(t, kv.len(), self.sliding_window).unwrap_or_else(|| vec![0.0; t * (kv.len() + t)]);
             let (q, k) = self.normed(q, k);
             return crate::host::attend_cached(&q, &k, &v, b, cos, sin, h, kv, &mask).expect("the CPU backend");
+        }
+        if crate::host::is_autodiff_cpu::<B>() && cache.is_none() {
+            // Stage 2 of calibration: one custom autodiff op on the host.
+            let mask = attention_mask(t, 0, self.sliding_window).unwrap_or_else(|| vec![0.0; t * t]);
+            let (q, k) = self.normed(q, k);
+            return crate::host::attend_tracked(&q, &k, &v, b, cos, sin, h, self.kv_heads, &mask).expect("the CPU backend under autodiff");
         }
         let (q, mut k, mut v) = self.heads_rotated(q, k, v, b, cos, sin);
         let mut past = 0;
