@@ -700,8 +700,9 @@ pub fn logsumexp(row: &[f32]) -> (f32, f64) {
 mod tests {
     use super::*;
 
-    /// Values in about [−4, 4), from a fixed-seed generator.
-    fn values(n: usize, seed: u64) -> Vec<f32> {
+    /// Values in about [−4, 4), from a fixed-seed generator (shared with `tracked_attention`'s
+    /// tests).
+    pub(super) fn values(n: usize, seed: u64) -> Vec<f32> {
         let mut s = seed;
         (0..n)
             .map(|_| {

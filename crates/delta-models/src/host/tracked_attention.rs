@@ -185,20 +185,10 @@ mod tests {
     use burn::backend::Autodiff;
     use burn::tensor::{Tensor, TensorData};
 
+    use crate::host::tests::values;
     use crate::CpuBackend;
 
     type AD = Autodiff<CpuBackend>;
-
-    /// Values in about [−4, 4), from a fixed-seed generator.
-    fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 8.0
-            })
-            .collect()
-    }
 
     /// [`crate::host::attend_tracked`]'s context, and its gradients of q, k and v of
     /// `Σ context ⊙ w`, against f64 by hand: the attention with rotate-half RoPE written out, and
