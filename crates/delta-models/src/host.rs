@@ -423,12 +423,15 @@ fn rotate(x: &[f32], n: usize, d: usize, cos: &[f32], sin: &[f32]) -> Vec<f32> {
 /// positions' RoPE tables `cos` / `sin` (`[t, d]`); every query sees the keys `mask` shows
 /// (additive, `[t, t]`). One custom op: per sequence and head two GEMMs and a softmax forward,
 /// four GEMMs backward (`host/tracked_attention.rs`). Returns the context `[b·t, heads·d]`.
+/// Panics if the shapes do not fit together.
 #[allow(clippy::too_many_arguments)]
 pub fn attend_tracked<B: Backend>(q: &Tensor<B, 2>, k: &Tensor<B, 2>, v: &Tensor<B, 2>, b: usize, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>, heads: usize, kv_heads: usize, mask: &[f32]) -> Option<Tensor<B, 2>> {
     let tracked = |x: &Tensor<B, 2>| (x as &dyn Any).downcast_ref::<Tensor<AutodiffCpu, 2>>().cloned();
     let (q, k, v) = (tracked(q)?, tracked(k)?, tracked(v)?);
     let [rows, width] = q.dims();
+    assert!(b > 0 && heads > 0 && kv_heads > 0 && rows % b == 0 && width % heads == 0 && heads % kv_heads == 0, "attention of {rows} rows in {b} sequences, {heads} heads of {width} columns on {kv_heads} kv heads");
     let sizes = tracked_attention::Sizes { b, t: rows / b, heads, kv_heads, d: width / heads };
+    assert_eq!(mask.len(), sizes.t * sizes.t, "a mask for {} positions", sizes.t);
     let (cos, sin) = (with_values(cos, |c| c.to_vec()), with_values(sin, |s| s.to_vec()));
     let (context, saved) = with_values(&q, |qs| with_values(&k, |ks| with_values(&v, |vs| tracked_attention::forward(qs, ks, vs, &cos, &sin, mask, sizes))));
     let context = Tensor::<CpuBackend, 2>::from_data(TensorData::new(context, [rows, width]), &Default::default()).into_primitive().tensor();
