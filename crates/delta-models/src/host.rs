@@ -80,7 +80,7 @@ pub fn product<B: Backend>(x: &Tensor<B, 2>, wt: &Tensor<B, 2>) -> Option<Tensor
     let x = (x as &dyn Any).downcast_ref::<Tensor<CpuBackend, 2>>()?;
     let wt = (wt as &dyn Any).downcast_ref::<Tensor<CpuBackend, 2>>()?;
     let y = gemm(&x.clone().into_primitive().tensor(), &wt.clone().into_primitive().tensor(), false)?;
-    crate::same_backend(Tensor::<CpuBackend, 2>::from_primitive(TensorPrimitive::Float(y)))
+    crate::same_backend(cpu_tensor(y))
 }
 
 /// The CPU backend under autodiff, as stage 2 of calibration trains on it.
@@ -151,8 +151,8 @@ impl Backward<CpuBackend, 1> for ColumnDeltaProduct {
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
         let (x, delta) = ops.state;
         unary::<CpuBackend, _>(ops.parents, ops.node, grads, |g| {
-            let x = Tensor::<CpuBackend, 2>::from_primitive(TensorPrimitive::Float(x));
-            let g = Tensor::<CpuBackend, 2>::from_primitive(TensorPrimitive::Float(g));
+            let x = cpu_tensor(x);
+            let g = cpu_tensor(g);
             let inp = x.dims()[1];
             let h = host_product(&g, inp, |gs, h| delta_kernels::fused::delta_matmul(gs, &delta, h).expect("the gradient has the product's shape"));
             // Σ over rows of x̄ ⊙ H, a row at a time.
@@ -166,7 +166,7 @@ impl Backward<CpuBackend, 1> for ColumnDeltaProduct {
                     }
                 })
             });
-            Tensor::<CpuBackend, 2>::from_data(TensorData::new(dc, [1, inp]), &Default::default()).into_primitive().tensor()
+            primitive(dc, [1, inp])
         });
     }
 }
@@ -216,9 +216,21 @@ impl Backward<CpuBackend, 1> for SquaredError {
             let g = Tensor::<CpuBackend, 1>::from_primitive(TensorPrimitive::Float(g)).into_scalar();
             let k = 2.0 * g / (rows * width) as f32;
             d.par_chunks_mut(width).with_min_len(8).for_each(|row| row.iter_mut().for_each(|v| *v *= k));
-            Tensor::<CpuBackend, 2>::from_data(TensorData::new(d, [rows, width]), &Default::default()).into_primitive().tensor()
+            primitive(d, [rows, width])
         });
     }
+}
+
+/// Row-major host values `[rows, cols]` as a CPU tensor's primitive, the form the custom autodiff
+/// ops here return and register gradients in.
+fn primitive(values: Vec<f32>, dims: [usize; 2]) -> NdArrayTensor {
+    Tensor::<CpuBackend, 2>::from_data(TensorData::new(values, dims), &Default::default()).into_primitive().tensor()
+}
+
+/// A CPU tensor's primitive (a custom op's state or gradient) as a tensor, to read its values
+/// with [`with_values`].
+fn cpu_tensor(p: NdArrayTensor) -> Tensor<CpuBackend, 2> {
+    Tensor::from_primitive(TensorPrimitive::Float(p))
 }
 
 /// `a · b` (`b_t`: `a · bᵀ`) for 2-d f32 tensors of the CPU backend, one `matrixmultiply` GEMM
@@ -251,7 +263,7 @@ fn gemm(a: &NdArrayTensor, b: &NdArrayTensor, b_t: bool) -> Option<NdArrayTensor
             matrixmultiply::sgemm(n, k, m, 1.0, b.as_ptr(), csb, rsb, a.as_ptr(), csa, rsa, 0.0, c.as_mut_ptr(), 1, n as isize);
         }
     }
-    Some(Tensor::<CpuBackend, 2>::from_data(TensorData::new(c, [m, n]), &Default::default()).into_primitive().tensor())
+    Some(primitive(c, [m, n]))
 }
 
 /// `x · wt` plus, for every row r with `idx[r] = Some(d)`, the packed delta term `x[r]·Δ̂_dᵀ`
@@ -432,9 +444,10 @@ pub fn attend_tracked<B: Backend>(q: &Tensor<B, 2>, k: &Tensor<B, 2>, v: &Tensor
     assert!(b > 0 && heads > 0 && kv_heads > 0 && rows % b == 0 && width % heads == 0 && heads % kv_heads == 0, "attention of {rows} rows in {b} sequences, {heads} heads of {width} columns on {kv_heads} kv heads");
     let sizes = tracked_attention::Sizes { b, t: rows / b, heads, kv_heads, d: width / heads };
     assert_eq!(mask.len(), sizes.t * sizes.t, "a mask for {} positions", sizes.t);
-    let (cos, sin) = (with_values(cos, |c| c.to_vec()), with_values(sin, |s| s.to_vec()));
-    let (context, saved) = with_values(&q, |qs| with_values(&k, |ks| with_values(&v, |vs| tracked_attention::forward(qs, ks, vs, &cos, &sin, mask, sizes))));
-    let context = Tensor::<CpuBackend, 2>::from_data(TensorData::new(context, [rows, width]), &Default::default()).into_primitive().tensor();
+    // Row r of q and k is position r mod t.
+    let (cos, sin) = (with_values(cos, |c| c.repeat(b)), with_values(sin, |s| s.repeat(b)));
+    let (context, saved) = with_values(&q, |qs| with_values(&k, |ks| with_values(&v, |vs| tracked_attention::forward(qs, ks, vs, cos, sin, mask, sizes))));
+    let context = primitive(context, [rows, width]);
     let (q, k, v) = (q.into_primitive().tensor(), k.into_primitive().tensor(), v.into_primitive().tensor());
     let context = match AttentionStep.prepare::<NoCheckpointing>([q.node.clone(), k.node.clone(), v.node.clone()]).compute_bound().stateful() {
         OpsKind::Tracked(prep) => prep.finish(saved, context),
@@ -451,14 +464,13 @@ impl Backward<CpuBackend, 3> for AttentionStep {
     type State = tracked_attention::Saved;
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let grad = Tensor::<CpuBackend, 2>::from_primitive(TensorPrimitive::Float(grads.consume::<CpuBackend>(&ops.node)));
+        let grad = cpu_tensor(grads.consume::<CpuBackend>(&ops.node));
         let (dq, dk, dv) = with_values(&grad, |g| tracked_attention::backward(&ops.state, g));
         let s = ops.state.sizes;
         let rows = s.b * s.t;
         for (parent, (values, width)) in ops.parents.into_iter().zip([(dq, s.heads * s.d), (dk, s.kv_heads * s.d), (dv, s.kv_heads * s.d)]) {
             if let Some(node) = parent {
-                let t = Tensor::<CpuBackend, 2>::from_data(TensorData::new(values, [rows, width]), &Default::default());
-                grads.register::<CpuBackend>(node.id, t.into_primitive().tensor());
+                grads.register::<CpuBackend>(node.id, primitive(values, [rows, width]));
             }
         }
     }
@@ -541,7 +553,7 @@ fn tracked_silu_mul<B: Backend>(gate: &Tensor<B, 2>, up: &Tensor<B, 2>) -> Optio
     let up = (up as &dyn Any).downcast_ref::<Tensor<AutodiffCpu, 2>>()?;
     let [rows, width] = gate.dims();
     let y = with_values(gate, |g| with_values(up, |u| silu_product(g, u, width)));
-    let y = Tensor::<CpuBackend, 2>::from_data(TensorData::new(y, [rows, width]), &Default::default()).into_primitive().tensor();
+    let y = primitive(y, [rows, width]);
     let (g, u) = (gate.clone().into_primitive().tensor(), up.clone().into_primitive().tensor());
     let y = match SiluProduct.prepare::<NoCheckpointing>([g.node.clone(), u.node.clone()]).compute_bound().stateful() {
         OpsKind::Tracked(prep) => prep.finish((g.primitive, u.primitive), y),
@@ -559,9 +571,8 @@ impl Backward<CpuBackend, 2> for SiluProduct {
     type State = (NdArrayTensor, NdArrayTensor);
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let cpu = |t| Tensor::<CpuBackend, 2>::from_primitive(TensorPrimitive::Float(t));
-        let (g, u) = (cpu(ops.state.0), cpu(ops.state.1));
-        let grad = cpu(grads.consume::<CpuBackend>(&ops.node));
+        let (g, u) = (cpu_tensor(ops.state.0), cpu_tensor(ops.state.1));
+        let grad = cpu_tensor(grads.consume::<CpuBackend>(&ops.node));
         let [rows, width] = g.dims();
         let (mut dg, mut du) = (vec![0f32; rows * width], vec![0f32; rows * width]);
         with_values(&grad, |d| {
@@ -582,8 +593,7 @@ impl Backward<CpuBackend, 2> for SiluProduct {
         let [gate, up] = ops.parents;
         for (parent, values) in [(gate, dg), (up, du)] {
             if let Some(node) = parent {
-                let t = Tensor::<CpuBackend, 2>::from_data(TensorData::new(values, [rows, width]), &Default::default());
-                grads.register::<CpuBackend>(node.id, t.into_primitive().tensor());
+                grads.register::<CpuBackend>(node.id, primitive(values, [rows, width]));
             }
         }
     }
@@ -641,7 +651,7 @@ fn tracked_rms_norm<B: Backend>(x: &Tensor<B, 2>, weight: Option<&Tensor<B, 1>>,
     };
     let [rows, width] = x.dims();
     let y = with_values(x, |xs| normalised(xs, width, weight.as_deref(), eps));
-    let y = Tensor::<CpuBackend, 2>::from_data(TensorData::new(y, [rows, width]), &Default::default()).into_primitive().tensor();
+    let y = primitive(y, [rows, width]);
     let x = x.clone().into_primitive().tensor();
     let y = match RmsNormStep.prepare::<NoCheckpointing>([x.node.clone()]).compute_bound().stateful() {
         OpsKind::Tracked(prep) => prep.finish((x.primitive, weight, eps), y),
@@ -662,8 +672,7 @@ impl Backward<CpuBackend, 1> for RmsNormStep {
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
         let (x, weight, eps) = ops.state;
         unary::<CpuBackend, _>(ops.parents, ops.node, grads, |g| {
-            let cpu = |t| Tensor::<CpuBackend, 2>::from_primitive(TensorPrimitive::Float(t));
-            let (x, g) = (cpu(x), cpu(g));
+            let (x, g) = (cpu_tensor(x), cpu_tensor(g));
             let [rows, width] = x.dims();
             let mut dx = with_values(&g, |g| g.to_vec());
             with_values(&x, |xs| {
@@ -678,7 +687,7 @@ impl Backward<CpuBackend, 1> for RmsNormStep {
                     a.iter_mut().zip(x).for_each(|(a, x)| *a = *a / norm - x * k);
                 })
             });
-            Tensor::<CpuBackend, 2>::from_data(TensorData::new(dx, [rows, width]), &Default::default()).into_primitive().tensor()
+            primitive(dx, [rows, width])
         });
     }
 }

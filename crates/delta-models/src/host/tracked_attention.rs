@@ -52,12 +52,11 @@ pub(super) struct Saved {
 
 /// The context `[b·t, heads·d]` of q `[b·t, heads·d]`, k and v `[b·t, kv_heads·d]` (as the
 /// projections return them): per sequence and head `softmax(rope(q)·rope(k)ᵀ/√d + mask)·v`,
-/// `mask` additive `[t, t]`, `cos` / `sin` the tables of the `t` positions (`[t, d]`). Also what
-/// [`backward`] needs.
-pub(super) fn forward(q: &[f32], k: &[f32], v: &[f32], cos: &[f32], sin: &[f32], mask: &[f32], sizes: Sizes) -> (Vec<f32>, Saved) {
+/// `mask` additive `[t, t]`, `cos` / `sin` the RoPE tables of every row of q (`[b·t, d]`, kept
+/// for the backward step). Also what [`backward`] needs.
+pub(super) fn forward(q: &[f32], k: &[f32], v: &[f32], cos: Vec<f32>, sin: Vec<f32>, mask: &[f32], sizes: Sizes) -> (Vec<f32>, Saved) {
     let Sizes { b, t, heads, d, .. } = sizes;
     let (width, kv_width, group, scale) = (sizes.width(), sizes.kv_width(), sizes.group(), sizes.scale());
-    let (cos, sin) = (cos.repeat(b), sin.repeat(b));
     let q = super::rotate(q, heads, d, &cos, &sin);
     let k = super::rotate(k, sizes.kv_heads, d, &cos, &sin);
     // Per sequence and head, its softmax and its part of the context.
