@@ -16,12 +16,16 @@
 //! of a dense f32 copy), so a trained weight costs one f32 matrix, `W` — two where column
 //! multipliers need Δ̂₀ᵀ written out for their gradient.
 //!
-//! The teacher is needed only for its logits: they are computed once for every sample, before
-//! training, into an unnamed scratch file ([`DistillOptions::scratch_dir`]; 4 bytes per logit,
-//! ≈ 25 MB per 128-token sample of SmolLM2), and the teacher's projection weights are freed one by
-//! one as the student's replacements (`W`) are built — one model's weights in memory, not two.
-//! The student shares every tensor the compression does not touch (embeddings, norms, biases,
-//! head) with the teacher.
+//! The teacher is needed only for its outputs, computed once for every sample before training;
+//! then the teacher's projection weights are freed one by one as the student's replacements (`W`)
+//! are built — one model's weights in memory, not two. The student shares every tensor the
+//! compression does not touch (embeddings, norms, biases, head) with the teacher, so for the MSE
+//! the teacher's final hidden states suffice: the squared error of the logits is a quadratic form
+//! in the difference of the hidden states through the shared head's Gram matrix
+//! ([`delta_models::host::logit_squared_error`]), and neither model's head runs (SmolLM2: 576
+//! numbers per position kept in memory instead of 49,152 logits). For KL the teacher's logits go
+//! to an unnamed scratch file ([`DistillOptions::scratch_dir`]; 4 bytes per logit, ≈ 25 MB per
+//! 128-token sample of SmolLM2).
 //!
 //! Any Burn backend `B`, trained through `Autodiff<B>`: the CPU's, or a GPU's with
 //! `delta-models`' `wgpu` / `cuda` features. Adam itself runs on the host (a few numbers per
@@ -38,6 +42,7 @@ use burn::tensor::{ElementConversion, Tensor, TensorData};
 use delta_format::checkpoint::Checkpoint;
 use delta_format::{CompressedWeight, ScaleMode};
 use delta_kernels::merge::ScaleFactors;
+use delta_models::host::{logit_squared_error, HeadGram};
 use delta_models::llama::{Attention, Block, Embedding, Linear, Mlp, RmsNorm};
 use delta_models::{Llama, ModelConfig, Projection, ScaledDelta, WeightT, Weights};
 use serde::Serialize;
@@ -68,15 +73,18 @@ pub struct DistillOptions {
     pub epochs: usize,
     /// Samples (from the end) kept out of training, on which the loss is reported before and after.
     pub heldout: usize,
-    /// Where the teacher's logits are kept during the stage (an unnamed file, gone when the stage
-    /// ends or the process dies; samples × tokens × vocabulary × 4 bytes).
+    /// Where the teacher's logits are kept during the stage with the KL loss (an unnamed file,
+    /// gone when the stage ends or the process dies; samples × tokens × vocabulary × 4 bytes).
+    /// The MSE keeps the teacher's final hidden states in memory instead (× hidden, not
+    /// × vocabulary).
     pub scratch_dir: PathBuf,
 }
 
 /// Where stage 2 is.
 #[derive(Clone, Copy, Debug)]
 pub enum DistillProgress {
-    /// The teacher's logits for `done` of `total` samples are computed.
+    /// The teacher's outputs (final hidden states; logits for KL) for `done` of `total` samples
+    /// are computed.
     Teacher { done: usize, total: usize },
     /// Training step `step` of `steps` is done; its batch's loss before the update.
     Step { step: usize, steps: usize, loss: f64 },
@@ -98,7 +106,8 @@ pub struct DistillReport {
     pub train_losses: Vec<f64>,
     /// Wall time of the whole stage (loading, scoring and training).
     pub seconds: f64,
-    /// Of which the teacher's pass over every sample, its logits written to the scratch file.
+    /// Of which the teacher's pass over every sample (for KL, its logits written to the scratch
+    /// file).
     pub teacher_seconds: f64,
 }
 
@@ -218,7 +227,7 @@ pub fn distill<B: Backend>(
     let cfg = ModelConfig::load(finetuned.dir())?;
     let teacher = Llama::<B>::load(cfg.clone(), &Weights::<B>::new(finetuned, None, device.clone())?)?;
     let teacher_started = std::time::Instant::now();
-    let targets = TeacherLogits::compute(&teacher, samples, opts, &mut |done| progress(DistillProgress::Teacher { done, total: n }))?;
+    let targets = Targets::compute(&teacher, samples, opts, &mut |done| progress(DistillProgress::Teacher { done, total: n }))?;
     let teacher_seconds = teacher_started.elapsed().as_secs_f64();
     // The student starts as the teacher (sharing its tensors); each projection it trains replaces
     // the teacher's weight as soon as it is built, so that weight is freed before the next.
@@ -263,7 +272,7 @@ pub fn distill<B: Backend>(
         let mut total = 0.0;
         for (k, chunk) in heldout.chunks(opts.batch).enumerate() {
             let first = n - opts.heldout + k * opts.batch;
-            let l = loss(opts.loss, student.forward(chunk)?, targets.get(first..first + chunk.len(), device)?);
+            let l = targets.loss(student, samples, first..first + chunk.len(), device)?;
             total += l.into_scalar().elem::<f64>() * chunk.len() as f64;
         }
         Ok(total / heldout.len() as f64)
@@ -277,11 +286,10 @@ pub fn distill<B: Backend>(
         // activations and logits of the whole batch at once.
         let mut grads: Vec<(Vec<f64>, Vec<f64>)> = trainables.iter().map(|tr| (zeros(&tr.rows), zeros(&tr.cols))).collect();
         let mut value = 0.0;
-        for (k, sample) in batch.iter().enumerate() {
+        for k in 0..batch.len() {
             let thetas = install(&mut student, &trainables, true);
-            let one = std::slice::from_ref(sample);
             let index = b * opts.batch + k;
-            let l = loss(opts.loss, student.forward(one)?, targets.get(index..index + 1, device)?).div_scalar(batch.len() as f64);
+            let l = targets.loss(&student, samples, index..index + 1, device)?.div_scalar(batch.len() as f64);
             let v = l.clone().into_scalar().elem::<f64>();
             if !v.is_finite() {
                 return Err(CompressError::Calibration(format!("stage 2 diverged at step {} of {steps}: the loss is {v}", step + 1)));
@@ -333,6 +341,57 @@ pub fn distill<B: Backend>(
         seconds: started.elapsed().as_secs_f64(),
         teacher_seconds,
     })
+}
+
+/// What the student is trained to match, computed by the teacher once for every sample.
+enum Targets {
+    /// For the MSE: the teacher's final hidden states (`[t, hidden]` f32 per sample, samples in
+    /// order) and the shared head's Gram matrix.
+    Hidden { values: Vec<f32>, dims: [usize; 2], gram: HeadGram },
+    /// For KL: the teacher's logits, in a scratch file.
+    Logits(TeacherLogits),
+}
+
+impl Targets {
+    /// Runs the teacher over `samples` (`opts.batch` at a time); `progress(samples done)` after
+    /// each batch.
+    fn compute<B: Backend>(teacher: &Llama<B>, samples: &[Vec<u32>], opts: &DistillOptions, progress: &mut dyn FnMut(usize)) -> Result<Self, CompressError> {
+        if opts.loss == DistillLoss::Kl {
+            return TeacherLogits::compute(teacher, samples, opts, progress).map(Targets::Logits);
+        }
+        let gram = HeadGram::of(&teacher.lm_head_t);
+        let (t, hidden) = (samples[0].len(), teacher.cfg.hidden_size);
+        let mut values = Vec::with_capacity(samples.len() * t * hidden);
+        let mut done = 0;
+        for chunk in samples.chunks(opts.batch) {
+            let h = teacher.final_hidden(chunk)?;
+            values.extend(h.into_data().into_vec::<f32>().map_err(|e| CompressError::Calibration(format!("teacher hidden states: {e:?}")))?);
+            done += chunk.len();
+            progress(done);
+        }
+        Ok(Targets::Hidden { values, dims: [t, hidden], gram })
+    }
+
+    /// The loss of `student` on `samples[range]`, a scalar: the MSE of the logits or
+    /// KL(teacher ‖ student) of the next-token distributions, mean over positions.
+    fn loss<B: Backend>(&self, student: &Llama<AB<B>>, samples: &[Vec<u32>], range: std::ops::Range<usize>, device: &B::Device) -> Result<Tensor<AB<B>, 1>, CompressError> {
+        let ids = &samples[range.clone()];
+        match self {
+            Targets::Hidden { values, dims: [t, hidden], gram } => {
+                let rows = range.len() * t;
+                let s = student.final_hidden(ids)?.reshape([rows, *hidden]);
+                let target = Tensor::<B, 2>::from_data(TensorData::new(values[range.start * t * hidden..range.end * t * hidden].to_vec(), [rows, *hidden]), device);
+                Ok(logit_squared_error(&s, &target, gram))
+            }
+            Targets::Logits(logits) => {
+                let (student, teacher) = (student.forward(ids)?, logits.get(range, device)?);
+                let [b, t, _] = student.dims();
+                let lt = log_softmax(Tensor::<AB<B>, 3>::from_inner(teacher), 2);
+                let ls = log_softmax(student, 2);
+                Ok((lt.clone().exp() * (lt - ls)).sum().div_scalar((b * t) as f64))
+            }
+        }
+    }
 }
 
 /// Floats per read or write of the scratch file (1 MiB).
@@ -429,26 +488,6 @@ fn install<B: Backend>(student: &mut Llama<AB<B>>, trainables: &[Trainable<B>], 
             thetas
         })
         .collect()
-}
-
-/// The distillation loss of student logits against the teacher's (`[b, t, vocab]`), a scalar.
-fn loss<B: Backend>(kind: DistillLoss, student: Tensor<AB<B>, 3>, teacher: Tensor<B, 3>) -> Tensor<AB<B>, 1> {
-    let [b, t, vocab] = student.dims();
-    match kind {
-        DistillLoss::Mse => {
-            let (student, teacher) = (student.reshape([b * t, vocab]), teacher.reshape([b * t, vocab]));
-            // On the CPU in one pass each way (`delta_models::host`), through Burn elsewhere.
-            delta_models::host::mean_squared_error(&student, &teacher).unwrap_or_else(|| {
-                let d = student - Tensor::from_inner(teacher);
-                (d.clone() * d).mean()
-            })
-        }
-        DistillLoss::Kl => {
-            let lt = log_softmax(Tensor::<AB<B>, 3>::from_inner(teacher), 2);
-            let ls = log_softmax(student, 2);
-            (lt.clone().exp() * (lt - ls)).sum().div_scalar((b * t) as f64)
-        }
-    }
 }
 
 /// The teacher's model on the autodiff backend, sharing its tensors (no copy).

@@ -50,7 +50,8 @@ pub enum CalibrateArg {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum LossArg {
-    /// Mean squared error of the logits (BitDelta).
+    /// Mean squared error of the logits (BitDelta), computed exactly from the final hidden states
+    /// through the shared head's Gram matrix, so neither model runs its head.
     Mse,
     /// KL(fine-tune ‖ compressed) of the next-token distributions.
     Kl,
@@ -110,9 +111,10 @@ pub struct Args {
     #[arg(long, default_value_t = 1e-5, allow_hyphen_values = true)]
     adamw_lr: f64,
     /// End-to-end samples (`--calibrate full`): the token windows after the layer-wise ones; the
-    /// last 10% are held out and only scored. The fine-tune's logits for them are computed once
-    /// and kept in a temporary file beside the output (samples × tokens × vocabulary × 4 bytes:
-    /// 3.8 GB for SmolLM2 at the defaults), so only one model is in memory while training.
+    /// last 10% are held out and only scored. The fine-tune's outputs for them are computed once,
+    /// so only one model is in memory while training: for the MSE its final hidden states, in
+    /// memory (samples × tokens × hidden × 4 bytes: 44 MB for SmolLM2 at the defaults); for KL
+    /// its logits, in a temporary file beside the output (× vocabulary instead of × hidden: 3.8 GB).
     #[arg(long, default_value_t = 150, value_parser = clap::value_parser!(u32).range(2..=100_000))]
     distill_samples: u32,
     /// End-to-end samples per Adam step.
@@ -385,7 +387,7 @@ impl OnDevice for Calibration<'_> {
             let steps = (samples.len() - opts.heldout).div_ceil(opts.batch) * opts.epochs;
             let bar = ui::progress(steps as u64, "end-to-end", false, self.json);
             let r = distill::<B>(c, self.base, self.finetuned, samples, opts, &device, &mut |p| match p {
-                DistillProgress::Teacher { done, total } => bar.set_message(format!("fine-tune logits {done}/{total}")),
+                DistillProgress::Teacher { done, total } => bar.set_message(format!("fine-tune pass {done}/{total}")),
                 DistillProgress::Step { step, loss, .. } => {
                     bar.set_position(step as u64);
                     bar.set_message(format!("loss {loss:.4}"));

@@ -12,8 +12,9 @@
 //! too, in parallel over rows or segments, in one pass each instead of Burn's one
 //! single-threaded pass and fresh tensor per operation (measured: most of a packed forward's
 //! non-GEMM time). RMSNorm, SiLU and attention ([`attend_tracked`]) do so under autodiff as
-//! well, each with its own backward step, and so does stage 2's loss on logits
-//! ([`mean_squared_error`]). Also the host-side arithmetic on logits ([`logsumexp`]) that
+//! well, each with its own backward step, and so does stage 2's squared error of the logits,
+//! computed from the final hidden states through the head's Gram matrix
+//! ([`logit_squared_error`]). Also the host-side arithmetic on logits ([`logsumexp`]) that
 //! scoring and perplexity do row by row instead of through softmax tensors.
 
 use std::any::{Any, TypeId};
@@ -34,9 +35,11 @@ use crate::llama::WeightT;
 use crate::CpuBackend;
 use attention::{attend_segment, HeadShape, KeyLayout};
 pub use kv::HostKv;
+pub use logit_error::{logit_squared_error, HeadGram};
 
 mod attention;
 mod kv;
+mod logit_error;
 mod tracked_attention;
 
 /// Up to this many rows the in-place product beats the packing GEMM (it reads the weight once for
@@ -167,56 +170,6 @@ impl Backward<CpuBackend, 1> for ColumnDeltaProduct {
                 })
             });
             primitive(dc, [1, inp])
-        });
-    }
-}
-
-/// `mean((s − t)²)` over all elements of a student's `s` (tracked) and a constant target `t` of
-/// the same shape, under autodiff on the CPU backend (`None` for any other backend): end-to-end
-/// calibration's loss on logits. Forward, one parallel pass (each row's sum in f64, the rows'
-/// sums in order, so the value does not depend on the threads); backward, `∂/∂s = 2(s − t)/n`.
-/// Burn's is a chain of single-threaded passes over the logits (difference, square, mean and
-/// their backward steps), each into a fresh tensor, and its mean sums in f32, which over a
-/// sample's 6.3 million logits drops the smallest terms (it read the held-out loss 0.3% low).
-pub fn mean_squared_error<B: Backend>(s: &Tensor<burn::backend::Autodiff<B>, 2>, t: &Tensor<B, 2>) -> Option<Tensor<burn::backend::Autodiff<B>, 1>> {
-    let s = (s as &dyn Any).downcast_ref::<Tensor<AutodiffCpu, 2>>()?;
-    let t = (t as &dyn Any).downcast_ref::<Tensor<CpuBackend, 2>>()?;
-    let [rows, width] = s.dims();
-    if t.dims() != [rows, width] || rows * width == 0 {
-        return None;
-    }
-    let mut d = with_values(s, |s| s.to_vec());
-    let sums: Vec<f64> = with_values(t, |t| {
-        d.par_chunks_mut(width).zip(t.par_chunks(width)).with_min_len(8).map(|(d, t)| d.iter_mut().zip(t).map(|(d, t)| {
-            *d -= t;
-            *d as f64 * *d as f64
-        }).sum::<f64>()).collect()
-    });
-    let n = rows * width;
-    let value = (sums.iter().sum::<f64>() / n as f64) as f32;
-    let value = Tensor::<CpuBackend, 1>::from_data(TensorData::new(vec![value], [1]), &Default::default()).into_primitive().tensor();
-    let s = s.clone().into_primitive().tensor();
-    let value = match SquaredError.prepare::<NoCheckpointing>([s.node.clone()]).compute_bound().stateful() {
-        OpsKind::Tracked(prep) => prep.finish((d, [rows, width]), value),
-        OpsKind::UnTracked(prep) => prep.finish(value),
-    };
-    crate::same_backend(Tensor::<AutodiffCpu, 1>::from_primitive(TensorPrimitive::Float(value)))
-}
-
-/// The backward step of [`mean_squared_error`]; its state is `s − t` and its shape.
-#[derive(Debug)]
-struct SquaredError;
-
-impl Backward<CpuBackend, 1> for SquaredError {
-    type State = (Vec<f32>, [usize; 2]);
-
-    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let (mut d, [rows, width]) = ops.state;
-        unary::<CpuBackend, _>(ops.parents, ops.node, grads, |g| {
-            let g = Tensor::<CpuBackend, 1>::from_primitive(TensorPrimitive::Float(g)).into_scalar();
-            let k = 2.0 * g / (rows * width) as f32;
-            d.par_chunks_mut(width).with_min_len(8).for_each(|row| row.iter_mut().for_each(|v| *v *= k));
-            primitive(d, [rows, width])
         });
     }
 }
@@ -821,27 +774,6 @@ mod tests {
             for (n, (g, want)) in got.iter().zip(&want_dx).enumerate() {
                 assert!((*g as f64 - want).abs() <= 1e-5 * want.abs().max(1.0), "weighted {weighted}: gradient {n}, {g} against {want}");
             }
-        }
-    }
-
-    /// Under autodiff `mean_squared_error` gives `mean((s − t)²)` and `s`'s gradient of a quarter
-    /// of it, `(s − t)/(2n)`, by hand in f64.
-    #[test]
-    fn mean_squared_error_under_autodiff_has_the_gradient_by_hand() {
-        type AD = burn::backend::Autodiff<CpuBackend>;
-        let (rows, width) = (37, 53);
-        let (s, t) = (values(rows * width, 13), values(rows * width, 14));
-        let n = (rows * width) as f64;
-        let want = s.iter().zip(&t).map(|(&s, &t)| (s as f64 - t as f64).powi(2)).sum::<f64>() / n;
-        let student = Tensor::<AD, 2>::from_data(TensorData::new(s.clone(), [rows, width]), &Default::default()).require_grad();
-        let loss = mean_squared_error(&student, &tensor(&t, [rows, width])).expect("the CPU backend under autodiff");
-        let got = loss.clone().into_scalar() as f64;
-        assert!((got - want).abs() <= 1e-6 * want, "{got} against {want}");
-        let grads = loss.div_scalar(4.0).backward();
-        let want: Vec<f64> = s.iter().zip(&t).map(|(&s, &t)| (s as f64 - t as f64) / (2.0 * n)).collect();
-        let got = student.grad(&grads).expect("s is tracked").into_data().into_vec::<f32>().unwrap();
-        for (n, (g, w)) in got.iter().zip(&want).enumerate() {
-            assert!((*g as f64 - w).abs() <= 1e-6 * w.abs(), "gradient {n}: {g} against {w}");
         }
     }
 

@@ -703,8 +703,14 @@ impl<B: Backend> Llama<B> {
 
     /// Final norm and LM head: `[b, t, hidden]` -> logits `[b, t, vocab]`.
     pub fn head(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let [b, t, hidden] = x.dims();
-        crate::host::project(self.norm.forward(x).reshape([b * t, hidden]), &self.lm_head_t).reshape([b, t, self.cfg.vocab_size])
+        self.logits(self.norm.forward(x))
+    }
+
+    /// The LM head alone: final hidden states (after the final norm) `[b, t, hidden]` -> logits
+    /// `[b, t, vocab]`.
+    pub fn logits(&self, h: Tensor<B, 3>) -> Tensor<B, 3> {
+        let [b, t, hidden] = h.dims();
+        crate::host::project(h.reshape([b * t, hidden]), &self.lm_head_t).reshape([b, t, self.cfg.vocab_size])
     }
 
     /// Feeds `ids` (`[b, t]`) after the positions already in `cache`, extends the cache, and
@@ -790,12 +796,18 @@ impl<B: Backend> Llama<B> {
     /// The whole forward: logits `[b, t, vocab]` (on the CPU backend the attention runs on the
     /// host, as [`Attention::attend`] does there).
     pub fn forward(&self, ids: &[Vec<u32>]) -> Result<Tensor<B, 3>, ModelError> {
+        Ok(self.logits(self.final_hidden(ids)?))
+    }
+
+    /// The forward up to the LM head: the final hidden states after the final norm,
+    /// `[b, t, hidden]` ([`Llama::logits`] of them are [`Llama::forward`]'s logits).
+    pub fn final_hidden(&self, ids: &[Vec<u32>]) -> Result<Tensor<B, 3>, ModelError> {
         let mut x = self.embed(ids)?;
         let t = x.dims()[1];
         let (cos, sin) = self.rope_tables(t);
         for i in 0..self.layers.len() {
             x = self.block(i, x, &cos, &sin);
         }
-        Ok(self.head(x))
+        Ok(self.norm.forward(x))
     }
 }

@@ -92,7 +92,8 @@ fn distillation_lowers_the_heldout_loss_in_every_mode() {
         // 12 steps); a gradient of the wrong sign or size would raise it.
         assert!(end < start, "{what}: held-out loss {start} -> {end}");
         assert!(c.weights.iter().all(|w| w.mode == mode), "{what}: modes are frozen");
-        // The teacher's logits were computed for every sample, and their scratch file is gone.
+        // The teacher ran over every sample, and KL's scratch file for its logits is gone (the
+        // MSE keeps the teacher's hidden states in memory and makes none).
         assert_eq!(teacher_done, samples.len(), "{what}");
         assert_eq!(std::fs::read_dir(scratch.path()).unwrap().count(), 0, "{what}: the scratch directory is left empty");
     }
@@ -110,8 +111,9 @@ fn a_diverging_run_stops_with_an_error_and_changes_nothing() {
     for bad in [DistillOptions { heldout: 0, ..options(DistillLoss::Mse, 0.01) }, options(DistillLoss::Mse, f64::NAN)] {
         assert!(distill::<CpuBackend>(&mut c, &p.base, &p.ft, &samples(), &bad, &Default::default(), &mut |_| {}).is_err());
     }
-    // Nowhere to keep the teacher's logits: a clear error naming the place and the size.
-    let nowhere = DistillOptions { scratch_dir: "/nonexistent/bitdelta-scratch".into(), ..options(DistillLoss::Mse, 0.01) };
+    // Nowhere to keep the teacher's logits (KL keeps them on disk): a clear error naming the
+    // place and the size.
+    let nowhere = DistillOptions { scratch_dir: "/nonexistent/bitdelta-scratch".into(), ..options(DistillLoss::Kl, 0.01) };
     let err = distill::<CpuBackend>(&mut c, &p.base, &p.ft, &samples(), &nowhere, &Default::default(), &mut |_| {}).unwrap_err().to_string();
     assert!(err.contains("/nonexistent/bitdelta-scratch") && err.contains("GB"), "{err}");
     assert_eq!(before, c.weights.iter().map(|w| w.scales.to_vec()).collect::<Vec<_>>());
