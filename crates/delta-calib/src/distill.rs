@@ -16,33 +16,31 @@
 //! of a dense f32 copy), so a trained weight costs one f32 matrix, `W` — two where column
 //! multipliers need Δ̂₀ᵀ written out for their gradient.
 //!
-//! The teacher is needed only for its outputs, computed once for every sample before training;
-//! then the teacher's projection weights are freed one by one as the student's replacements (`W`)
-//! are built — one model's weights in memory, not two. The student shares every tensor the
-//! compression does not touch (embeddings, norms, biases, head) with the teacher, so for the MSE
-//! the teacher's final hidden states suffice: the squared error of the logits is a quadratic form
-//! in the difference of the hidden states through the shared head's Gram matrix
-//! ([`delta_models::host::logit_squared_error`]), and neither model's head runs (SmolLM2: 576
-//! numbers per position kept in memory instead of 49,152 logits). For KL the teacher's logits go
-//! to an unnamed scratch file ([`DistillOptions::scratch_dir`]; 4 bytes per logit, ≈ 25 MB per
-//! 128-token sample of SmolLM2).
+//! The teacher is needed only for its final hidden states (after the final norm), computed once
+//! for every sample before training and kept in memory (SmolLM2: 576 floats per position, 44 MB
+//! at the defaults); then the teacher's projection weights are freed one by one as the student's
+//! replacements (`W`) are built — one model's weights in memory, not two. The student shares
+//! every tensor the compression does not touch (embeddings, norms, biases, head) with the
+//! teacher, so the hidden states determine the teacher's logits: for the MSE the squared error
+//! of the logits is a quadratic form in the difference of the hidden states through the shared
+//! head's Gram matrix ([`delta_models::host::logit_squared_error`]), and neither model's head
+//! runs; KL needs the distributions, and the teacher's logits are recomputed from its hidden
+//! states through the head for each sample (one product, where keeping them took 25 MB per
+//! 128-token sample of SmolLM2, 3.8 GB of scratch file at the defaults).
 //!
 //! Any Burn backend `B`, trained through `Autodiff<B>`: the CPU's, or a GPU's with
 //! `delta-models`' `wgpu` / `cuda` features. Adam itself runs on the host (a few numbers per
 //! weight).
 
-use std::io::{Read, Seek, SeekFrom, Write};
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use burn::backend::Autodiff;
-use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{ElementConversion, Tensor, TensorData};
 use delta_format::checkpoint::Checkpoint;
 use delta_format::{CompressedWeight, ScaleMode};
 use delta_kernels::merge::ScaleFactors;
-use delta_models::host::{logit_squared_error, HeadGram};
+use delta_models::host::{kl_divergence, logit_squared_error, HeadGram};
 use delta_models::llama::{Attention, Block, Embedding, Linear, Mlp, RmsNorm};
 use delta_models::{Llama, ModelConfig, Projection, ScaledDelta, WeightT, Weights};
 use serde::Serialize;
@@ -73,18 +71,12 @@ pub struct DistillOptions {
     pub epochs: usize,
     /// Samples (from the end) kept out of training, on which the loss is reported before and after.
     pub heldout: usize,
-    /// Where the teacher's logits are kept during the stage with the KL loss (an unnamed file,
-    /// gone when the stage ends or the process dies; samples × tokens × vocabulary × 4 bytes).
-    /// The MSE keeps the teacher's final hidden states in memory instead (× hidden, not
-    /// × vocabulary).
-    pub scratch_dir: PathBuf,
 }
 
 /// Where stage 2 is.
 #[derive(Clone, Copy, Debug)]
 pub enum DistillProgress {
-    /// The teacher's outputs (final hidden states; logits for KL) for `done` of `total` samples
-    /// are computed.
+    /// The teacher's final hidden states for `done` of `total` samples are computed.
     Teacher { done: usize, total: usize },
     /// Training step `step` of `steps` is done; its batch's loss before the update.
     Step { step: usize, steps: usize, loss: f64 },
@@ -106,8 +98,7 @@ pub struct DistillReport {
     pub train_losses: Vec<f64>,
     /// Wall time of the whole stage (loading, scoring and training).
     pub seconds: f64,
-    /// Of which the teacher's pass over every sample (for KL, its logits written to the scratch
-    /// file).
+    /// Of which the teacher's pass over every sample.
     pub teacher_seconds: f64,
 }
 
@@ -343,23 +334,19 @@ pub fn distill<B: Backend>(
     })
 }
 
-/// What the student is trained to match, computed by the teacher once for every sample.
-enum Targets {
-    /// For the MSE: the teacher's final hidden states (`[t, hidden]` f32 per sample, samples in
-    /// order) and the shared head's Gram matrix.
-    Hidden { values: Vec<f32>, dims: [usize; 2], gram: HeadGram },
-    /// For KL: the teacher's logits, in a scratch file.
-    Logits(TeacherLogits),
+/// What the student is trained to match: the teacher's final hidden states for every sample
+/// (`[t, hidden]` f32 per sample, samples in order), and for the MSE the shared head's Gram matrix.
+struct Targets {
+    values: Vec<f32>,
+    dims: [usize; 2],
+    gram: Option<HeadGram>,
 }
 
 impl Targets {
     /// Runs the teacher over `samples` (`opts.batch` at a time); `progress(samples done)` after
     /// each batch.
     fn compute<B: Backend>(teacher: &Llama<B>, samples: &[Vec<u32>], opts: &DistillOptions, progress: &mut dyn FnMut(usize)) -> Result<Self, CompressError> {
-        if opts.loss == DistillLoss::Kl {
-            return TeacherLogits::compute(teacher, samples, opts, progress).map(Targets::Logits);
-        }
-        let gram = HeadGram::of(&teacher.lm_head_t);
+        let gram = (opts.loss == DistillLoss::Mse).then(|| HeadGram::of(&teacher.lm_head_t));
         let (t, hidden) = (samples[0].len(), teacher.cfg.hidden_size);
         let mut values = Vec::with_capacity(samples.len() * t * hidden);
         let mut done = 0;
@@ -369,105 +356,25 @@ impl Targets {
             done += chunk.len();
             progress(done);
         }
-        Ok(Targets::Hidden { values, dims: [t, hidden], gram })
+        Ok(Targets { values, dims: [t, hidden], gram })
     }
 
-    /// The loss of `student` on `samples[range]`, a scalar: the MSE of the logits or
+    /// The loss of `student` on `samples[range]`, a scalar: the MSE of the logits, or
     /// KL(teacher ‖ student) of the next-token distributions, mean over positions.
     fn loss<B: Backend>(&self, student: &Llama<AB<B>>, samples: &[Vec<u32>], range: std::ops::Range<usize>, device: &B::Device) -> Result<Tensor<AB<B>, 1>, CompressError> {
-        let ids = &samples[range.clone()];
-        match self {
-            Targets::Hidden { values, dims: [t, hidden], gram } => {
-                let rows = range.len() * t;
-                let s = student.final_hidden(ids)?.reshape([rows, *hidden]);
-                let target = Tensor::<B, 2>::from_data(TensorData::new(values[range.start * t * hidden..range.end * t * hidden].to_vec(), [rows, *hidden]), device);
-                Ok(logit_squared_error(&s, &target, gram))
+        let [t, hidden] = self.dims;
+        let (b, rows) = (range.len(), range.len() * t);
+        let teacher = Tensor::<B, 2>::from_data(TensorData::new(self.values[range.start * t * hidden..range.end * t * hidden].to_vec(), [rows, hidden]), device);
+        let s = student.final_hidden(&samples[range])?;
+        Ok(match &self.gram {
+            Some(gram) => logit_squared_error(&s.reshape([rows, hidden]), &teacher, gram),
+            None => {
+                // The teacher's logits through the shared head, untracked.
+                let vocab = student.cfg.vocab_size;
+                let lt = student.logits(Tensor::from_inner(teacher.reshape([b, t, hidden]))).inner().reshape([rows, vocab]);
+                kl_divergence(&student.logits(s).reshape([rows, vocab]), &lt)
             }
-            Targets::Logits(logits) => {
-                let (student, teacher) = (student.forward(ids)?, logits.get(range, device)?);
-                let [b, t, _] = student.dims();
-                let lt = log_softmax(Tensor::<AB<B>, 3>::from_inner(teacher), 2);
-                let ls = log_softmax(student, 2);
-                Ok((lt.clone().exp() * (lt - ls)).sum().div_scalar((b * t) as f64))
-            }
-        }
-    }
-}
-
-/// Floats per read or write of the scratch file (1 MiB).
-const IO_FLOATS: usize = 1 << 18;
-
-/// The teacher's logits (`[t, vocab]` f32 per sample, samples in order) in an unnamed file.
-struct TeacherLogits {
-    file: std::fs::File,
-    dims: [usize; 2],
-}
-
-impl TeacherLogits {
-    /// Runs the teacher over `samples` (`opts.batch` at a time) into a new scratch file in
-    /// `opts.scratch_dir`; `progress(samples done)` after each batch. A second thread writes each
-    /// batch's logits while the teacher computes the next (at most those two batches in memory):
-    /// the copies into the page cache took 17 s of the main thread's time in a default compress
-    /// (session 33's profile).
-    fn compute<B: Backend>(teacher: &Llama<B>, samples: &[Vec<u32>], opts: &DistillOptions, progress: &mut dyn FnMut(usize)) -> Result<Self, CompressError> {
-        let dir = &opts.scratch_dir;
-        let need = samples.len() * samples[0].len() * teacher.cfg.vocab_size * 4;
-        let failed = |e: std::io::Error| {
-            CompressError::Calibration(format!("keeping the fine-tune's logits in {} ({:.1} GB for {} samples): {e}", dir.display(), need as f64 / 1e9, samples.len()))
-        };
-        let mut file = tempfile::tempfile_in(dir).map_err(failed)?;
-        let mut dims = [0; 2];
-        std::thread::scope(|scope| {
-            // A rendezvous channel: the teacher waits for the writer to take a batch before it
-            // computes the one after the next.
-            let (send, receive) = std::sync::mpsc::sync_channel::<Vec<f32>>(0);
-            let file = &mut file;
-            let writer = scope.spawn(move || -> std::io::Result<()> {
-                let mut bytes = Vec::new();
-                for values in receive {
-                    // In pieces of 1 MiB, so the bytes never cost a second copy of the logits.
-                    for piece in values.chunks(IO_FLOATS) {
-                        bytes.clear();
-                        bytes.extend(piece.iter().flat_map(|v| v.to_le_bytes()));
-                        file.write_all(&bytes)?;
-                    }
-                }
-                Ok(())
-            });
-            let mut done = 0;
-            for chunk in samples.chunks(opts.batch) {
-                let logits = teacher.forward(chunk)?;
-                let [_, t, vocab] = logits.dims();
-                dims = [t, vocab];
-                let values = logits.into_data().into_vec::<f32>().map_err(|e| CompressError::Calibration(format!("teacher logits: {e:?}")))?;
-                if send.send(values).is_err() {
-                    // The writer stopped on an error, which its join below returns.
-                    break;
-                }
-                done += chunk.len();
-                progress(done);
-            }
-            drop(send);
-            writer.join().expect("the scratch file's writer does not panic").map_err(failed)
-        })?;
-        Ok(TeacherLogits { file, dims })
-    }
-
-    /// The logits of samples `range`, `[range.len(), t, vocab]`, on `device`.
-    fn get<B: Backend>(&self, range: std::ops::Range<usize>, device: &B::Device) -> Result<Tensor<B, 3>, CompressError> {
-        let [t, vocab] = self.dims;
-        let per_sample = t * vocab * 4;
-        let failed = |e: std::io::Error| CompressError::Calibration(format!("reading back the fine-tune's logits: {e}"));
-        let mut file = &self.file;
-        file.seek(SeekFrom::Start((range.start * per_sample) as u64)).map_err(failed)?;
-        let mut values = vec![0f32; range.len() * t * vocab];
-        let mut bytes = vec![0u8; IO_FLOATS * 4];
-        for piece in values.chunks_mut(IO_FLOATS) {
-            let b = &mut bytes[..piece.len() * 4];
-            file.read_exact(b).map_err(failed)?;
-            piece.iter_mut().zip(b.chunks_exact(4)).for_each(|(v, b)| *v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
-        }
-        Ok(Tensor::from_data(TensorData::new(values, [range.len(), t, vocab]), device))
+        })
     }
 }
 

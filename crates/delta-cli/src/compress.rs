@@ -53,7 +53,8 @@ pub enum LossArg {
     /// Mean squared error of the logits (BitDelta), computed exactly from the final hidden states
     /// through the shared head's Gram matrix, so neither model runs its head.
     Mse,
-    /// KL(fine-tune ‖ compressed) of the next-token distributions.
+    /// KL(fine-tune ‖ compressed) of the next-token distributions (the fine-tune's logits
+    /// recomputed from its hidden states through the shared head for each sample).
     Kl,
 }
 
@@ -111,10 +112,9 @@ pub struct Args {
     #[arg(long, default_value_t = 1e-5, allow_hyphen_values = true)]
     adamw_lr: f64,
     /// End-to-end samples (`--calibrate full`): the token windows after the layer-wise ones; the
-    /// last 10% are held out and only scored. The fine-tune's outputs for them are computed once,
-    /// so only one model is in memory while training: for the MSE its final hidden states, in
-    /// memory (samples × tokens × hidden × 4 bytes: 44 MB for SmolLM2 at the defaults); for KL
-    /// its logits, in a temporary file beside the output (× vocabulary instead of × hidden: 3.8 GB).
+    /// last 10% are held out and only scored. The fine-tune's final hidden states for them are
+    /// computed once and kept (samples × tokens × hidden × 4 bytes: 44 MB for SmolLM2 at the
+    /// defaults), so only one model is in memory while training.
     #[arg(long, default_value_t = 150, value_parser = clap::value_parser!(u32).range(2..=100_000))]
     distill_samples: u32,
     /// End-to-end samples per Adam step.
@@ -239,8 +239,6 @@ pub fn run(a: Args) -> Result<()> {
             batch: a.distill_batch as usize,
             epochs: a.distill_epochs as usize,
             heldout: n2.div_ceil(10),
-            // Beside the output: a temporary directory may be memory (tmpfs), this is disk.
-            scratch_dir: ui::output_dir(&a.output).to_path_buf(),
         });
         let job = Calibration {
             c: &mut c,

@@ -46,7 +46,7 @@ pub fn check_output(path: &std::path::Path, force: bool) -> anyhow::Result<()> {
 }
 
 /// The folder an output path goes in (`.` for a bare file name).
-pub fn output_dir(path: &std::path::Path) -> &std::path::Path {
+fn output_dir(path: &std::path::Path) -> &std::path::Path {
     path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."))
 }
 

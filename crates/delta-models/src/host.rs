@@ -35,7 +35,7 @@ use crate::llama::WeightT;
 use crate::CpuBackend;
 use attention::{attend_segment, HeadShape, KeyLayout};
 pub use kv::HostKv;
-pub use logit_error::{logit_squared_error, HeadGram};
+pub use logit_error::{kl_divergence, logit_squared_error, HeadGram};
 
 mod attention;
 mod kv;

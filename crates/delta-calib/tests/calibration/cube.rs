@@ -72,28 +72,36 @@ fn distillation_on_the_gpu_matches_the_cpu() {
     let p = pair();
     let mut rng = Rng::new(21);
     let samples: Vec<Vec<u32>> = (0..12).map(|_| (0..T).map(|_| rng.below(VOCAB) as u32).collect()).collect();
-    let run = |on_gpu: bool| {
-        // Two-sided scales train row and column multipliers both.
-        let mut c = compressed(&p, ScaleChoice::Fixed(ScaleMode::TwoSided));
-        let scratch = tempfile::tempdir().unwrap();
-        let opts = DistillOptions { loss: DistillLoss::Mse, lr: 0.05, batch: 4, epochs: 2, heldout: 4, scratch_dir: scratch.path().to_path_buf() };
-        let r = if on_gpu {
-            distill::<Gpu>(&mut c, &p.base, &p.ft, &samples, &opts, &Default::default(), &mut |_| {})
-        } else {
-            distill::<CpuBackend>(&mut c, &p.base, &p.ft, &samples, &opts, &Default::default(), &mut |_| {})
+    // Two-sided scales train row and column multipliers both; each loss has its own path.
+    for loss in [DistillLoss::Mse, DistillLoss::Kl] {
+        let run = |on_gpu: bool| {
+            let mut c = compressed(&p, ScaleChoice::Fixed(ScaleMode::TwoSided));
+            let opts = DistillOptions { loss, lr: 0.05, batch: 4, epochs: 2, heldout: 4 };
+            let r = if on_gpu {
+                distill::<Gpu>(&mut c, &p.base, &p.ft, &samples, &opts, &Default::default(), &mut |_| {})
+            } else {
+                distill::<CpuBackend>(&mut c, &p.base, &p.ft, &samples, &opts, &Default::default(), &mut |_| {})
+            };
+            (c, r.unwrap())
         };
-        (c, r.unwrap())
-    };
-    let (cpu, cpu_r) = run(false);
-    let (gpu, gpu_r) = run(true);
-    assert!(cpu_r.heldout_after < cpu_r.heldout_before, "the run trains: {} -> {}", cpu_r.heldout_before, cpu_r.heldout_after);
-    for (what, got, want) in [("before", gpu_r.heldout_before, cpu_r.heldout_before), ("after", gpu_r.heldout_after, cpu_r.heldout_after)] {
-        assert!((got - want).abs() <= 1e-3 * want, "held-out loss {what}: {got} on the GPU vs {want}");
+        let (cpu, cpu_r) = run(false);
+        let (gpu, gpu_r) = run(true);
+        // The runs move the scales far beyond the tolerance below (on this tiny pair 4 steps of KL
+        // raise the held-out KL a little, 0.01339 -> 0.01367, with Burn's KL as with the host's).
+        let start = compressed(&p, ScaleChoice::Fixed(ScaleMode::TwoSided));
+        let moved = cpu.weights.iter().zip(&start.weights).map(|(c, s)| rel_diff(&c.scales, &s.scales)).fold(0f32, f32::max);
+        assert!(moved > 1e-2, "{loss:?}: training moved the scales by only {moved} (relative)");
+        if loss == DistillLoss::Mse {
+            assert!(cpu_r.heldout_after < cpu_r.heldout_before, "the run trains: {} -> {}", cpu_r.heldout_before, cpu_r.heldout_after);
+        }
+        for (what, got, want) in [("before", gpu_r.heldout_before, cpu_r.heldout_before), ("after", gpu_r.heldout_after, cpu_r.heldout_after)] {
+            assert!((got - want).abs() <= 1e-3 * want, "{loss:?}: held-out loss {what}: {got} on the GPU vs {want}");
+        }
+        let worst = cpu.weights.iter().zip(&gpu.weights).map(|(c, g)| rel_diff(&g.scales, &c.scales)).fold(0f32, f32::max);
+        assert!(worst <= 1e-3, "{loss:?}: trained scales differ by {worst} (relative)");
+        eprintln!(
+            "end to end ({loss:?}), GPU vs CPU: held-out loss {:.6} -> {:.6} vs {:.6} -> {:.6}; scales differ by at most {worst:.2e}",
+            gpu_r.heldout_before, gpu_r.heldout_after, cpu_r.heldout_before, cpu_r.heldout_after
+        );
     }
-    let worst = cpu.weights.iter().zip(&gpu.weights).map(|(c, g)| rel_diff(&g.scales, &c.scales)).fold(0f32, f32::max);
-    assert!(worst <= 1e-3, "trained scales differ by {worst} (relative)");
-    eprintln!(
-        "end to end, GPU vs CPU: held-out loss {:.6} -> {:.6} vs {:.6} -> {:.6}; scales differ by at most {worst:.2e}",
-        gpu_r.heldout_before, gpu_r.heldout_after, cpu_r.heldout_before, cpu_r.heldout_after
-    );
 }

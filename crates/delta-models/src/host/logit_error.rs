@@ -1,12 +1,18 @@
-//! Stage 2's mean squared error on logits, without the logits. Student and teacher share the LM
-//! head `H` (`[vocab, hidden]`), so the difference of their logits at a position is `H·d` for the
+//! Stage 2's losses on logits, under autodiff.
+//!
+//! The mean squared error, without the logits: student and teacher share the LM head `H`
+//! (`[vocab, hidden]`), so the difference of their logits at a position is `H·d` for the
 //! difference `d` of their final hidden states (after the final norm; a bias would cancel), and
-//! its squared norm is `dᵀ·G·d` with `G = HᵀH` (`[hidden, hidden]`), computed once per run.
-//! A position's error over the whole vocabulary then costs `hidden²` multiply-adds instead of the
+//! its squared norm is `dᵀ·G·d` with `G = HᵀH` (`[hidden, hidden]`), computed once per run. A
+//! position's error over the whole vocabulary then costs `hidden²` multiply-adds instead of the
 //! head's product (`hidden·vocab`) for student and teacher, its gradient `2·G·d` likewise instead
 //! of the product back through the head, and the teacher's targets are `hidden` numbers per
 //! position instead of `vocab` (SmolLM2: 576 against 49,152). Same loss in exact arithmetic;
 //! here in f64, where the logits' f32 products rounded each logit.
+//!
+//! KL of the next-token distributions needs the logits: on the CPU one pass over them each way,
+//! in parallel over rows, instead of Burn's chain of single-threaded passes (log-softmax of
+//! both, exp, difference, product, sum and their backward steps), each into a fresh tensor.
 
 use std::any::Any;
 
@@ -15,11 +21,13 @@ use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{unary, Backward, Ops, OpsKind};
 use burn::backend::Autodiff;
+use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData, TensorPrimitive};
 use delta_kernels::convert::WeightElem;
+use rayon::prelude::*;
 
-use super::{primitive, with_values, AutodiffCpu};
+use super::{logsumexp, primitive, with_values, AutodiffCpu};
 use crate::llama::WeightT;
 use crate::CpuBackend;
 
@@ -49,7 +57,7 @@ impl HeadGram {
     }
 
     /// From `H`'s rows (row-major `[vocab, hidden]`).
-    pub fn from_rows(h: &[f32], vocab: usize, hidden: usize) -> Self {
+    fn from_rows(h: &[f32], vocab: usize, hidden: usize) -> Self {
         assert_eq!(h.len(), vocab * hidden, "a head of {vocab} rows of {hidden}");
         Self::summed(vocab, hidden, |rows| h[rows.start * hidden..rows.end * hidden].iter().map(|&v| v as f64).collect())
     }
@@ -150,6 +158,80 @@ impl Backward<CpuBackend, 1> for LogitError {
     }
 }
 
+/// KL(softmax(t) ‖ softmax(s)) of the next-token distributions, mean over rows: `s` the
+/// student's logits (`[rows, vocab]`, tracked), `t` the teacher's (constant). On the CPU backend
+/// under autodiff one custom op, in parallel over rows, each row's sum in f64 (the rows' sums in
+/// order, so the value does not depend on the threads), its backward step
+/// `∂/∂s = (softmax(s) − softmax(t)) / rows` kept from the forward pass; on any other backend
+/// Burn's operations.
+pub fn kl_divergence<B: Backend>(s: &Tensor<Autodiff<B>, 2>, t: &Tensor<B, 2>) -> Tensor<Autodiff<B>, 1> {
+    assert_eq!(s.dims(), t.dims(), "student and teacher logits");
+    kl_on_host(s, t).unwrap_or_else(|| kl_through_burn(s, t))
+}
+
+/// [`kl_divergence`] as Burn's operations, on any backend.
+fn kl_through_burn<B: Backend>(s: &Tensor<Autodiff<B>, 2>, t: &Tensor<B, 2>) -> Tensor<Autodiff<B>, 1> {
+    let lt = log_softmax(Tensor::<Autodiff<B>, 2>::from_inner(t.clone()), 1);
+    let ls = log_softmax(s.clone(), 1);
+    (lt.clone().exp() * (lt - ls)).sum().div_scalar(s.dims()[0] as f64)
+}
+
+/// [`kl_divergence`] on the CPU backend under autodiff; `None` for any other backend.
+fn kl_on_host<B: Backend>(s: &Tensor<Autodiff<B>, 2>, t: &Tensor<B, 2>) -> Option<Tensor<Autodiff<B>, 1>> {
+    let s = (s as &dyn Any).downcast_ref::<Tensor<AutodiffCpu, 2>>()?;
+    let t = (t as &dyn Any).downcast_ref::<Tensor<CpuBackend, 2>>()?;
+    let [rows, vocab] = s.dims();
+    if rows * vocab == 0 {
+        return None;
+    }
+    // Each row becomes softmax(s) − softmax(t), the backward step's state.
+    let mut diff = with_values(s, |s| s.to_vec());
+    let sums: Vec<f64> = with_values(t, |t| {
+        diff.par_chunks_mut(vocab)
+            .zip(t.par_chunks(vocab))
+            .with_min_len(8)
+            .map(|(s, t)| {
+                let (lse_s, lse_t) = (logsumexp(s).1, logsumexp(t).1);
+                let mut kl = 0f64;
+                for (s, &t) in s.iter_mut().zip(t) {
+                    let (ls, lt) = (*s as f64 - lse_s, t as f64 - lse_t);
+                    let pt = lt.exp();
+                    kl += pt * (lt - ls);
+                    *s = (ls.exp() - pt) as f32;
+                }
+                kl
+            })
+            .collect()
+    });
+    let value = sums.iter().sum::<f64>() / rows as f64;
+    let value = Tensor::<CpuBackend, 1>::from_data(TensorData::new(vec![value as f32], [1]), &Default::default()).into_primitive().tensor();
+    let s = s.clone().into_primitive().tensor();
+    let value = match Divergence.prepare::<NoCheckpointing>([s.node.clone()]).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => prep.finish((diff, [rows, vocab]), value),
+        OpsKind::UnTracked(prep) => prep.finish(value),
+    };
+    crate::same_backend(Tensor::<AutodiffCpu, 1>::from_primitive(TensorPrimitive::Float(value)))
+}
+
+/// The backward step of [`kl_divergence`] on the host; its state is `softmax(s) − softmax(t)`
+/// and its shape.
+#[derive(Debug)]
+struct Divergence;
+
+impl Backward<CpuBackend, 1> for Divergence {
+    type State = (Vec<f32>, [usize; 2]);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (mut diff, [rows, vocab]) = ops.state;
+        unary::<CpuBackend, _>(ops.parents, ops.node, grads, |g| {
+            let g = Tensor::<CpuBackend, 1>::from_primitive(TensorPrimitive::Float(g)).into_scalar();
+            let k = g / rows as f32;
+            diff.par_chunks_mut(vocab).with_min_len(8).for_each(|row| row.iter_mut().for_each(|v| *v *= k));
+            primitive(diff, [rows, vocab])
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -183,6 +265,35 @@ mod tests {
         for (path, f, tolerance) in [("host", logit_squared_error as Loss, 1e-6), ("Burn", through_burn as Loss, 1e-4)] {
             let student = Tensor::<AD, 2>::from_data(TensorData::new(s.clone(), [rows, hidden]), &Default::default()).require_grad();
             let loss = f(&student, &teacher, &gram);
+            let got = loss.clone().into_scalar() as f64;
+            assert!((got - want).abs() <= tolerance * want, "{path}: {got} against {want}");
+            let grads = loss.div_scalar(3.0).backward();
+            let got = student.grad(&grads).expect("s is tracked").into_data().into_vec::<f32>().unwrap();
+            for (k, (g, w)) in got.iter().zip(&want_grad).enumerate() {
+                assert!((*g as f64 - w).abs() <= tolerance * largest, "{path}: gradient {k}, {g} against {w}");
+            }
+        }
+    }
+
+    /// KL on the host and through Burn: the value and `s`'s gradient (of a third of the loss)
+    /// by hand in f64, `mean_rows Σ p_t·(log p_t − log p_s)` and `(p_s − p_t) / (3·rows)`.
+    #[test]
+    fn kl_and_its_gradient_are_the_divergence_by_hand() {
+        let (rows, vocab) = (37, 1001);
+        let (s, t) = (values(rows * vocab, 31), values(rows * vocab, 32));
+        let log_softmax = |row: &[f32]| -> Vec<f64> {
+            let lse = row.iter().map(|&v| (v as f64).exp()).sum::<f64>().ln();
+            row.iter().map(|&v| v as f64 - lse).collect()
+        };
+        let (ls, lt): (Vec<f64>, Vec<f64>) = (s.chunks(vocab).flat_map(log_softmax).collect(), t.chunks(vocab).flat_map(log_softmax).collect());
+        let want = lt.iter().zip(&ls).map(|(t, s)| t.exp() * (t - s)).sum::<f64>() / rows as f64;
+        let want_grad: Vec<f64> = ls.iter().zip(&lt).map(|(s, t)| (s.exp() - t.exp()) / (3.0 * rows as f64)).collect();
+        let largest = want_grad.iter().fold(0f64, |m, v| m.max(v.abs()));
+        let teacher = Tensor::<CpuBackend, 2>::from_data(TensorData::new(t, [rows, vocab]), &Default::default());
+        type Loss = fn(&Tensor<AD, 2>, &Tensor<CpuBackend, 2>) -> Tensor<AD, 1>;
+        for (path, f, tolerance) in [("host", kl_divergence as Loss, 1e-6), ("Burn", kl_through_burn as Loss, 1e-4)] {
+            let student = Tensor::<AD, 2>::from_data(TensorData::new(s.clone(), [rows, vocab]), &Default::default()).require_grad();
+            let loss = f(&student, &teacher);
             let got = loss.clone().into_scalar() as f64;
             assert!((got - want).abs() <= tolerance * want, "{path}: {got} against {want}");
             let grads = loss.div_scalar(3.0).backward();
