@@ -274,7 +274,7 @@ pub fn distill<B: Backend>(
         let b = step % batches.len();
         let batch = batches[b];
         // One sample at a time, gradients summed: the batch's mean loss without holding the
-        // activations and logits of the whole batch at once.
+        // activations (and, for KL, logits) of the whole batch at once.
         let mut grads: Vec<(Vec<f64>, Vec<f64>)> = trainables.iter().map(|tr| (zeros(&tr.rows), zeros(&tr.cols))).collect();
         let mut value = 0.0;
         for k in 0..batch.len() {
