@@ -239,6 +239,19 @@ mod tests {
 
     type AD = Autodiff<CpuBackend>;
 
+    /// `loss` of `student` is `want` and a third of it has the gradient `want_grad`, within
+    /// `tolerance` (relative; the gradient's relative to its largest element).
+    fn by_hand(path: &str, student: &Tensor<AD, 2>, loss: Tensor<AD, 1>, want: f64, want_grad: &[f64], tolerance: f64) {
+        let got = loss.clone().into_scalar() as f64;
+        assert!((got - want).abs() <= tolerance * want, "{path}: {got} against {want}");
+        let grads = loss.div_scalar(3.0).backward();
+        let got = student.grad(&grads).expect("s is tracked").into_data().into_vec::<f32>().unwrap();
+        let largest = want_grad.iter().fold(0f64, |m, v| m.max(v.abs()));
+        for (k, (g, w)) in got.iter().zip(want_grad).enumerate() {
+            assert!((*g as f64 - w).abs() <= tolerance * largest, "{path}: gradient {k}, {g} against {w}");
+        }
+    }
+
     /// The loss and `s`'s gradient, on the host and through Burn, are those of the logits
     /// written out, by hand in f64: the mean of `(s·Hᵀ − t·Hᵀ)²` over every logit, and
     /// `2·(s·Hᵀ − t·Hᵀ)·H / n` (here of a third of the loss). `H` has more rows than one block of
@@ -255,7 +268,6 @@ mod tests {
         let n = (rows * vocab) as f64;
         let want = diff.iter().map(|v| v * v).sum::<f64>() / n;
         let want_grad: Vec<f64> = (0..rows * hidden).map(|k| (0..vocab).map(|v| diff[k / hidden * vocab + v] * h[v * hidden + k % hidden] as f64).sum::<f64>() * 2.0 / n / 3.0).collect();
-        let largest = want_grad.iter().fold(0f64, |m, v| m.max(v.abs()));
 
         let head_t = WeightT::<CpuBackend>::Tensor(Tensor::from_data(TensorData::new(h.clone(), [vocab, hidden]), &Default::default()).transpose());
         let gram = HeadGram::of(&head_t);
@@ -264,14 +276,7 @@ mod tests {
         type Loss = fn(&Tensor<AD, 2>, &Tensor<CpuBackend, 2>, &HeadGram) -> Tensor<AD, 1>;
         for (path, f, tolerance) in [("host", logit_squared_error as Loss, 1e-6), ("Burn", through_burn as Loss, 1e-4)] {
             let student = Tensor::<AD, 2>::from_data(TensorData::new(s.clone(), [rows, hidden]), &Default::default()).require_grad();
-            let loss = f(&student, &teacher, &gram);
-            let got = loss.clone().into_scalar() as f64;
-            assert!((got - want).abs() <= tolerance * want, "{path}: {got} against {want}");
-            let grads = loss.div_scalar(3.0).backward();
-            let got = student.grad(&grads).expect("s is tracked").into_data().into_vec::<f32>().unwrap();
-            for (k, (g, w)) in got.iter().zip(&want_grad).enumerate() {
-                assert!((*g as f64 - w).abs() <= tolerance * largest, "{path}: gradient {k}, {g} against {w}");
-            }
+            by_hand(path, &student, f(&student, &teacher, &gram), want, &want_grad, tolerance);
         }
     }
 
@@ -288,19 +293,11 @@ mod tests {
         let (ls, lt): (Vec<f64>, Vec<f64>) = (s.chunks(vocab).flat_map(log_softmax).collect(), t.chunks(vocab).flat_map(log_softmax).collect());
         let want = lt.iter().zip(&ls).map(|(t, s)| t.exp() * (t - s)).sum::<f64>() / rows as f64;
         let want_grad: Vec<f64> = ls.iter().zip(&lt).map(|(s, t)| (s.exp() - t.exp()) / (3.0 * rows as f64)).collect();
-        let largest = want_grad.iter().fold(0f64, |m, v| m.max(v.abs()));
         let teacher = Tensor::<CpuBackend, 2>::from_data(TensorData::new(t, [rows, vocab]), &Default::default());
         type Loss = fn(&Tensor<AD, 2>, &Tensor<CpuBackend, 2>) -> Tensor<AD, 1>;
         for (path, f, tolerance) in [("host", kl_divergence as Loss, 1e-6), ("Burn", kl_through_burn as Loss, 1e-4)] {
             let student = Tensor::<AD, 2>::from_data(TensorData::new(s.clone(), [rows, vocab]), &Default::default()).require_grad();
-            let loss = f(&student, &teacher);
-            let got = loss.clone().into_scalar() as f64;
-            assert!((got - want).abs() <= tolerance * want, "{path}: {got} against {want}");
-            let grads = loss.div_scalar(3.0).backward();
-            let got = student.grad(&grads).expect("s is tracked").into_data().into_vec::<f32>().unwrap();
-            for (k, (g, w)) in got.iter().zip(&want_grad).enumerate() {
-                assert!((*g as f64 - w).abs() <= tolerance * largest, "{path}: gradient {k}, {g} against {w}");
-            }
+            by_hand(path, &student, f(&student, &teacher), want, &want_grad, tolerance);
         }
     }
 }
