@@ -131,13 +131,19 @@ fn on_host<B: Backend>(s: &Tensor<Autodiff<B>, 2>, t: &Tensor<B, 2>, gram: &Head
     let e = gram.times(&d, rows);
     let n = (rows * gram.vocab) as f64;
     let value = d.iter().zip(&e).map(|(d, e)| d * e).sum::<f64>() / n;
+    crate::same_backend(scalar_loss(LogitError, s, value, (e, [rows, hidden], n)))
+}
+
+/// A loss `value` of the tracked `s` as the output of the custom op `op`, which keeps `state` for
+/// its backward step when `s` is tracked.
+fn scalar_loss<Op: Backward<CpuBackend, 1>>(op: Op, s: &Tensor<AutodiffCpu, 2>, value: f64, state: Op::State) -> Tensor<AutodiffCpu, 1> {
     let value = Tensor::<CpuBackend, 1>::from_data(TensorData::new(vec![value as f32], [1]), &Default::default()).into_primitive().tensor();
     let s = s.clone().into_primitive().tensor();
-    let value = match LogitError.prepare::<NoCheckpointing>([s.node.clone()]).compute_bound().stateful() {
-        OpsKind::Tracked(prep) => prep.finish((e, [rows, hidden], n), value),
+    let value = match op.prepare::<NoCheckpointing>([s.node.clone()]).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => prep.finish(state, value),
         OpsKind::UnTracked(prep) => prep.finish(value),
     };
-    crate::same_backend(Tensor::<AutodiffCpu, 1>::from_primitive(TensorPrimitive::Float(value)))
+    Tensor::from_primitive(TensorPrimitive::Float(value))
 }
 
 /// The backward step of [`logit_squared_error`] on the host; its state is `d·G`, its shape and
@@ -204,13 +210,7 @@ fn kl_on_host<B: Backend>(s: &Tensor<Autodiff<B>, 2>, t: &Tensor<B, 2>) -> Optio
             .collect()
     });
     let value = sums.iter().sum::<f64>() / rows as f64;
-    let value = Tensor::<CpuBackend, 1>::from_data(TensorData::new(vec![value as f32], [1]), &Default::default()).into_primitive().tensor();
-    let s = s.clone().into_primitive().tensor();
-    let value = match Divergence.prepare::<NoCheckpointing>([s.node.clone()]).compute_bound().stateful() {
-        OpsKind::Tracked(prep) => prep.finish((diff, [rows, vocab]), value),
-        OpsKind::UnTracked(prep) => prep.finish(value),
-    };
-    crate::same_backend(Tensor::<AutodiffCpu, 1>::from_primitive(TensorPrimitive::Float(value)))
+    crate::same_backend(scalar_loss(Divergence, s, value, (diff, [rows, vocab])))
 }
 
 /// The backward step of [`kl_divergence`] on the host; its state is `softmax(s) − softmax(t)`
